@@ -1,0 +1,195 @@
+/*
+ * bn_backward.tmpl.h - the backward pass, written once for every element type.
+ * Included by bn_backward.c with BN_T and BN_NAME(f), as bn_forward.tmpl.h is.
+ *
+ * Derivation (per channel, M = N * S values, xhat = (x - mean) * invstd, y = gamma * xhat + beta):
+ *   dbeta  = sum(dy)
+ *   dgamma = sum(dy * xhat) = invstd * sum(dy * (x - mean))
+ *   With mean and invstd functions of x (training):
+ *     dx = gamma * invstd * (dy - dbeta / M - xhat * dgamma / M)
+ *        = k1 * (dy - k2 - (x - mean) * k3),   k1 = gamma * invstd, k2 = dbeta / M, k3 = invstd * dgamma / M
+ *   With mean and invstd constants (eval / frozen BN): dx = k1 * dy.
+ * The two sums are the only reductions; they are cut and combined in a thread-independent order.
+ */
+
+typedef struct {
+    double dy, dyxm;  /* sum(dy), sum(dy * (x - mean)) */
+} BN_NAME(bn_sums);
+
+static BN_NAME(bn_sums) BN_NAME(run_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, double m)
+{
+    double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    ptrdiff_t i = 0;
+    for (; i + 8 <= len; i += 8)
+        for (int j = 0; j < 8; j++) {
+            double g = (double)dy[i + j];
+            a[j] += g;
+            b[j] += g * ((double)x[i + j] - m);
+        }
+    double ta = 0, tb = 0;
+    for (; i < len; i++) {
+        double g = (double)dy[i];
+        ta += g;
+        tb += g * ((double)x[i] - m);
+    }
+    BN_NAME(bn_sums) r;
+    r.dy = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])) + ta;
+    r.dyxm = ((b[0] + b[4]) + (b[1] + b[5])) + ((b[2] + b[6]) + (b[3] + b[7])) + tb;
+    return r;
+}
+
+/* Sums of one item into out[0 .. c1-c0). Column mode needs 3 * (c1 - c0) * S doubles of scratch. */
+static void BN_NAME(item_sums)(const BN_T *dy, const BN_T *x, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
+                               ptrdiff_t n0, ptrdiff_t n1, const double *mean, double *scratch,
+                               BN_NAME(bn_sums) *out)
+{
+    const ptrdiff_t S = p->S;
+    if (!p->colmode) {
+        BN_NAME(bn_sums) acc = {0, 0};
+        const double m = mean[c0];
+        for (ptrdiff_t n = n0; n < n1; n++) {
+            ptrdiff_t off = (n * p->C + c0) * S;
+            for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
+                ptrdiff_t len = S - s0 < BN_SEG ? S - s0 : BN_SEG;
+                BN_NAME(bn_sums) r = BN_NAME(run_sums)(dy + off + s0, x + off + s0, len, m);
+                acc.dy += r.dy;
+                acc.dyxm += r.dyxm;
+            }
+        }
+        out[0] = acc;
+        return;
+    }
+    const ptrdiff_t wb = (c1 - c0) * S;
+    double *em = scratch, *sa = scratch + wb, *sb = scratch + 2 * wb;
+    for (ptrdiff_t k = 0; k < c1 - c0; k++)
+        for (ptrdiff_t s = 0; s < S; s++) em[k * S + s] = mean[c0 + k];
+    for (ptrdiff_t q = 0; q < wb; q++) sa[q] = sb[q] = 0;
+    for (ptrdiff_t n = n0; n < n1; n++) {
+        ptrdiff_t off = n * p->W + c0 * S;
+        const BN_T *dr = dy + off, *xr = x + off;
+        for (ptrdiff_t q = 0; q < wb; q++) {
+            double g = (double)dr[q];
+            sa[q] += g;
+            sb[q] += g * ((double)xr[q] - em[q]);
+        }
+    }
+    for (ptrdiff_t k = 0; k < c1 - c0; k++) {
+        BN_NAME(bn_sums) r = {0, 0};
+        for (ptrdiff_t s = 0; s < S; s++) {
+            r.dy += sa[k * S + s];
+            r.dyxm += sb[k * S + s];
+        }
+        out[k] = r;
+    }
+}
+
+/* dx over one item, from per-channel k1, k2, k3 (training) or k1 alone. */
+static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, BN_T *dx, const bn_plan *p, ptrdiff_t c0,
+                               ptrdiff_t c1, ptrdiff_t n0, ptrdiff_t n1, int training, const double *mean,
+                               const double *k1, const double *k2, const double *k3, double *scratch)
+{
+    const ptrdiff_t S = p->S;
+    if (!p->colmode) {
+        const double m = mean[c0], a = k1[c0], b = k2[c0], e = k3[c0];
+        for (ptrdiff_t n = n0; n < n1; n++) {
+            ptrdiff_t off = (n * p->C + c0) * S;
+            const BN_T *dr = dy + off, *xr = x + off;
+            BN_T *out = dx + off;
+            if (training)
+                for (ptrdiff_t s = 0; s < S; s++)
+                    out[s] = (BN_T)(a * (((double)dr[s] - b) - ((double)xr[s] - m) * e));
+            else
+                for (ptrdiff_t s = 0; s < S; s++) out[s] = (BN_T)(a * (double)dr[s]);
+        }
+        return;
+    }
+    const ptrdiff_t wb = (c1 - c0) * S;
+    double *em = scratch, *ea = scratch + wb, *eb = scratch + 2 * wb, *ee = scratch + 3 * wb;
+    for (ptrdiff_t k = 0; k < c1 - c0; k++)
+        for (ptrdiff_t s = 0; s < S; s++) {
+            em[k * S + s] = mean[c0 + k];
+            ea[k * S + s] = k1[c0 + k];
+            eb[k * S + s] = k2[c0 + k];
+            ee[k * S + s] = k3[c0 + k];
+        }
+    for (ptrdiff_t n = n0; n < n1; n++) {
+        ptrdiff_t off = n * p->W + c0 * S;
+        const BN_T *dr = dy + off, *xr = x + off;
+        BN_T *out = dx + off;
+        if (training)
+            for (ptrdiff_t q = 0; q < wb; q++)
+                out[q] = (BN_T)(ea[q] * (((double)dr[q] - eb[q]) - ((double)xr[q] - em[q]) * ee[q]));
+        else
+            for (ptrdiff_t q = 0; q < wb; q++) out[q] = (BN_T)(ea[q] * (double)dr[q]);
+    }
+}
+
+int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, const double *mean,
+                         const double *invstd, const double *gamma, int training, double *dgamma,
+                         double *dbeta, int nthreads)
+{
+    bn_plan p;
+    /* Two inputs stream through: size items for both. */
+    bn_make_plan(&p, d, 2 * sizeof(BN_T), nthreads);
+    const ptrdiff_t C = d.C, scratch_per = 4 * p.ch_per_block * d.S;
+    const double M = (double)d.N * (double)d.S;
+    double *k1 = malloc(sizeof(double) * 3 * (size_t)C);
+    double *scratch = malloc(sizeof(double) * (size_t)(scratch_per * p.nthreads));
+    BN_NAME(bn_sums) *parts = malloc(sizeof(BN_NAME(bn_sums)) * (size_t)(C * p.ngroups));
+    if (!k1 || !scratch || !parts) {
+        free(k1); free(scratch); free(parts);
+        return BN_ENOMEM;
+    }
+    double *k2 = k1 + C, *k3 = k1 + 2 * C;
+#define BN_FINISH_CHANNEL(c)                                                      \
+    do {                                                                          \
+        BN_NAME(bn_sums) s_ = parts[(c)];                                         \
+        for (ptrdiff_t g_ = 1; g_ < p.ngroups; g_++) {                            \
+            s_.dy += parts[g_ * C + (c)].dy;                                      \
+            s_.dyxm += parts[g_ * C + (c)].dyxm;                                  \
+        }                                                                         \
+        dbeta[(c)] = s_.dy;                                                       \
+        dgamma[(c)] = invstd[(c)] * s_.dyxm;                                      \
+        k1[(c)] = gamma ? gamma[(c)] * invstd[(c)] : invstd[(c)];                 \
+        k2[(c)] = training ? s_.dy / M : 0.0;                                     \
+        k3[(c)] = training ? invstd[(c)] * dgamma[(c)] / M : 0.0;                 \
+    } while (0)
+
+    BN_PRAGMA(omp parallel num_threads(p.nthreads))
+    {
+#ifdef _OPENMP
+        double *scr = scratch + scratch_per * omp_get_thread_num();
+#else
+        double *scr = scratch;
+#endif
+        if (p.fused) {
+            BN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t it = 0; it < p.nitems; it++) {
+                ptrdiff_t c0 = it * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
+                BN_NAME(item_sums)(dy, x, &p, c0, c1, 0, d.N, mean, scr, parts + c0);
+                for (ptrdiff_t c = c0; c < c1; c++) BN_FINISH_CHANNEL(c);
+                BN_NAME(grad_item)(dy, x, dx, &p, c0, c1, 0, d.N, training, mean, k1, k2, k3, scr);
+            }
+        } else {
+            BN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t it = 0; it < p.nitems; it++) {
+                ptrdiff_t b = it / p.ngroups, g = it % p.ngroups;
+                ptrdiff_t c0 = b * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
+                ptrdiff_t n0 = g * p.rows_per_group, n1 = n0 + p.rows_per_group < d.N ? n0 + p.rows_per_group : d.N;
+                BN_NAME(item_sums)(dy, x, &p, c0, c1, n0, n1, mean, scr, parts + g * C + c0);
+            }
+            BN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t c = 0; c < C; c++) BN_FINISH_CHANNEL(c);
+            BN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t it = 0; it < p.nitems; it++) {
+                ptrdiff_t b = it / p.ngroups, g = it % p.ngroups;
+                ptrdiff_t c0 = b * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
+                ptrdiff_t n0 = g * p.rows_per_group, n1 = n0 + p.rows_per_group < d.N ? n0 + p.rows_per_group : d.N;
+                BN_NAME(grad_item)(dy, x, dx, &p, c0, c1, n0, n1, training, mean, k1, k2, k3, scr);
+            }
+        }
+    }
+#undef BN_FINISH_CHANNEL
+    free(k1); free(scratch); free(parts);
+    return BN_OK;
+}

@@ -1,0 +1,245 @@
+/*
+ * bn_forward.tmpl.h - training and inference forward, written once for every element type.
+ * Included by bn_forward.c with BN_T (the element type) and BN_NAME(f) (f with the type's suffix).
+ *
+ * Algebra: with alpha = invstd * gamma and shift = beta, y = (x - mean) * alpha + shift. The subtraction
+ * happens first and in double, so a mean that is 1e5 times the spread costs no digits of y (folding
+ * everything into y = x * alpha + (beta - mean * alpha) would cancel two large numbers).
+ */
+
+/* Moments of one contiguous run, in two passes while the run sits in L1. Eight fixed accumulators make
+ * the loop vectorize without reassociation, so the order of additions is fixed by the code alone. */
+static bn_moments BN_NAME(run_moments)(const BN_T *x, ptrdiff_t len)
+{
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    ptrdiff_t i = 0;
+    for (; i + 8 <= len; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += (double)x[i + j];
+    double tail = 0;
+    for (ptrdiff_t k = i; k < len; k++) tail += (double)x[k];
+    double sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+    double mean = sum / (double)len;
+    for (int j = 0; j < 8; j++) acc[j] = 0;
+    for (i = 0; i + 8 <= len; i += 8)
+        for (int j = 0; j < 8; j++) {
+            double dev = (double)x[i + j] - mean;
+            acc[j] += dev * dev;
+        }
+    tail = 0;
+    for (ptrdiff_t k = i; k < len; k++) {
+        double dev = (double)x[k] - mean;
+        tail += dev * dev;
+    }
+    double m2 = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+    bn_moments m = {(double)len, mean, m2};
+    return m;
+}
+
+/* Row mode: moments of channel c over rows [n0, n1). */
+static bn_moments BN_NAME(row_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c, ptrdiff_t n0,
+                                            ptrdiff_t n1)
+{
+    bn_moments acc = {0, 0, 0};
+    for (ptrdiff_t n = n0; n < n1; n++) {
+        const BN_T *row = x + (n * p->C + c) * p->S;
+        for (ptrdiff_t s0 = 0; s0 < p->S; s0 += BN_SEG) {
+            ptrdiff_t len = p->S - s0 < BN_SEG ? p->S - s0 : BN_SEG;
+            bn_moments_merge(&acc, BN_NAME(run_moments)(row + s0, len));
+        }
+    }
+    return acc;
+}
+
+/* Column mode: moments of channels [c0, c1) over rows [n0, n1), written to out[0 .. c1-c0).
+ * Per position, BN_COL_ROWS rows at a time are reduced in two passes (they are still in cache for the
+ * second) and merged into running moments; then a channel's S positions are merged in order.
+ * scratch: 4 * (c1 - c0) * S doubles. */
+static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
+                                      ptrdiff_t n0, ptrdiff_t n1, double *scratch, bn_moments *out)
+{
+    const ptrdiff_t wb = (c1 - c0) * p->S, W = p->W;
+    double *mean = scratch, *m2 = scratch + wb, *amean = scratch + 2 * wb, *am2 = scratch + 3 * wb;
+    const BN_T *base = x + c0 * p->S;
+    double an = 0;
+    for (ptrdiff_t r0 = n0; r0 < n1; r0 += BN_COL_ROWS) {
+        ptrdiff_t r1 = n1 - r0 < BN_COL_ROWS ? n1 : r0 + BN_COL_ROWS;
+        double cnt = (double)(r1 - r0);
+        for (ptrdiff_t q = 0; q < wb; q++) mean[q] = 0;
+        for (ptrdiff_t r = r0; r < r1; r++) {
+            const BN_T *row = base + r * W;
+            for (ptrdiff_t q = 0; q < wb; q++) mean[q] += (double)row[q];
+        }
+        for (ptrdiff_t q = 0; q < wb; q++) { mean[q] /= cnt; m2[q] = 0; }
+        for (ptrdiff_t r = r0; r < r1; r++) {
+            const BN_T *row = base + r * W;
+            for (ptrdiff_t q = 0; q < wb; q++) {
+                double dev = (double)row[q] - mean[q];
+                m2[q] += dev * dev;
+            }
+        }
+        if (an == 0) {
+            for (ptrdiff_t q = 0; q < wb; q++) { amean[q] = mean[q]; am2[q] = m2[q]; }
+            an = cnt;
+        } else {
+            /* bn_moments_merge, one lane per position */
+            double n = an + cnt, wnew = cnt / n, wcross = an * wnew;
+            for (ptrdiff_t q = 0; q < wb; q++) {
+                double delta = mean[q] - amean[q];
+                amean[q] += delta * wnew;
+                am2[q] += m2[q] + delta * delta * wcross;
+            }
+            an = n;
+        }
+    }
+    for (ptrdiff_t k = 0; k < c1 - c0; k++) {
+        bn_moments m = {an, amean[k * p->S], am2[k * p->S]};
+        for (ptrdiff_t s = 1; s < p->S; s++) {
+            bn_moments ms = {an, amean[k * p->S + s], am2[k * p->S + s]};
+            bn_moments_merge(&m, ms);
+        }
+        out[k] = m;
+    }
+}
+
+/* y = (x - mean) * alpha + shift over one item. Column mode needs 3 * (c1 - c0) * S doubles of scratch. */
+static void BN_NAME(apply_item)(const BN_T *x, BN_T *y, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
+                                ptrdiff_t n0, ptrdiff_t n1, const double *mean, const double *alpha,
+                                const double *shift, double *scratch)
+{
+    const ptrdiff_t S = p->S;
+    if (!p->colmode) {
+        const double m = mean[c0], a = alpha[c0], b = shift[c0];
+        for (ptrdiff_t n = n0; n < n1; n++) {
+            ptrdiff_t off = (n * p->C + c0) * S;
+            const BN_T *xr = x + off;
+            BN_T *yr = y + off;
+            for (ptrdiff_t s = 0; s < S; s++) yr[s] = (BN_T)(((double)xr[s] - m) * a + b);
+        }
+        return;
+    }
+    const ptrdiff_t wb = (c1 - c0) * S;
+    double *em = scratch, *ea = scratch + wb, *eb = scratch + 2 * wb;
+    for (ptrdiff_t k = 0; k < c1 - c0; k++)
+        for (ptrdiff_t s = 0; s < S; s++) {
+            em[k * S + s] = mean[c0 + k];
+            ea[k * S + s] = alpha[c0 + k];
+            eb[k * S + s] = shift[c0 + k];
+        }
+    for (ptrdiff_t n = n0; n < n1; n++) {
+        ptrdiff_t off = n * p->W + c0 * S;
+        const BN_T *xr = x + off;
+        BN_T *yr = y + off;
+        for (ptrdiff_t q = 0; q < wb; q++) yr[q] = (BN_T)(((double)xr[q] - em[q]) * ea[q] + eb[q]);
+    }
+}
+
+/* Moments of one work item, per channel of its block, into out[0 .. c1-c0). */
+static void BN_NAME(item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t n0,
+                                  ptrdiff_t n1, double *scratch, bn_moments *out)
+{
+    if (p->colmode)
+        BN_NAME(col_item_moments)(x, p, c0, c1, n0, n1, scratch, out);
+    else
+        out[0] = BN_NAME(row_item_moments)(x, p, c0, n0, n1);
+}
+
+int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *gamma, const double *beta,
+                              double eps, double *mean, double *var, double *invstd, int nthreads)
+{
+    bn_plan p;
+    bn_make_plan(&p, d, sizeof(BN_T), nthreads);
+    const ptrdiff_t C = d.C, wbmax = p.ch_per_block * d.S, scratch_per = 4 * wbmax + p.ch_per_block * 3;
+    double *alpha = malloc(sizeof(double) * 2 * (size_t)C);
+    double *scratch = malloc(sizeof(double) * (size_t)(scratch_per * p.nthreads));
+    bn_moments *parts = malloc(sizeof(bn_moments) * (size_t)(C * p.ngroups));
+    if (!alpha || !scratch || !parts) {
+        free(alpha); free(scratch); free(parts);
+        return BN_ENOMEM;
+    }
+    double *shift = alpha + C;
+    /* The per-channel results (mean, var, invstd, alpha, shift) of channel c come from parts[g*C + c]
+     * merged over g = 0, 1, ... in that order, whoever computed them. */
+#define BN_FINISH_CHANNEL(c)                                                      \
+    do {                                                                          \
+        bn_moments m_ = parts[(c)];                                               \
+        for (ptrdiff_t g_ = 1; g_ < p.ngroups; g_++)                              \
+            bn_moments_merge(&m_, parts[g_ * C + (c)]);                           \
+        mean[(c)] = m_.mean;                                                      \
+        var[(c)] = m_.m2 / m_.n;                                                  \
+        invstd[(c)] = 1.0 / sqrt(var[(c)] + eps);                                 \
+        alpha[(c)] = gamma ? invstd[(c)] * gamma[(c)] : invstd[(c)];              \
+        shift[(c)] = beta ? beta[(c)] : 0.0;                                      \
+    } while (0)
+
+    BN_PRAGMA(omp parallel num_threads(p.nthreads))
+    {
+#ifdef _OPENMP
+        double *scr = scratch + scratch_per * omp_get_thread_num();
+#else
+        double *scr = scratch;
+#endif
+        if (p.fused) {
+            /* One group: an item is whole channels; normalize it while it is still in cache. */
+            BN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t it = 0; it < p.nitems; it++) {
+                ptrdiff_t c0 = it * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
+                BN_NAME(item_moments)(x, &p, c0, c1, 0, d.N, scr, parts + c0);
+                for (ptrdiff_t c = c0; c < c1; c++) BN_FINISH_CHANNEL(c);
+                BN_NAME(apply_item)(x, y, &p, c0, c1, 0, d.N, mean, alpha, shift, scr);
+            }
+        } else {
+            BN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t it = 0; it < p.nitems; it++) {
+                ptrdiff_t b = it / p.ngroups, g = it % p.ngroups;
+                ptrdiff_t c0 = b * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
+                ptrdiff_t n0 = g * p.rows_per_group, n1 = n0 + p.rows_per_group < d.N ? n0 + p.rows_per_group : d.N;
+                BN_NAME(item_moments)(x, &p, c0, c1, n0, n1, scr, parts + g * C + c0);
+            }
+            BN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t c = 0; c < C; c++) BN_FINISH_CHANNEL(c);
+            BN_PRAGMA(omp for schedule(static))
+            for (ptrdiff_t it = 0; it < p.nitems; it++) {
+                ptrdiff_t b = it / p.ngroups, g = it % p.ngroups;
+                ptrdiff_t c0 = b * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
+                ptrdiff_t n0 = g * p.rows_per_group, n1 = n0 + p.rows_per_group < d.N ? n0 + p.rows_per_group : d.N;
+                BN_NAME(apply_item)(x, y, &p, c0, c1, n0, n1, mean, alpha, shift, scr);
+            }
+        }
+    }
+#undef BN_FINISH_CHANNEL
+    free(alpha); free(scratch); free(parts);
+    return BN_OK;
+}
+
+int BN_NAME(bn_forward_infer)(const BN_T *x, BN_T *y, bn_dims d, const double *mean, const double *invstd,
+                              const double *gamma, const double *beta, int nthreads)
+{
+    bn_plan p;
+    bn_make_plan(&p, d, sizeof(BN_T), nthreads);
+    const ptrdiff_t C = d.C, scratch_per = 3 * p.ch_per_block * d.S;
+    double *alpha = malloc(sizeof(double) * 2 * (size_t)C);
+    double *scratch = malloc(sizeof(double) * (size_t)(scratch_per * p.nthreads));
+    if (!alpha || !scratch) {
+        free(alpha); free(scratch);
+        return BN_ENOMEM;
+    }
+    double *shift = alpha + C;
+    for (ptrdiff_t c = 0; c < C; c++) {
+        alpha[c] = gamma ? invstd[c] * gamma[c] : invstd[c];
+        shift[c] = beta ? beta[c] : 0.0;
+    }
+    BN_PRAGMA(omp parallel for schedule(static) num_threads(p.nthreads))
+    for (ptrdiff_t it = 0; it < p.nitems; it++) {
+#ifdef _OPENMP
+        double *scr = scratch + scratch_per * omp_get_thread_num();
+#else
+        double *scr = scratch;
+#endif
+        ptrdiff_t b = it / p.ngroups, g = it % p.ngroups;
+        ptrdiff_t c0 = b * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
+        ptrdiff_t n0 = g * p.rows_per_group, n1 = n0 + p.rows_per_group < d.N ? n0 + p.rows_per_group : d.N;
+        BN_NAME(apply_item)(x, y, &p, c0, c1, n0, n1, mean, alpha, shift, scr);
+    }
+    free(alpha); free(scratch);
+    return BN_OK;
+}

@@ -1,0 +1,71 @@
+/*
+ * bn_internal.h - what the kernels share: how a tensor is cut into work items, and moment merging.
+ *
+ * The plan is a function of (N, C, S) and the element size alone, never of the thread count: that is
+ * what makes every result bit-identical for any number of threads.
+ */
+#ifndef BN_INTERNAL_H
+#define BN_INTERNAL_H
+
+#include <math.h>
+#include <stdlib.h>
+#include "batchnorm.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#define BN_PRAGMA(x) _Pragma(#x)
+#else
+#define BN_PRAGMA(x)
+#endif
+
+/*
+ * Two ways to walk a channel:
+ *  - row mode (S >= BN_ROW_MIN_S): a channel is N contiguous rows of S values; the inner loops run
+ *    along a row. One work item = one channel x a group of rows.
+ *  - column mode (S < BN_ROW_MIN_S, channels-last and (N, C) included): a row of W = C * S values holds
+ *    every channel; the inner loops run across the row, one lane per position. One work item = a block
+ *    of channels x a group of rows.
+ * Rows are cut into groups so that small-C tensors still give every thread work; the per-group partial
+ * results are merged in group order. Tensors with many channels keep each channel in one group (no
+ * partials, no merge), and when an item is small enough to stay in cache the normalize pass follows its
+ * statistics pass right away, reading x from memory once.
+ */
+#define BN_ROW_MIN_S 32
+#define BN_SEG 4096              /* row mode: longest contiguous run reduced as one two-pass chunk */
+#define BN_COL_ROWS 32           /* column mode: rows reduced as one two-pass chunk */
+#define BN_COL_MAX_W 1024        /* column mode: most positions in one item (bounds per-thread scratch) */
+#define BN_GROUP_ELEMS 65536     /* target size of a work item when rows must be split into groups */
+#define BN_MIN_BLOCKS 16         /* this many channel blocks parallelize well without splitting rows */
+#define BN_CACHE_ITEM_BYTES (768 * 1024)  /* an item this small stays in L2 between two passes */
+
+typedef struct {
+    ptrdiff_t N, C, S, W;        /* W = C * S, the length of one n-row */
+    int colmode;
+    ptrdiff_t rows_per_group, ngroups;
+    ptrdiff_t ch_per_block, nblocks;  /* row mode: 1 channel per block */
+    ptrdiff_t nitems;                 /* nblocks * ngroups; item i = (block i / ngroups, group i % ngroups) */
+    int fused;                        /* ngroups == 1 and an item fits in cache */
+    int nthreads;
+} bn_plan;
+
+void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads);
+
+/* (count, mean, sum of squared deviations) of a set of values. */
+typedef struct {
+    double n, mean, m2;
+} bn_moments;
+
+/* Chan, Golub & LeVeque's pairwise update: merge b into a. Exact algebra, no E[x^2] - E[x]^2. */
+static inline void bn_moments_merge(bn_moments *a, bn_moments b)
+{
+    if (b.n == 0) return;
+    if (a->n == 0) { *a = b; return; }
+    double n = a->n + b.n;
+    double delta = b.mean - a->mean;
+    double wb = b.n / n;
+    a->mean += delta * wb;
+    a->m2 += b.m2 + delta * delta * a->n * wb;
+    a->n = n;
+}
+
+#endif

@@ -1,0 +1,28 @@
+"""batchnorm: fast, exact Batch Normalization for NumPy.
+
+Functions (C kernels, OpenMP-parallel, bit-identical for any thread count):
+    forward_train, forward_infer, backward, set_num_threads, get_num_threads
+Layers (PyTorch's semantics, NumPy arrays):
+    BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+The plain-NumPy twin of every kernel lives in :mod:`batchnorm.reference`.
+"""
+
+from ._core import backward, forward_infer, forward_train, get_num_threads, set_num_threads
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from . import reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "forward_train",
+    "forward_infer",
+    "backward",
+    "set_num_threads",
+    "get_num_threads",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,274 @@
+"""Batch Normalization layers with PyTorch's semantics, for hand-written NumPy training loops.
+
+A layer holds its parameters (``weight``, ``bias``), their gradients (``grad_weight``, ``grad_bias``) and
+running statistics as NumPy arrays, and calls the C kernels. ``layer(x)`` runs the forward pass and
+remembers what ``layer.backward(dy)`` needs; ``backward`` returns dx and *overwrites* the parameter
+gradients (there is no autograd graph to accumulate into).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from ._core import backward as _backward
+from ._core import forward_infer as _forward_infer
+from ._core import forward_train as _forward_train
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class BatchNorm:
+    """Batch Normalization over the channel axis of an input with at least two dimensions.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (features) of the input.
+    eps : float, default 1e-5
+        Added to the variance before the square root.
+    momentum : float or None, default 0.1
+        Weight of each batch in the running statistics: ``r = (1 - momentum) * r + momentum * batch``.
+        None gives the cumulative moving average (the mean over all batches seen).
+    affine : bool, default True
+        Learn a per-channel scale ``weight`` (init 1) and shift ``bias`` (init 0).
+    track_running_stats : bool, default True
+        Keep ``running_mean`` (init 0) and ``running_var`` (init 1), updated in training mode with the
+        unbiased batch variance, and used in eval mode. When False, batch statistics are used in both
+        modes and ``running_mean``/``running_var`` are None.
+    axis : int, default 1
+        The channel axis of the input; -1 for channels-last data.
+    dtype : float32 or float64, default float32
+        dtype of the parameters and statistics. Input of either float dtype is accepted and the result
+        has the input's dtype.
+
+    Notes
+    -----
+    Follows ``torch.nn.BatchNorm*d`` step for step: training mode normalizes with the batch statistics
+    (biased variance) and updates the running ones; eval mode normalizes with the running statistics;
+    ``num_batches_tracked`` counts training batches. A call that raises leaves the layer unchanged.
+    """
+
+    _valid_ndims: tuple[int, ...] | None = None  # None: any ndim >= 2
+    _expected: str = "at least 2D"
+
+    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 axis=1, dtype=np.float32):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be at least 1, got {num_features}")
+        if not isinstance(eps, numbers.Real) or not eps >= 0:
+            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        if momentum is not None and (not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1):
+            raise ValueError(f"momentum must be None or in [0, 1], got {momentum!r}")
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = int(axis)
+        self.dtype = dtype
+        self.training = True
+        C = self.num_features
+        if self.affine:
+            self.weight = np.ones(C, dtype)
+            self.bias = np.zeros(C, dtype)
+            self.grad_weight = np.zeros(C, dtype)
+            self.grad_bias = np.zeros(C, dtype)
+        else:
+            self.weight = self.bias = self.grad_weight = self.grad_bias = None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(C, dtype)
+            self.running_var = np.ones(C, dtype)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = None
+            self.num_batches_tracked = None
+        self._cache = None
+
+    # gamma/beta are the paper's names for weight/bias.
+    @property
+    def gamma(self):
+        return self.weight
+
+    @gamma.setter
+    def gamma(self, value):
+        self.weight = value
+
+    @property
+    def beta(self):
+        return self.bias
+
+    @beta.setter
+    def beta(self, value):
+        self.bias = value
+
+    # -- modes ---------------------------------------------------------------------------------------
+
+    def train(self, mode=True):
+        """Set training mode (True) or eval mode (False); returns the layer."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set eval mode; returns the layer."""
+        return self.train(False)
+
+    # -- forward / backward --------------------------------------------------------------------------
+
+    def _check_input(self, x):
+        x = np.asarray(x)
+        if self._valid_ndims is not None and x.ndim not in self._valid_ndims:
+            raise ValueError(f"expected {self._expected} input, got {x.ndim}D input of shape {x.shape}")
+        if x.ndim < 2:
+            raise ValueError(f"expected at least 2D input (N, C, ...), got {x.ndim}D input of shape {x.shape}")
+        if not -x.ndim <= self.axis < x.ndim:
+            raise ValueError(f"axis {self.axis} is out of bounds for input of shape {x.shape}")
+        if x.shape[self.axis] != self.num_features:
+            raise ValueError(f"expected {self.num_features} channels on axis {self.axis}, "
+                             f"got input of shape {x.shape}")
+        return x
+
+    def forward(self, x):
+        """Normalize x; in training mode also update the running statistics. Returns y."""
+        x = self._check_input(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        if use_batch_stats:
+            update = self.training and self.track_running_stats
+            if update:
+                momentum = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+            y, mean, invstd = _forward_train(
+                x, self.weight, self.bias,
+                running_mean=self.running_mean if update else None,
+                running_var=self.running_var if update else None,
+                momentum=momentum if update else 0.0, eps=self.eps, axis=self.axis)
+            if update:
+                self.num_batches_tracked += 1
+        else:
+            y = _forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
+                               eps=self.eps, axis=self.axis)
+            # Frozen statistics, saved as used: a later change of the running stats must not alter
+            # the gradient of this forward.
+            mean = self.running_mean.astype(np.float64)
+            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        self._cache = (x, mean, invstd, use_batch_stats,
+                       None if self.weight is None else np.array(self.weight, copy=True))
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Gradient of the loss with respect to the last forward's input, given dy = dL/dy.
+
+        Overwrites ``grad_weight`` and ``grad_bias`` (when affine) and returns dx. After a training-mode
+        forward the gradient flows through the batch statistics; after an eval-mode forward the running
+        statistics are constants (frozen BN).
+        """
+        if self._cache is None:
+            raise RuntimeError("backward() called before forward(): there is no forward pass to differentiate")
+        x, mean, invstd, batch_stats, weight = self._cache
+        dy = np.asarray(dy)
+        if dy.shape != x.shape:
+            raise ValueError(f"dy has shape {dy.shape}, expected {x.shape} (the shape of the last forward's input)")
+        dx, dgamma, dbeta = _backward(dy, x, mean, invstd, weight, training=batch_stats, axis=self.axis)
+        if self.affine:
+            self.grad_weight = dgamma.astype(self.dtype)
+            self.grad_bias = dbeta.astype(self.dtype)
+        return dx
+
+    # -- parameters and state ------------------------------------------------------------------------
+
+    def parameters(self):
+        """The learnable arrays, [weight, bias] (empty when not affine); SGD updates them in place."""
+        return [self.weight, self.bias] if self.affine else []
+
+    def gradients(self):
+        """The gradients of :meth:`parameters`, in the same order."""
+        return [self.grad_weight, self.grad_bias] if self.affine else []
+
+    def _state_keys(self):
+        keys = []
+        if self.affine:
+            keys += ["weight", "bias"]
+        if self.track_running_stats:
+            keys += ["running_mean", "running_var", "num_batches_tracked"]
+        return keys
+
+    def state_dict(self):
+        """A dict with PyTorch's keys and NumPy values (copies)."""
+        state = {}
+        for key in self._state_keys():
+            if key == "num_batches_tracked":
+                state[key] = np.array(self.num_batches_tracked, dtype=np.int64)
+            else:
+                state[key] = getattr(self, key).copy()
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict with PyTorch's keys (strict): missing or unexpected keys and wrong shapes
+        raise, and then nothing is changed. Values may be anything ``np.asarray`` takes."""
+        expected = self._state_keys()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing or unexpected:
+            raise KeyError(f"error loading state_dict into {type(self).__name__}: missing keys {missing}, "
+                           f"unexpected keys {unexpected}")
+        new = {}
+        for key in expected:
+            value = state_dict[key]
+            if hasattr(value, "detach"):  # a torch tensor straight from a torch state dict
+                value = value.detach().cpu().numpy()
+            value = np.asarray(value)
+            if key == "num_batches_tracked":
+                if value.size != 1 or value.dtype.kind not in "iuf":
+                    raise ValueError(f"num_batches_tracked must be a single integer, got {value!r}")
+                new[key] = int(value.reshape(()))
+                continue
+            if value.shape != (self.num_features,):
+                raise ValueError(f"{key} has shape {value.shape}, expected ({self.num_features},)")
+            if value.dtype.kind not in "biuf":
+                raise TypeError(f"{key} must be real numbers, got dtype {value.dtype}")
+            new[key] = value.astype(self.dtype, copy=True)
+        for key, value in new.items():
+            setattr(self, key, value)
+        return self
+
+    def extra_repr(self):
+        s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+             f"track_running_stats={self.track_running_stats}")
+        if self.axis != 1:
+            s += f", axis={self.axis}"
+        if self.dtype != np.float32:
+            s += f", dtype={self.dtype.name}"
+        return s
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class BatchNorm1d(BatchNorm):
+    """Batch Normalization of (N, C) or (N, C, L) input; see :class:`BatchNorm`."""
+
+    _valid_ndims = (2, 3)
+    _expected = "2D or 3D"
+
+
+class BatchNorm2d(BatchNorm):
+    """Batch Normalization of (N, C, H, W) input; see :class:`BatchNorm`."""
+
+    _valid_ndims = (4,)
+    _expected = "4D"
+
+
+class BatchNorm3d(BatchNorm):
+    """Batch Normalization of (N, C, D, H, W) input; see :class:`BatchNorm`."""
+
+    _valid_ndims = (5,)
+    _expected = "5D"
