@@ -1,14 +1,15 @@
-/* bn_forward.c - the backward pass for float32 and float64 (one template, two types). */
+/* bn_forward.c - the backward pass for float32 and float64 (one template, two types),
+ * baseline instruction set; bn_avx2.c instantiates the same template for AVX2 and bn_dispatch.c picks. */
 #include "bn_internal.h"
 
 #define BN_T float
-#define BN_NAME(f) f##_f32
+#define BN_NAME(f) f##_f32_base
 #include "bn_backward.tmpl.h"
 #undef BN_T
 #undef BN_NAME
 
 #define BN_T double
-#define BN_NAME(f) f##_f64
+#define BN_NAME(f) f##_f64_base
 #include "bn_backward.tmpl.h"
 #undef BN_T
 #undef BN_NAME

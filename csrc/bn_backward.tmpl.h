@@ -173,7 +173,7 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
         } else {
             BN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                ptrdiff_t b = it / p.ngroups, g = it % p.ngroups;
+                ptrdiff_t g = it / p.nblocks, b = it % p.nblocks;
                 ptrdiff_t c0 = b * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
                 ptrdiff_t n0 = g * p.rows_per_group, n1 = n0 + p.rows_per_group < d.N ? n0 + p.rows_per_group : d.N;
                 BN_NAME(item_sums)(dy, x, &p, c0, c1, n0, n1, mean, scr, parts + g * C + c0);
@@ -182,7 +182,7 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
             for (ptrdiff_t c = 0; c < C; c++) BN_FINISH_CHANNEL(c);
             BN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                ptrdiff_t b = it / p.ngroups, g = it % p.ngroups;
+                ptrdiff_t g = it / p.nblocks, b = it % p.nblocks;
                 ptrdiff_t c0 = b * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
                 ptrdiff_t n0 = g * p.rows_per_group, n1 = n0 + p.rows_per_group < d.N ? n0 + p.rows_per_group : d.N;
                 BN_NAME(grad_item)(dy, x, dx, &p, c0, c1, n0, n1, training, mean, k1, k2, k3, scr);

@@ -190,7 +190,7 @@ int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *g
         } else {
             BN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                ptrdiff_t b = it / p.ngroups, g = it % p.ngroups;
+                ptrdiff_t g = it / p.nblocks, b = it % p.nblocks;
                 ptrdiff_t c0 = b * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
                 ptrdiff_t n0 = g * p.rows_per_group, n1 = n0 + p.rows_per_group < d.N ? n0 + p.rows_per_group : d.N;
                 BN_NAME(item_moments)(x, &p, c0, c1, n0, n1, scr, parts + g * C + c0);
@@ -199,7 +199,7 @@ int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *g
             for (ptrdiff_t c = 0; c < C; c++) BN_FINISH_CHANNEL(c);
             BN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                ptrdiff_t b = it / p.ngroups, g = it % p.ngroups;
+                ptrdiff_t g = it / p.nblocks, b = it % p.nblocks;
                 ptrdiff_t c0 = b * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
                 ptrdiff_t n0 = g * p.rows_per_group, n1 = n0 + p.rows_per_group < d.N ? n0 + p.rows_per_group : d.N;
                 BN_NAME(apply_item)(x, y, &p, c0, c1, n0, n1, mean, alpha, shift, scr);
@@ -228,6 +228,20 @@ int BN_NAME(bn_forward_infer)(const BN_T *x, BN_T *y, bn_dims d, const double *m
         alpha[c] = gamma ? invstd[c] * gamma[c] : invstd[c];
         shift[c] = beta ? beta[c] : 0.0;
     }
+    if (!p.colmode) {
+        /* Nothing to reuse from cache: walk memory in order, one (n, c) row at a time. */
+        const ptrdiff_t rows = d.N * C, S = d.S;
+        BN_PRAGMA(omp parallel for schedule(static) num_threads(p.nthreads))
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            ptrdiff_t c = r % C;
+            const double m = mean[c], a = alpha[c], b = shift[c];
+            const BN_T *xr = x + r * S;
+            BN_T *yr = y + r * S;
+            for (ptrdiff_t s = 0; s < S; s++) yr[s] = (BN_T)(((double)xr[s] - m) * a + b);
+        }
+        free(alpha); free(scratch);
+        return BN_OK;
+    }
     BN_PRAGMA(omp parallel for schedule(static) num_threads(p.nthreads))
     for (ptrdiff_t it = 0; it < p.nitems; it++) {
 #ifdef _OPENMP
@@ -235,7 +249,7 @@ int BN_NAME(bn_forward_infer)(const BN_T *x, BN_T *y, bn_dims d, const double *m
 #else
         double *scr = scratch;
 #endif
-        ptrdiff_t b = it / p.ngroups, g = it % p.ngroups;
+        ptrdiff_t g = it / p.nblocks, b = it % p.nblocks;
         ptrdiff_t c0 = b * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
         ptrdiff_t n0 = g * p.rows_per_group, n1 = n0 + p.rows_per_group < d.N ? n0 + p.rows_per_group : d.N;
         BN_NAME(apply_item)(x, y, &p, c0, c1, n0, n1, mean, alpha, shift, scr);

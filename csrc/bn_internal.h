@@ -25,17 +25,16 @@
  *  - column mode (S < BN_ROW_MIN_S, channels-last and (N, C) included): a row of W = C * S values holds
  *    every channel; the inner loops run across the row, one lane per position. One work item = a block
  *    of channels x a group of rows.
- * Rows are cut into groups so that small-C tensors still give every thread work; the per-group partial
- * results are merged in group order. Tensors with many channels keep each channel in one group (no
- * partials, no merge), and when an item is small enough to stay in cache the normalize pass follows its
- * statistics pass right away, reading x from memory once.
+ * Rows are cut into groups; the per-group partial results of a channel are merged in group order.
+ * Items are visited group-major, which is memory order. When a whole channel block is one item small
+ * enough to stay in cache, its normalize pass follows its statistics pass right away.
  */
 #define BN_ROW_MIN_S 32
 #define BN_SEG 4096              /* row mode: longest contiguous run reduced as one two-pass chunk */
 #define BN_COL_ROWS 32           /* column mode: rows reduced as one two-pass chunk */
-#define BN_COL_MAX_W 1024        /* column mode: most positions in one item (bounds per-thread scratch) */
-#define BN_GROUP_ELEMS 65536     /* target size of a work item when rows must be split into groups */
-#define BN_MIN_BLOCKS 16         /* this many channel blocks parallelize well without splitting rows */
+#define BN_COL_MAX_W 4096        /* column mode: most positions in one item (bounds per-thread scratch) */
+#define BN_COL_GROUP_ELEMS 262144 /* column mode: elements per item when rows are split into groups */
+#define BN_ROW_GROUP_ELEMS 1024  /* row mode: least values of a channel in one work item */
 #define BN_CACHE_ITEM_BYTES (768 * 1024)  /* an item this small stays in L2 between two passes */
 
 typedef struct {
@@ -43,7 +42,7 @@ typedef struct {
     int colmode;
     ptrdiff_t rows_per_group, ngroups;
     ptrdiff_t ch_per_block, nblocks;  /* row mode: 1 channel per block */
-    ptrdiff_t nitems;                 /* nblocks * ngroups; item i = (block i / ngroups, group i % ngroups) */
+    ptrdiff_t nitems;                 /* nblocks * ngroups; item i = (group i / nblocks, block i % nblocks) */
     int fused;                        /* ngroups == 1 and an item fits in cache */
     int nthreads;
 } bn_plan;
@@ -67,5 +66,28 @@ static inline void bn_moments_merge(bn_moments *a, bn_moments b)
     a->m2 += b.m2 + delta * delta * a->n * wb;
     a->n = n;
 }
+
+/* AVX2 variants are built with GCC on x86-64 (its target pragma); elsewhere only the baseline. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define BN_HAVE_AVX2 1
+#else
+#define BN_HAVE_AVX2 0
+#endif
+
+/* The instantiations bn_dispatch.c chooses between: SUFFIX is f32_base, f64_base, f32_avx2, f64_avx2. */
+#define BN_DECLARE_KERNELS(T, SUFFIX)                                                                  \
+    int bn_forward_train_##SUFFIX(const T *x, T *y, bn_dims d, const double *gamma, const double *beta, \
+                                  double eps, double *mean, double *var, double *invstd, int nthreads); \
+    int bn_forward_infer_##SUFFIX(const T *x, T *y, bn_dims d, const double *mean, const double *invstd, \
+                                  const double *gamma, const double *beta, int nthreads);               \
+    int bn_backward_##SUFFIX(const T *dy, const T *x, T *dx, bn_dims d, const double *mean,             \
+                             const double *invstd, const double *gamma, int training, double *dgamma,  \
+                             double *dbeta, int nthreads);
+BN_DECLARE_KERNELS(float, f32_base)
+BN_DECLARE_KERNELS(double, f64_base)
+#if BN_HAVE_AVX2
+BN_DECLARE_KERNELS(float, f32_avx2)
+BN_DECLARE_KERNELS(double, f64_avx2)
+#endif
 
 #endif

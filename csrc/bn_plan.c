@@ -6,32 +6,30 @@ void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads)
     p->N = d.N; p->C = d.C; p->S = d.S; p->W = d.C * d.S;
     p->colmode = d.S < BN_ROW_MIN_S;
     if (p->colmode) {
-        /* Channel blocks span whole cache lines, and are narrow enough that a block of all N rows
-         * stays in cache (so the normalize pass can reuse it), but no wider than the scratch allows. */
-        ptrdiff_t line = (ptrdiff_t)((64 + d.S * elsize - 1) / (d.S * elsize));
-        ptrdiff_t cpb = (ptrdiff_t)(BN_CACHE_ITEM_BYTES / ((double)d.N * (double)d.S * (double)elsize));
-        if (cpb < line) cpb = line;
-        if (cpb * d.S > BN_COL_MAX_W) cpb = BN_COL_MAX_W / d.S > 0 ? BN_COL_MAX_W / d.S : 1;
+        /* Whole rows where they fit the scratch: long unit-stride inner loops over the channels, and
+         * the hardware prefetcher sees plain sequential streams. A channel's statistics then need all
+         * row groups, so the normalize pass reuses the data from cache only when the whole block does. */
+        ptrdiff_t cpb = BN_COL_MAX_W / d.S;
+        if (cpb < 1) cpb = 1;
         if (cpb > d.C) cpb = d.C;
         p->ch_per_block = cpb;
         p->nblocks = (d.C + cpb - 1) / cpb;
-        if (p->nblocks >= BN_MIN_BLOCKS) {
+        double block_bytes = (double)d.N * (double)(cpb * d.S) * (double)elsize;
+        if (block_bytes <= BN_CACHE_ITEM_BYTES) {
             p->rows_per_group = d.N;
         } else {
-            ptrdiff_t r = BN_GROUP_ELEMS / (cpb * d.S);
+            ptrdiff_t r = BN_COL_GROUP_ELEMS / (cpb * d.S);
             r = (r + BN_COL_ROWS - 1) / BN_COL_ROWS * BN_COL_ROWS;
             p->rows_per_group = r < d.N ? r : d.N;
         }
     } else {
         p->ch_per_block = 1;
         p->nblocks = d.C;
-        if (d.C >= BN_MIN_BLOCKS) {
-            p->rows_per_group = d.N;
-        } else {
-            ptrdiff_t r = BN_GROUP_ELEMS / d.S;
-            if (r < 1) r = 1;
-            p->rows_per_group = r < d.N ? r : d.N;
-        }
+        /* Rows are visited in memory order, (n, c) after (n, c - 1): sequential streams beat keeping
+         * a channel in cache when its rows lie far apart. A group holds enough rows of a channel
+         * (>= BN_ROW_GROUP_ELEMS values) that the per-group partials stay a small fraction of x. */
+        ptrdiff_t r = (BN_ROW_GROUP_ELEMS + d.S - 1) / d.S;
+        p->rows_per_group = r < d.N ? r : d.N;
     }
     p->ngroups = (d.N + p->rows_per_group - 1) / p->rows_per_group;
     p->nitems = p->nblocks * p->ngroups;
@@ -66,22 +64,5 @@ int bn_openmp_version(void)
     return _OPENMP;
 #else
     return 0;
-#endif
-}
-
-const char *bn_simd_name(void)
-{
-#if defined(__AVX512F__)
-    return "avx512f";
-#elif defined(__AVX2__)
-    return "avx2";
-#elif defined(__AVX__)
-    return "avx";
-#elif defined(__SSE2__) || defined(_M_X64)
-    return "sse2";
-#elif defined(__ARM_NEON) || defined(__aarch64__)
-    return "neon";
-#else
-    return "generic";
 #endif
 }

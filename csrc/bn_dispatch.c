@@ -1,0 +1,59 @@
+/* bn_dispatch.c - the public kernels: pick the instruction set once, at the first call.
+ * BATCHNORM_SIMD=baseline forces the baseline build (for tests and for comparing). */
+#include <string.h>
+#include "bn_internal.h"
+
+static int use_avx2(void)
+{
+#if BN_HAVE_AVX2
+    static int cached = -1; /* a benign race: every thread computes the same value */
+    if (cached < 0) {
+        const char *env = getenv("BATCHNORM_SIMD");
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && !(env && strcmp(env, "baseline") == 0);
+    }
+    return cached;
+#else
+    return 0;
+#endif
+}
+
+const char *bn_simd_name(void)
+{
+    if (use_avx2()) return "avx2";
+#if defined(__x86_64__) || defined(_M_X64)
+    return "baseline (sse2)";
+#elif defined(__aarch64__)
+    return "baseline (neon)";
+#else
+    return "baseline";
+#endif
+}
+
+#if BN_HAVE_AVX2
+#define BN_PICK(name, T, ...) (use_avx2() ? name##_##T##_avx2(__VA_ARGS__) : name##_##T##_base(__VA_ARGS__))
+#else
+#define BN_PICK(name, T, ...) name##_##T##_base(__VA_ARGS__)
+#endif
+
+#define BN_DEFINE_PUBLIC(T, TS)                                                                         \
+    int bn_forward_train_##TS(const T *x, T *y, bn_dims d, const double *gamma, const double *beta,     \
+                              double eps, double *mean, double *var, double *invstd, int nthreads)      \
+    {                                                                                                   \
+        return BN_PICK(bn_forward_train, TS, x, y, d, gamma, beta, eps, mean, var, invstd, nthreads);  \
+    }                                                                                                   \
+    int bn_forward_infer_##TS(const T *x, T *y, bn_dims d, const double *mean, const double *invstd,    \
+                              const double *gamma, const double *beta, int nthreads)                    \
+    {                                                                                                   \
+        return BN_PICK(bn_forward_infer, TS, x, y, d, mean, invstd, gamma, beta, nthreads);            \
+    }                                                                                                   \
+    int bn_backward_##TS(const T *dy, const T *x, T *dx, bn_dims d, const double *mean,                 \
+                         const double *invstd, const double *gamma, int training, double *dgamma,      \
+                         double *dbeta, int nthreads)                                                   \
+    {                                                                                                   \
+        return BN_PICK(bn_backward, TS, dy, x, dx, d, mean, invstd, gamma, training, dgamma, dbeta,    \
+                       nthreads);                                                                       \
+    }
+
+BN_DEFINE_PUBLIC(float, f32)
+BN_DEFINE_PUBLIC(double, f64)
