@@ -711,27 +711,13 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
     }
     dya = as_array(dy_obj, "dy");
     if (dya == NULL) return NULL;
+    /* dy is only checked here: like the parameters, it is cast to x's type (the result's type). */
     if (classify_dtype(PyArray_DESCR(dya), "dy", &dwork, &drtype) < 0) goto fail;
     if (prepare_input(x_obj, axis_obj, &work, &rtype, &axis, &xw, &L) < 0) goto fail;
     if (!PyArray_SAMESHAPE(dya, xw)) {
         SHAPE_OF(b1, dya); SHAPE_OF(b2, xw);
         PyErr_Format(PyExc_ValueError, "dy has shape %s, expected %s (the shape of x)", b1, b2);
         goto fail;
-    }
-    /* Mixed dtypes compute in the wider of the two, as NumPy would promote them. */
-    {
-        PyArray_Descr *d1 = PyArray_DescrFromType(rtype), *d2 = PyArray_DescrFromType(drtype);
-        PyArray_Descr *pr = PyArray_PromoteTypes(d1, d2);
-        Py_DECREF(d1); Py_DECREF(d2);
-        if (pr == NULL) goto fail;
-        rtype = pr->type_num;
-        Py_DECREF(pr);
-        int w2 = rtype == NPY_DOUBLE ? NPY_DOUBLE : NPY_FLOAT;
-        if (w2 != work) {
-            work = w2;
-            Py_SETREF(xw, to_work(xw, work));
-            if (xw == NULL || settle_layout(&xw, axis, &L) < 0) goto fail;
-        }
     }
     /* dy must be indexed exactly as x is: same type and same layout, else one copy. */
     dyw = to_work(dya, work);

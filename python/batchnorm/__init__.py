@@ -4,11 +4,14 @@ Functions (C kernels, OpenMP-parallel, bit-identical for any thread count):
     forward_train, forward_infer, backward, set_num_threads, get_num_threads
 Layers (PyTorch's semantics, NumPy arrays):
     BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+Helpers: fold_into (fold BN into the preceding layer), show_config.
 The plain-NumPy twin of every kernel lives in :mod:`batchnorm.reference`.
 """
 
 from ._core import backward, forward_infer, forward_train, get_num_threads, set_num_threads
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ._fold import fold_into
+from ._config import show_config
 from . import reference
 
 __version__ = "0.1.0"
@@ -23,6 +26,8 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "fold_into",
+    "show_config",
     "reference",
     "__version__",
 ]
