@@ -1,0 +1,68 @@
+"""Type stubs for the C extension batchnorm._core (the kernels re-exported by the batchnorm package)."""
+
+from typing import Optional, Tuple, TypedDict
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+class _BuildInfo(TypedDict):
+    openmp: bool
+    openmp_version: Optional[int]
+    simd: str
+    compiler: str
+    max_threads: int
+
+def forward_train(
+    x: ArrayLike,
+    gamma: Optional[ArrayLike] = None,
+    beta: Optional[ArrayLike] = None,
+    *,
+    running_mean: Optional[NDArray[np.floating]] = None,
+    running_var: Optional[NDArray[np.floating]] = None,
+    momentum: float = 0.1,
+    eps: float = 1e-05,
+    axis: int = 1,
+    out: Optional[NDArray[np.floating]] = None,
+) -> Tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]:
+    """Training forward pass: returns ``(y, mean, invstd)``; updates the running statistics in place."""
+    ...
+
+def forward_infer(
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: Optional[ArrayLike] = None,
+    beta: Optional[ArrayLike] = None,
+    *,
+    eps: float = 1e-05,
+    axis: int = 1,
+    out: Optional[NDArray[np.floating]] = None,
+) -> NDArray[np.floating]:
+    """Inference forward pass with given (running) statistics: returns ``y``."""
+    ...
+
+def backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: Optional[ArrayLike] = None,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    out: Optional[NDArray[np.floating]] = None,
+) -> Tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]:
+    """Backward pass: returns ``(dx, dgamma, dbeta)``."""
+    ...
+
+def set_num_threads(n: int, /) -> None:
+    """Set the number of threads the kernels may use (at least 1)."""
+    ...
+
+def get_num_threads() -> int:
+    """The number of threads the kernels use for large inputs."""
+    ...
+
+def _build_info() -> _BuildInfo:
+    """How the extension was built: OpenMP, its version, SIMD path, compiler, max threads."""
+    ...

@@ -1,0 +1,280 @@
+"""Accuracy: float32 within 1e-5 and float64 within 1e-10 (relative to max(1, max|ref|)) of a float64
+reference, also for data whose mean is 1e5 times its std; float64 data with mean 1e8 and std 1 gets
+its variance to 1e-6; long channels; NaN stays in its channel; one marked test with 2**25 values per
+channel."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+from batchnorm import reference as ref
+from helpers import TOL, as_layout, assert_close, channels, make_data, params
+
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+def exact_stats(x, axis):
+    """Per-channel mean and biased variance with correctly rounded sums (math.fsum): an oracle more
+    accurate than a float64 running sum, for data with a large mean."""
+    C = channels(x.shape, axis)
+    flat = np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, C)
+    M = flat.shape[0]
+    mean = np.array([math.fsum(flat[:, c].tolist()) / M for c in range(C)])
+    var = np.array([math.fsum(((flat[:, c] - mean[c]) ** 2).tolist()) / M for c in range(C)])
+    return mean, var
+
+
+def exact_forward(x, gamma, beta, axis, eps=1e-5):
+    mean, var = exact_stats(x, axis)
+    invstd = 1 / np.sqrt(var + eps)
+    shp = [1] * x.ndim
+    shp[axis % x.ndim] = -1
+    r = lambda v: np.reshape(v, shp)  # noqa: E731
+    y = (np.asarray(x, np.float64) - r(mean)) * r(invstd) * r(gamma) + r(beta)
+    return y, mean, invstd, var
+
+
+# --------------------------------------------------------------------------------------------------
+# mean = 1e5 * std
+# --------------------------------------------------------------------------------------------------
+
+LARGE_MEAN_F32 = [
+    pytest.param((64, 3, 8, 8), 1, 1.0, "C", id="64x3x8x8-std1"),
+    pytest.param((20000, 3), 1, 1e3, "C", id="20000x3-std1e3"),
+    pytest.param((2, 5, 4000), 1, 1.0, "slice", id="2x5x4000-slice"),
+    pytest.param((8, 6, 6, 16), -1, 10.0, "C", id="8x6x6x16-chlast"),
+]
+
+
+def _large_mean_data(rng, shape, axis, std, dtype):
+    return make_data(rng, shape, dtype, axis, loc=1e5 * std, scale=std)
+
+
+@pytest.mark.parametrize("shape,axis,std,layout", LARGE_MEAN_F32)
+def test_float32_large_mean_forward_train(rng, shape, axis, std, layout):
+    x = as_layout(_large_mean_data(rng, shape, axis, std, np.float32), layout, axis)
+    C = channels(shape, axis)
+    gamma, beta = params(rng, C, np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    erm, erv = np.zeros(C), np.ones(C)
+    y, mean, invstd = bn.forward_train(x, gamma, beta, running_mean=rm, running_var=rv, momentum=1.0, axis=axis)
+    ey, emean, einvstd = ref.forward_train(x, gamma, beta, running_mean=erm, running_var=erv, momentum=1.0,
+                                           axis=axis)
+    assert_close(y, ey, TOL[F32], "y")
+    assert_close(mean, emean, TOL[F32], "mean")
+    assert_close(invstd, einvstd, TOL[F32], "invstd")
+    assert_close(rm, erm, TOL[F32], "running_mean")
+    assert_close(rv, erv, TOL[F32], "running_var")
+
+
+@pytest.mark.parametrize("shape,axis,std,layout", LARGE_MEAN_F32)
+def test_float32_large_mean_forward_infer(rng, shape, axis, std, layout):
+    """Running stats near the data (as after training): y = (x - rm) * s must not be computed as a
+    float32 x * s + t, which cancels catastrophically."""
+    x = as_layout(_large_mean_data(rng, shape, axis, std, np.float32), layout, axis)
+    C = channels(shape, axis)
+    gamma, beta = params(rng, C, np.float32)
+    _, m, s = ref.forward_train(x, axis=axis)
+    rm = m.astype(np.float32)
+    rv = (1 / s**2 - 1e-5).astype(np.float32)
+    y = bn.forward_infer(x, rm, rv, gamma, beta, axis=axis)
+    assert_close(y, ref.forward_infer(x, rm, rv, gamma, beta, axis=axis), TOL[F32], "y")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
+@pytest.mark.parametrize("shape,axis,std,layout", LARGE_MEAN_F32)
+def test_float32_large_mean_backward(rng, shape, axis, std, layout, training):
+    x = as_layout(_large_mean_data(rng, shape, axis, std, np.float32), layout, axis)
+    dy = make_data(rng, shape, np.float32, axis)
+    C = channels(shape, axis)
+    gamma, _ = params(rng, C, np.float32)
+    _, m, s = ref.forward_train(x, axis=axis)
+    mean, invstd = m.astype(np.float32), s.astype(np.float32)
+    got = bn.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
+    want = ref.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
+    for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want):
+        assert_close(g, w, TOL[F32], name)
+
+
+@pytest.mark.parametrize("shape,axis", [pytest.param((16, 3, 8, 8), 1, id="16x3x8x8"),
+                                        pytest.param((512, 5), 1, id="512x5"),
+                                        pytest.param((4, 8, 8, 6), -1, id="4x8x8x6-chlast"),
+                                        pytest.param((64, 3, 8, 8), 1, id="64x3x8x8")])
+def test_float64_large_mean_ratio_1e5(rng, shape, axis):
+    x = make_data(rng, shape, np.float64, axis, loc=1e5)
+    C = channels(shape, axis)
+    gamma, beta = params(rng, C)
+    y, mean, invstd = bn.forward_train(x, gamma, beta, axis=axis)
+    ey, emean, einvstd, _ = exact_forward(x, gamma, beta, axis)
+    assert_close(y, ey, TOL[F64], "y")
+    assert_close(mean, emean, TOL[F64], "mean")
+    assert_close(invstd, einvstd, TOL[F64], "invstd")
+
+
+@pytest.mark.parametrize("shape,axis,layout", [pytest.param((64, 3, 8, 8), 1, "C", id="64x3x8x8"),
+                                               pytest.param((20000, 4), 1, "C", id="20000x4"),
+                                               pytest.param((2, 3, 5000), 1, "negall", id="2x3x5000-negall"),
+                                               pytest.param((8, 5, 5, 32), -1, "C", id="8x5x5x32-chlast")])
+def test_float64_mean_1e8_std_1_variance(rng, shape, axis, layout):
+    x = as_layout(make_data(rng, shape, np.float64, axis, loc=1e8), layout, axis)
+    C = channels(shape, axis)
+    M = x.size // C
+    eps = 1e-5
+    rm, rv = np.zeros(C), np.ones(C)
+    y, mean, invstd = bn.forward_train(x, running_mean=rm, running_var=rv, momentum=1.0, axis=axis)
+    _, evar = exact_stats(x, axis)
+    var = 1 / invstd.astype(np.float64) ** 2 - eps
+    np.testing.assert_allclose(var, evar, rtol=1e-6, err_msg="variance from invstd")
+    np.testing.assert_allclose(rv, evar * M / (M - 1), rtol=1e-6, err_msg="running_var (unbiased)")
+    ey = exact_forward(x, np.ones(C), np.zeros(C), axis)[0]
+    assert_close(y, ey, 1e-6, "y")
+
+
+# --------------------------------------------------------------------------------------------------
+# long channels, extreme magnitudes, constant channels
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,dtype,axis", [pytest.param((20000, 37), np.float32, 1, id="20000x37-f32"),
+                                              pytest.param((3, 2, 100000), np.float64, 1, id="3x2x100000-f64"),
+                                              pytest.param((3, 2, 100000), np.float32, 1, id="3x2x100000-f32"),
+                                              pytest.param((37, 20000), np.float32, 0, id="37x20000-ax0")])
+def test_long_channels_all_ops(rng, shape, dtype, axis):
+    x = make_data(rng, shape, dtype, axis, loc=3.0)
+    dy = make_data(rng, shape, dtype, axis, loc=0.5)
+    C = channels(shape, axis)
+    gamma, beta = params(rng, C, dtype)
+    tol = TOL[np.dtype(dtype)]
+    y, mean, invstd = bn.forward_train(x, gamma, beta, axis=axis)
+    ey, emean, einvstd = ref.forward_train(x, gamma, beta, axis=axis)
+    assert_close(y, ey, tol, "y")
+    assert_close(mean, emean, tol, "mean")
+    assert_close(invstd, einvstd, tol, "invstd")
+    for training in (True, False):
+        got = bn.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
+        want = ref.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
+        for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want):
+            assert_close(g, w, tol, f"{name} training={training}")
+
+
+def test_float32_huge_magnitudes_do_not_overflow(rng):
+    """Squares of 1e18 overflow float32 sums; the result must still match the float64 reference."""
+    x = (make_data(rng, (50, 3, 20), np.float64) * 1e18).astype(np.float32)
+    dy = make_data(rng, (50, 3, 20), np.float32)
+    y, mean, invstd = bn.forward_train(x)
+    ey, emean, einvstd = ref.forward_train(x)
+    assert_close(y, ey, TOL[F32], "y")
+    np.testing.assert_allclose(invstd, einvstd, rtol=1e-5, err_msg="invstd")
+    np.testing.assert_allclose(mean, emean, rtol=1e-5, atol=1e-5 * 1e18, err_msg="mean")
+    got = bn.backward(dy, x, mean, invstd)
+    want = ref.backward(dy, x, mean, invstd)
+    for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want):
+        assert_close(g, w, TOL[F32], name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_constant_channel(rng, dtype):
+    x = make_data(rng, (6, 3, 4), dtype)
+    x[:, 1, :] = dtype(12345.678)
+    beta = np.array([0.0, 0.75, 0.0], dtype)
+    rm, rv = np.zeros(3, dtype), np.ones(3, dtype)
+    y, mean, invstd = bn.forward_train(x, None, beta, running_mean=rm, running_var=rv, momentum=1.0)
+    tol = TOL[np.dtype(dtype)]
+    assert_close(mean[1], x[0, 1, 0], tol)
+    assert_close(invstd[1], 1 / np.sqrt(1e-5), tol)
+    # a rounding error of a few ulp of 12345.678 in the mean is amplified by invstd = 316
+    assert_close(y[:, 1, :], np.full((6, 4), 0.75), max(tol, 1e-8))
+    assert_close(rv[1], 0.0, tol)
+    assert np.all(np.isfinite(y))
+
+
+# --------------------------------------------------------------------------------------------------
+# NaN stays in its channel
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis,nan_channel", [
+    pytest.param((6, 4, 5), 1, 1, id="6x4x5"),
+    pytest.param((16, 8, 32, 32), 1, 5, id="16x8x32x32"),
+    pytest.param((16, 32, 32, 8), -1, 3, id="16x32x32x8-chlast"),
+    pytest.param((5000, 7), 1, 0, id="5000x7"),
+])
+def test_nan_stays_in_its_channel(rng, restore_threads, shape, axis, nan_channel, dtype):
+    bn.set_num_threads(2)
+    C = channels(shape, axis)
+    x = make_data(rng, shape, dtype, axis)
+    idx = [s // 2 for s in shape]
+    idx[axis % len(shape)] = nan_channel
+    x[tuple(idx)] = np.nan
+    dy = make_data(rng, shape, dtype, axis)
+    gamma, beta = params(rng, C, dtype)
+    others = np.arange(C) != nan_channel
+    tol = TOL[np.dtype(dtype)]
+
+    def chan(a, c):
+        return np.take(a, np.flatnonzero(c), axis=axis % len(shape))
+
+    rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+    erm, erv = np.zeros(C), np.ones(C)
+    y, mean, invstd = bn.forward_train(x, gamma, beta, running_mean=rm, running_var=rv, axis=axis)
+    ey, emean, einvstd = ref.forward_train(x, gamma, beta, running_mean=erm, running_var=erv, axis=axis)
+    assert np.isnan(mean[nan_channel]) and np.isnan(rm[nan_channel]) and np.isnan(rv[nan_channel])
+    assert np.all(np.isnan(chan(y, ~others)))
+    assert np.all(np.isfinite(chan(y, others))) and np.all(np.isfinite(mean[others]))
+    assert np.all(np.isfinite(invstd[others])) and np.all(np.isfinite(rm[others])) and np.all(np.isfinite(rv[others]))
+    assert_close(chan(y, others), chan(ey, others), tol, "y, other channels")
+    assert_close(mean[others], emean[others], tol)
+    assert_close(invstd[others], einvstd[others], tol)
+    assert_close(rv[others], erv[others], tol)
+
+    # inference: the NaN stays in its element
+    rm2, rv2 = np.zeros(C, dtype), np.ones(C, dtype)
+    yi = bn.forward_infer(x, rm2, rv2, gamma, beta, axis=axis)
+    assert np.array_equal(np.isnan(yi), np.isnan(x))
+
+    # backward
+    for training in (True, False):
+        dx, dgamma, dbeta = bn.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
+        edx, edgamma, edbeta = ref.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
+        assert np.all(np.isfinite(chan(dx, others))), f"NaN leaked into other channels (training={training})"
+        assert np.all(np.isfinite(dgamma[others])) and np.all(np.isfinite(dbeta))
+        assert_close(chan(dx, others), chan(edx, others), tol, "dx, other channels")
+        assert_close(dgamma[others], edgamma[others], tol)
+        assert_close(dbeta, edbeta, tol)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2**25 values per channel: counters and sums that a float32 accumulator cannot hold
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.large
+def test_more_than_2_pow_24_values_per_channel():
+    L = 2**23 + 1
+    shape = (4, 1, L)
+    M = 4 * L  # 2**25 + 4, a multiple of 4
+    x = np.tile(np.arange(4, dtype=np.float32), M // 4).reshape(shape)  # 0,1,2,3,...: mean 1.5, var 1.25
+    rm, rv = np.zeros(1, np.float32), np.ones(1, np.float32)
+    y, mean, invstd = bn.forward_train(x, running_mean=rm, running_var=rv, momentum=1.0)
+    s = 1 / math.sqrt(1.25 + 1e-5)
+    assert_close(mean, [1.5], 1e-5, "mean")
+    assert_close(invstd, [s], 1e-5, "invstd")
+    assert_close(rm, [1.5], 1e-5, "running_mean")
+    assert_close(rv, [1.25 * M / (M - 1)], 1e-5, "running_var")
+    want = (np.arange(4) - 1.5) * s
+    err = np.abs(y.reshape(-1, 4) - want.astype(np.float32)).max()
+    assert err <= 1e-5 * 2, f"y off by {err}"
+    y = bn.forward_infer(x, rm, rv, out=y)
+    err = np.abs(y.reshape(-1, 4) - want.astype(np.float32)).max()
+    assert err <= 1e-5 * 2, f"forward_infer y off by {err}"
+    del y
+    dy = np.broadcast_to(np.float32(1.0), shape)  # zero strides everywhere
+    dx, dgamma, dbeta = bn.backward(dy, x, mean, invstd)
+    assert_close(dbeta, [float(M)], 1e-5, "dbeta")
+    assert abs(float(dgamma[0])) <= 1e-5 * M ** 0.5, f"dgamma = {dgamma[0]}"
+    assert float(np.abs(dx).max()) <= 1e-5, "dx should be 0 for constant dy"

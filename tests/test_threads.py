@@ -1,0 +1,133 @@
+"""Threads: results are bit-identical for every thread count (set with OMP_NUM_THREADS or
+set_num_threads), get_num_threads reports the setting, and concurrent calls from Python threads are safe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+import helpers
+
+SUB = ("import json, batchnorm as bn, helpers\n"
+       "n = bn.get_num_threads()\n"
+       "print(json.dumps({'n': n, 'h': helpers.thread_workload() if WORK else None}))\n")
+
+# smaller cases for thread counts well above the machine's cores, and odd splits
+SMALL_CASES = [
+    ((7, 5, 33, 17), "float32", 1, "C"),
+    ((3, 10000), "float32", 1, "C"),
+    ((10000, 3), "float64", 0, "T"),
+    ((5, 9, 31, 3), "float64", -1, "negall"),
+    ((2, 3, 4099), "float32", 1, "slice"),
+]
+
+
+def run_sub(work, **env):
+    code = f"WORK = {bool(work)}\n" + SUB
+    r = subprocess.run([sys.executable, "-c", code], env=helpers.subprocess_env(**env), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, f"subprocess failed (rc={r.returncode}) with {env}:\n{r.stderr[-3000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def in_process_hashes():
+    """Workload hashes for set_num_threads(1), (2), (3) in this process."""
+    before = bn.get_num_threads()
+    try:
+        out = {}
+        for n in (1, 2, 3):
+            bn.set_num_threads(n)
+            assert bn.get_num_threads() == n
+            out[n] = helpers.thread_workload()
+        return out
+    finally:
+        bn.set_num_threads(before)
+
+
+def test_set_num_threads_bit_identical(in_process_hashes):
+    h1 = in_process_hashes[1]
+    for n in (2, 3):
+        diff = [k for k in h1 if in_process_hashes[n][k] != h1[k]]
+        assert not diff, f"set_num_threads({n}) changed the bits of: {diff}"
+
+
+def test_omp_num_threads_subprocesses_bit_identical(in_process_hashes):
+    h1 = in_process_hashes[1]
+    for n in (1, 2, 3):
+        res = run_sub(True, OMP_NUM_THREADS=n)
+        assert res["n"] == n, f"OMP_NUM_THREADS={n} but get_num_threads() == {res['n']}"
+        diff = [k for k in h1 if res["h"][k] != h1[k]]
+        assert not diff, f"OMP_NUM_THREADS={n} changed the bits of: {diff}"
+
+
+def test_many_thread_counts_small_cases(restore_threads):
+    base = None
+    for n in (1, 4, 7, 16, 2):
+        bn.set_num_threads(n)
+        assert bn.get_num_threads() == n
+        h = helpers.thread_workload(SMALL_CASES, seed=3)
+        if base is None:
+            base = h
+        diff = [k for k in base if h[k] != base[k]]
+        assert not diff, f"{n} threads changed the bits of: {diff}"
+
+
+def test_thread_count_persists_across_calls(restore_threads, rng):
+    bn.set_num_threads(3)
+    x = rng.standard_normal((8, 4, 16)).astype(np.float32)
+    for _ in range(3):
+        bn.forward_train(x)
+        bn.forward_infer(x, np.zeros(4), np.ones(4))
+    assert bn.get_num_threads() == 3
+    bn.set_num_threads(1)
+    bn.backward(x, x, np.zeros(4, np.float32), np.ones(4, np.float32))
+    assert bn.get_num_threads() == 1
+
+
+def test_default_num_threads_follows_the_machine():
+    res = run_sub(False, OMP_NUM_THREADS=None)
+    cpus = {os.cpu_count() or 1}
+    if hasattr(os, "sched_getaffinity"):
+        cpus.add(len(os.sched_getaffinity(0)))
+    assert isinstance(res["n"], int) and res["n"] >= 1
+    assert res["n"] in cpus, f"default get_num_threads() == {res['n']}, cpus {cpus}"
+
+
+def test_default_in_this_process_is_positive():
+    n = bn.get_num_threads()
+    assert isinstance(n, int) and n >= 1
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "", "-2"])
+def test_bad_omp_num_threads_does_not_crash(value):
+    res = run_sub(False, OMP_NUM_THREADS=value)
+    assert res["n"] >= 1
+
+
+def test_set_num_threads_overrides_omp_env():
+    code = ("import json, batchnorm as bn\n"
+            "a = bn.get_num_threads(); bn.set_num_threads(1); b = bn.get_num_threads()\n"
+            "print(json.dumps([a, b]))\n")
+    r = subprocess.run([sys.executable, "-c", code], env=helpers.subprocess_env(OMP_NUM_THREADS=3),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [3, 1]
+
+
+def test_concurrent_python_threads(restore_threads):
+    """Calls from several Python threads at once (sharing the library's own threads) give the bits of
+    serial calls."""
+    bn.set_num_threads(2)
+    cases = [[c] for c in SMALL_CASES] * 3
+    serial = [helpers.thread_workload(c, seed=5) for c in cases]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(lambda c: helpers.thread_workload(c, seed=5), cases))
+    assert parallel == serial
