@@ -9,7 +9,7 @@ The plain-NumPy twin of every kernel lives in :mod:`batchnorm.reference`.
 """
 
 from ._core import backward, forward_infer, forward_train, get_num_threads, set_num_threads
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, StateDictError
 from ._fold import fold_into
 from ._config import show_config
 from . import reference
@@ -26,6 +26,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "StateDictError",
     "fold_into",
     "show_config",
     "reference",

@@ -16,7 +16,18 @@ from ._core import backward as _backward
 from ._core import forward_infer as _forward_infer
 from ._core import forward_train as _forward_train
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "StateDictError"]
+
+
+class StateDictError(ValueError, KeyError, RuntimeError):
+    """A state dict that does not fit the layer (missing or unexpected keys, wrong shapes).
+
+    It is a ValueError and a KeyError for NumPy/scikit-learn habits, and a RuntimeError, which is what
+    PyTorch's ``load_state_dict`` raises, so existing ``except`` clauses keep working.
+    """
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class BatchNorm:
@@ -218,7 +229,7 @@ class BatchNorm:
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict if k not in expected]
         if missing or unexpected:
-            raise KeyError(f"error loading state_dict into {type(self).__name__}: missing keys {missing}, "
+            raise StateDictError(f"error loading state_dict into {type(self).__name__}: missing keys {missing}, "
                            f"unexpected keys {unexpected}")
         new = {}
         for key in expected:
@@ -228,11 +239,11 @@ class BatchNorm:
             value = np.asarray(value)
             if key == "num_batches_tracked":
                 if value.size != 1 or value.dtype.kind not in "iuf":
-                    raise ValueError(f"num_batches_tracked must be a single integer, got {value!r}")
+                    raise StateDictError(f"num_batches_tracked must be a single integer, got {value!r}")
                 new[key] = int(value.reshape(()))
                 continue
             if value.shape != (self.num_features,):
-                raise ValueError(f"{key} has shape {value.shape}, expected ({self.num_features},)")
+                raise StateDictError(f"{key} has shape {value.shape}, expected ({self.num_features},)")
             if value.dtype.kind not in "biuf":
                 raise TypeError(f"{key} must be real numbers, got dtype {value.dtype}")
             new[key] = value.astype(self.dtype, copy=True)
