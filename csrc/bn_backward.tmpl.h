@@ -45,18 +45,17 @@ static void BN_NAME(item_sums)(const BN_T *dy, const BN_T *x, const bn_plan *p, 
 {
     const ptrdiff_t S = p->S;
     if (!p->colmode) {
-        BN_NAME(bn_sums) acc = {0, 0};
-        const double m = mean[c0];
-        for (ptrdiff_t n = n0; n < n1; n++) {
-            ptrdiff_t off = (n * p->C + c0) * S;
-            for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
-                ptrdiff_t len = S - s0 < BN_SEG ? S - s0 : BN_SEG;
-                BN_NAME(bn_sums) r = BN_NAME(run_sums)(dy + off + s0, x + off + s0, len, m);
-                acc.dy += r.dy;
-                acc.dyxm += r.dyxm;
+        for (ptrdiff_t c = c0; c < c1; c++) out[c - c0].dy = out[c - c0].dyxm = 0;
+        for (ptrdiff_t n = n0; n < n1; n++)
+            for (ptrdiff_t c = c0; c < c1; c++) {
+                ptrdiff_t off = (n * p->C + c) * S;
+                for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
+                    ptrdiff_t len = S - s0 < BN_SEG ? S - s0 : BN_SEG;
+                    BN_NAME(bn_sums) r = BN_NAME(run_sums)(dy + off + s0, x + off + s0, len, mean[c]);
+                    out[c - c0].dy += r.dy;
+                    out[c - c0].dyxm += r.dyxm;
+                }
             }
-        }
-        out[0] = acc;
         return;
     }
     const ptrdiff_t wb = (c1 - c0) * S;
@@ -90,17 +89,18 @@ static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, BN_T *dx, const bn
 {
     const ptrdiff_t S = p->S;
     if (!p->colmode) {
-        const double m = mean[c0], a = k1[c0], b = k2[c0], e = k3[c0];
-        for (ptrdiff_t n = n0; n < n1; n++) {
-            ptrdiff_t off = (n * p->C + c0) * S;
-            const BN_T *dr = dy + off, *xr = x + off;
-            BN_T *out = dx + off;
-            if (training)
-                for (ptrdiff_t s = 0; s < S; s++)
-                    out[s] = (BN_T)(a * (((double)dr[s] - b) - ((double)xr[s] - m) * e));
-            else
-                for (ptrdiff_t s = 0; s < S; s++) out[s] = (BN_T)(a * (double)dr[s]);
-        }
+        for (ptrdiff_t n = n0; n < n1; n++)
+            for (ptrdiff_t c = c0; c < c1; c++) {
+                const double m = mean[c], a = k1[c], b = k2[c], e = k3[c];
+                ptrdiff_t off = (n * p->C + c) * S;
+                const BN_T *dr = dy + off, *xr = x + off;
+                BN_T *out = dx + off;
+                if (training)
+                    for (ptrdiff_t s = 0; s < S; s++)
+                        out[s] = (BN_T)(a * (((double)dr[s] - b) - ((double)xr[s] - m) * e));
+                else
+                    for (ptrdiff_t s = 0; s < S; s++) out[s] = (BN_T)(a * (double)dr[s]);
+            }
         return;
     }
     const ptrdiff_t wb = (c1 - c0) * S;

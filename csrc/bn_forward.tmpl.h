@@ -35,19 +35,24 @@ static bn_moments BN_NAME(run_moments)(const BN_T *x, ptrdiff_t len)
     return m;
 }
 
-/* Row mode: moments of channel c over rows [n0, n1). */
-static bn_moments BN_NAME(row_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c, ptrdiff_t n0,
-                                            ptrdiff_t n1)
+/* Row mode: moments of channels [c0, c1) over rows [n0, n1) into out[0 .. c1-c0), walked n-major.
+ * Per channel: the runs of rows n0, n0 + 1, ... merged in that order. */
+static void BN_NAME(row_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
+                                      ptrdiff_t n0, ptrdiff_t n1, bn_moments *out)
 {
-    bn_moments acc = {0, 0, 0};
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        bn_moments zero = {0, 0, 0};
+        out[c - c0] = zero;
+    }
     for (ptrdiff_t n = n0; n < n1; n++) {
-        const BN_T *row = x + (n * p->C + c) * p->S;
-        for (ptrdiff_t s0 = 0; s0 < p->S; s0 += BN_SEG) {
-            ptrdiff_t len = p->S - s0 < BN_SEG ? p->S - s0 : BN_SEG;
-            bn_moments_merge(&acc, BN_NAME(run_moments)(row + s0, len));
+        for (ptrdiff_t c = c0; c < c1; c++) {
+            const BN_T *row = x + (n * p->C + c) * p->S;
+            for (ptrdiff_t s0 = 0; s0 < p->S; s0 += BN_SEG) {
+                ptrdiff_t len = p->S - s0 < BN_SEG ? p->S - s0 : BN_SEG;
+                bn_moments_merge(&out[c - c0], BN_NAME(run_moments)(row + s0, len));
+            }
         }
     }
-    return acc;
 }
 
 /* Column mode: moments of channels [c0, c1) over rows [n0, n1), written to out[0 .. c1-c0).
@@ -108,13 +113,14 @@ static void BN_NAME(apply_item)(const BN_T *x, BN_T *y, const bn_plan *p, ptrdif
 {
     const ptrdiff_t S = p->S;
     if (!p->colmode) {
-        const double m = mean[c0], a = alpha[c0], b = shift[c0];
-        for (ptrdiff_t n = n0; n < n1; n++) {
-            ptrdiff_t off = (n * p->C + c0) * S;
-            const BN_T *xr = x + off;
-            BN_T *yr = y + off;
-            for (ptrdiff_t s = 0; s < S; s++) yr[s] = (BN_T)(((double)xr[s] - m) * a + b);
-        }
+        for (ptrdiff_t n = n0; n < n1; n++)
+            for (ptrdiff_t c = c0; c < c1; c++) {
+                const double m = mean[c], a = alpha[c], b = shift[c];
+                ptrdiff_t off = (n * p->C + c) * S;
+                const BN_T *xr = x + off;
+                BN_T *yr = y + off;
+                for (ptrdiff_t s = 0; s < S; s++) yr[s] = (BN_T)(((double)xr[s] - m) * a + b);
+            }
         return;
     }
     const ptrdiff_t wb = (c1 - c0) * S;
@@ -140,7 +146,7 @@ static void BN_NAME(item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c0,
     if (p->colmode)
         BN_NAME(col_item_moments)(x, p, c0, c1, n0, n1, scratch, out);
     else
-        out[0] = BN_NAME(row_item_moments)(x, p, c0, n0, n1);
+        BN_NAME(row_item_moments)(x, p, c0, c1, n0, n1, out);
 }
 
 int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *gamma, const double *beta,
