@@ -198,6 +198,9 @@ THREAD_CASES = [
     ((16, 28, 28, 64), "float32", -1, "C"),  # channels-last
     ((16, 64, 28, 28), "float32", 1, "chlast"),  # NCHW view of NHWC memory
     ((37, 20000), "float64", 0, "T"),
+    ((300, 5000), "float32", 1, "C"),  # many channels per row: more than one channel block
+    ((256, 64, 5, 5), "float64", 1, "C"),  # short rows (spatial size 25)
+    ((2, 300000), "float32", -1, "C"),  # two values per channel, very many channels
 ]
 
 
@@ -244,3 +247,52 @@ def subprocess_env(**overrides):
         else:
             env[k] = str(v)
     return env
+
+
+# --------------------------------------------------------------------------------------------------
+# a compact accuracy sweep (also run in subprocesses, e.g. under another SIMD build)
+# --------------------------------------------------------------------------------------------------
+
+SWEEP_CASES = [
+    ((2, 3, 7, 5), 1), ((5, 3), 0), ((4, 6, 40, 3), 1), ((3, 5, 33), -1), ((70, 9, 5, 5), 1),
+    ((200, 4, 64), 1), ((40000, 5), 1), ((2, 5000), 1), ((3, 2, 9000), 1), ((6, 7, 3, 37), 2),
+]
+
+
+def accuracy_sweep(seed=1):
+    """Every op on SWEEP_CASES x {f32, f64, f16} x a few layouts against the reference; returns the
+    list of failures (empty when all agree within the contract's tolerances)."""
+    failures = []
+    for shape, axis in SWEEP_CASES:
+        for dtype in (np.float32, np.float64, np.float16):
+            C = channels(shape, axis)
+            if dtype is np.float16 and int(np.prod(shape)) // C > 2000:
+                continue  # sums over the channel (dbeta) would overflow float16
+            for layout in ("C", "chlast", "negall", "step"):
+                rng = np.random.default_rng(seed)
+                x = as_layout(make_data(rng, shape, dtype, axis), layout, axis)
+                dy = as_layout(make_data(rng, shape, dtype, axis), layout, axis)
+                gamma, beta = params(rng, C, np.float32)
+                rm, rv = uniform_stats(rng, C, np.float64)
+                erm, erv = rm.copy(), rv.copy()
+                tol = TOL[result_dtype(dtype)]
+                tag = f"{shape} axis={axis} {np.dtype(dtype).name} {layout}"
+                try:
+                    got = bn.forward_train(x, gamma, beta, running_mean=rm, running_var=rv, axis=axis)
+                    want = ref.forward_train(x, gamma, beta, running_mean=erm, running_var=erv, axis=axis)
+                    pairs = list(zip(("y", "mean", "invstd"), got, want))
+                    pairs += [("running_mean", rm, erm), ("running_var", rv, erv)]
+                    pairs.append(("forward_infer", bn.forward_infer(x, rm, rv, gamma, beta, axis=axis),
+                                  ref.forward_infer(x, rm, rv, gamma, beta, axis=axis)))
+                    for training in (True, False):
+                        g = bn.backward(dy, x, got[1], got[2], gamma, training=training, axis=axis)
+                        w = ref.backward(dy, x, got[1], got[2], gamma, training=training, axis=axis)
+                        pairs += list(zip((f"dx[{training}]", f"dgamma[{training}]", f"dbeta[{training}]"), g, w))
+                    for name, g, w in pairs:
+                        try:
+                            assert_close(g, w, tol, name)
+                        except AssertionError as e:
+                            failures.append(f"{tag}: {name}: {str(e).splitlines()[0:6]}")
+                except Exception as e:  # noqa: BLE001 - report, don't stop the sweep
+                    failures.append(f"{tag}: raised {type(e).__name__}: {e}")
+    return failures

@@ -5,13 +5,17 @@ channel."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import batchnorm as bn
 from batchnorm import reference as ref
+import helpers
 from helpers import TOL, as_layout, assert_close, channels, make_data, params
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -278,3 +282,27 @@ def test_more_than_2_pow_24_values_per_channel():
     assert_close(dbeta, [float(M)], 1e-5, "dbeta")
     assert abs(float(dgamma[0])) <= 1e-5 * M ** 0.5, f"dgamma = {dgamma[0]}"
     assert float(np.abs(dx).max()) <= 1e-5, "dx should be 0 for constant dy"
+
+
+# --------------------------------------------------------------------------------------------------
+# the sweep in this process and in subprocesses: one thread, and the implementation's baseline
+# (non-AVX2) kernels via its BATCHNORM_SIMD switch (if the switch is unknown, that run simply
+# repeats the default kernels)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_accuracy_sweep_in_process():
+    failures = helpers.accuracy_sweep()
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("env", [{"BATCHNORM_SIMD": "baseline"}, {"BATCHNORM_SIMD": "baseline", "OMP_NUM_THREADS": "1"},
+                                 {"OMP_NUM_THREADS": "1"}],
+                         ids=["baseline-simd", "baseline-simd-1thread", "1thread"])
+def test_accuracy_sweep_in_subprocess(env):
+    code = "import json, helpers\nprint(json.dumps(helpers.accuracy_sweep()))\n"
+    r = subprocess.run([sys.executable, "-c", code], env=helpers.subprocess_env(**env), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    failures = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not failures, "\n".join(failures[:20])

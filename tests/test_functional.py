@@ -654,3 +654,136 @@ def test_matches_torch_functional(rng, shape, training):
     assert_close(dx, xt.grad.numpy(), 1e-10, "dx")
     assert_close(dgamma, gt.grad.numpy(), 1e-10, "dgamma")
     assert_close(dbeta, bt.grad.numpy(), 1e-10, "dbeta")
+
+
+# --------------------------------------------------------------------------------------------------
+# more layouts: strides beyond 2**31 bytes, out overlapping the inputs, byte-swapped arrays
+# --------------------------------------------------------------------------------------------------
+
+
+def _lazy_zeros(nbytes):
+    """A zero-filled buffer whose pages are only mapped when touched (calloc): a few GB of address
+    space costs a few pages of memory."""
+    try:
+        return np.zeros(nbytes, np.uint8)
+    except MemoryError:
+        pytest.skip("cannot reserve the address space")
+
+
+def test_strides_beyond_2_pow_31_bytes():
+    from numpy.lib.stride_tricks import as_strided
+    buf = _lazy_zeros(3 * 2**30 + 4096).view(np.float32)
+    far = 2**31 + 4 * 7  # bytes
+    x = as_strided(buf, shape=(2, 3), strides=(far, 4))
+    x[...] = [[1.0, 2.0, -3.0], [3.0, 5.0, 4.0]]
+    xt = as_strided(buf[64:], shape=(3, 2), strides=(4, far))  # channel axis 1 strided far
+    xt[...] = [[1.0, 2.0], [5.0, 4.0], [-1.0, 7.0]]
+    out = as_strided(buf[128:], shape=(2, 3), strides=(far, 4))
+    dy = as_strided(buf[256:], shape=(2, 3), strides=(far, 4))
+    dy[...] = [[0.5, -1.0, 2.0], [1.5, 0.0, -2.0]]
+    for arr in (x, xt):
+        y, mean, invstd = bn.forward_train(arr)
+        ey, emean, einvstd = ref.forward_train(arr)
+        assert_close(y, ey, TOL[F32], "y")
+        assert_close(mean, emean, TOL[F32], "mean")
+    y, mean, invstd = bn.forward_train(x, out=out)
+    assert y is out
+    assert_close(out, ref.forward_train(x)[0], TOL[F32], "out")
+    for g, w in zip(bn.backward(dy, x, mean, invstd), ref.backward(dy, x, mean, invstd)):
+        assert_close(g, w, TOL[F32], "backward")
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    assert_close(bn.forward_infer(x, rm, rv), ref.forward_infer(x, rm, rv), TOL[F32], "forward_infer")
+
+
+@pytest.mark.parametrize("shift", [1, -1, 3, 7])
+def test_out_partially_overlapping_the_input(rng, shift):
+    """out and x share memory but are not the same elements: the result is still that of separate
+    arrays (as for NumPy's ufuncs)."""
+    shape, n = (4, 3, 5), 60
+    a = make_data(rng, shape, np.float64)
+    d = make_data(rng, shape, np.float64)
+    gamma, beta = params(rng, 3)
+    y_want, mean, invstd = ref.forward_train(a, gamma, beta)
+    yi_want = ref.forward_infer(a, mean, 1 / invstd**2, gamma, beta, eps=0.0)
+    dx_want = ref.backward(d, a, mean, invstd, gamma)[0]
+
+    def views():
+        buf = np.zeros(n + 2 * abs(shift))
+        lo = abs(shift)
+        x = buf[lo:lo + n].reshape(shape)
+        x[...] = a
+        out = buf[lo + shift:lo + shift + n].reshape(shape)
+        return x, out
+
+    x, out = views()
+    assert bn.forward_train(x, gamma, beta, out=out)[0] is out
+    assert_close(out, y_want, TOL[F64], "forward_train")
+    x, out = views()
+    assert bn.forward_infer(x, mean, 1 / invstd**2, gamma, beta, eps=0.0, out=out) is out
+    assert_close(out, yi_want, TOL[F64], "forward_infer")
+    x, out = views()
+    dy = d.copy()
+    assert bn.backward(dy, x, mean, invstd, gamma, out=out)[0] is out
+    assert_close(out, dx_want, TOL[F64], "backward, out overlapping x")
+    x2, out2 = views()  # now dy lives in the shared buffer and out overlaps it
+    x2[...] = d
+    assert bn.backward(x2, a, mean, invstd, gamma, out=out2)[0] is out2
+    assert_close(out2, dx_want, TOL[F64], "backward, out overlapping dy")
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8"])
+def test_byte_swapped_running_stats_in_place_x_and_out(rng, dtype):
+    x = make_data(rng, (6, 4, 3), np.float32)
+    rm, rv = uniform_stats(rng, 4, dtype)
+    erm, erv = rm.astype(np.float64), rv.astype(np.float64)
+    y, mean, invstd = bn.forward_train(x, running_mean=rm, running_var=rv, momentum=0.6)
+    ref.forward_train(x, running_mean=erm, running_var=erv, momentum=0.6)
+    assert rm.dtype == np.dtype(dtype)
+    assert_close(rm, erm, TOL[F32], "running_mean")
+    assert_close(rv, erv, TOL[F32], "running_var")
+    # unaligned running stats too
+    um = np.ndarray(4, np.float64, np.zeros(33, np.uint8), 1)
+    uv = np.ndarray(4, np.float64, np.zeros(33, np.uint8), 1)
+    uv[...] = 1.0
+    bn.forward_train(x, running_mean=um, running_var=uv, momentum=1.0)
+    assert_close(um, ref.forward_train(x)[1], TOL[F32], "unaligned running_mean")
+    # byte-swapped x in place: same values as out of place
+    xs = x.astype(">f4")
+    want = bn.forward_train(xs)[0]
+    got = bn.forward_train(xs, out=xs)[0]
+    assert got is xs
+    assert np.array_equal(np.asarray(xs, np.float32), want)
+
+
+def test_byte_swapped_out_is_refused_or_right(rng):
+    x = make_data(rng, (6, 4, 3), np.float32)
+    out = np.zeros((6, 4, 3), ">f4")
+    try:
+        y = bn.forward_train(x, out=out)[0]
+    except (TypeError, ValueError) as e:
+        assert "out" in str(e)
+        return
+    assert y is out
+    assert_close(out, ref.forward_train(x)[0], TOL[F32])
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.int16, np.uint32])
+def test_extreme_integers(dtype):
+    info = np.iinfo(dtype)
+    x = np.array([[info.max, info.min, 0], [info.max - 1, info.min + 1, 1], [info.max // 2, 0, 2]], dtype)
+    y, mean, invstd = bn.forward_train(x)
+    ey, emean, einvstd = ref.forward_train(x)
+    assert y.dtype == F64
+    assert_close(y, ey, TOL[F64], "y")
+    np.testing.assert_allclose(mean, emean, rtol=1e-12)
+    np.testing.assert_allclose(invstd, einvstd, rtol=1e-9)
+
+
+def test_sequences_and_other_array_likes(rng):
+    x = [[1.0, 2.0, 3.0], [3.0, 5.0, 4.0]]
+    assert_close(bn.forward_train(x)[0], ref.forward_train(x)[0], TOL[F64])
+    assert_close(bn.forward_train(tuple(map(tuple, x)))[0], ref.forward_train(x)[0], TOL[F64])
+    dy = [[1.0, 0.0, -1.0], [2.0, 1.0, 0.5]]
+    _, mean, invstd = ref.forward_train(x)
+    for g, w in zip(bn.backward(dy, x, list(mean), list(invstd)), ref.backward(dy, x, mean, invstd)):
+        assert_close(g, w, TOL[F64])

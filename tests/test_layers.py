@@ -205,6 +205,17 @@ def test_train_eval_return_the_layer():
     assert layer.train(True) is layer and layer.training is True
 
 
+def test_constructor_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        bn.BatchNorm(3, 1e-3)
+    with pytest.raises(TypeError):
+        bn.BatchNorm2d(3, 1e-3, 0.1)
+    layer = bn.BatchNorm(3, eps=1e-3, momentum=None, affine=False, track_running_stats=True, axis=-1,
+                         dtype=np.float64)
+    assert layer.weight is None and layer.running_mean.dtype == F64
+    assert layer.train(mode=False) is layer and layer.training is False
+
+
 def test_repr_names_class_and_features():
     for cls in (bn.BatchNorm, bn.BatchNorm1d, bn.BatchNorm2d, bn.BatchNorm3d):
         r = repr(cls(17))

@@ -4,6 +4,9 @@ A layer holds its parameters (``weight``, ``bias``), their gradients (``grad_wei
 running statistics as NumPy arrays, and calls the C kernels. ``layer(x)`` runs the forward pass and
 remembers what ``layer.backward(dy)`` needs; ``backward`` returns dx and *overwrites* the parameter
 gradients (there is no autograd graph to accumulate into).
+
+The layer keeps a reference to the last forward's input, not a copy (a copy would cost a pass over
+memory on every step): do not overwrite that array in place before calling ``backward``.
 """
 
 from __future__ import annotations
