@@ -783,9 +783,12 @@ PyDoc_STRVAR(set_num_threads_doc,
 "Results do not depend on the thread count. Small inputs run on one thread regardless.\n"
 "Without OpenMP (a serial build) this is accepted and has no effect.\n");
 
-static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
+static PyObject *py_set_num_threads(PyObject *self, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"n", NULL};
+    PyObject *arg;
     (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:set_num_threads", kwlist, &arg)) return NULL;
     if (PyBool_Check(arg) || !PyIndex_Check(arg)) {
         PyErr_Format(PyExc_TypeError, "n must be an integer, got %.200s", Py_TYPE(arg)->tp_name);
         return NULL;
@@ -850,7 +853,8 @@ static PyMethodDef methods[] = {
     {"forward_infer", (PyCFunction)(void (*)(void))py_forward_infer, METH_VARARGS | METH_KEYWORDS,
      forward_infer_doc},
     {"backward", (PyCFunction)(void (*)(void))py_backward, METH_VARARGS | METH_KEYWORDS, backward_doc},
-    {"set_num_threads", py_set_num_threads, METH_O, set_num_threads_doc},
+    {"set_num_threads", (PyCFunction)(void (*)(void))py_set_num_threads, METH_VARARGS | METH_KEYWORDS,
+     set_num_threads_doc},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, get_num_threads_doc},
     {"_build_info", py_build_info, METH_NOARGS, build_info_doc},
     {NULL, NULL, 0, NULL},

@@ -278,6 +278,10 @@ def test_cli_main_in_process(capsys):
     assert capsys.readouterr().out.strip() == batchnorm.__version__
     assert main([]) == 0
     assert "info" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:          # 'demo' hands its arguments to the demo's parser
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    assert "--quick" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def backward(
     """Backward pass: returns ``(dx, dgamma, dbeta)``."""
     ...
 
-def set_num_threads(n: int, /) -> None:
+def set_num_threads(n: int) -> None:
     """Set the number of threads the kernels may use (at least 1)."""
     ...
 

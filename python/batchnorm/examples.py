@@ -19,13 +19,14 @@ statistics (the other layers here ignore the mode).
 
 A training step then reads::
 
-    model = Sequential(Linear(64, 100, rng=rng), BatchNorm1d(100), ReLU(), Linear(100, 10, rng=rng))
+    model = Sequential(Linear(64, 100, bias=False, rng=rng), batchnorm.BatchNorm1d(100), ReLU(),
+                       Linear(100, 10, rng=rng))
     loss_fn = SoftmaxCrossEntropy()
     opt = SGD(lr=0.1)
     for xb, yb in batches:
         loss = loss_fn(model(xb), yb)             # forward
         model.backward(loss_fn.backward())        # backward: fills every layer's grad_* arrays
-        opt.step(model.params_and_grads())       # update weights in place
+        opt.step(model.params_and_grads())        # update weights in place
     model.eval()                                  # BN now uses its running statistics
 
 Only NumPy is needed here.

@@ -193,8 +193,9 @@ class BatchNorm:
             raise ValueError(f"dy has shape {dy.shape}, expected {x.shape} (the shape of the last forward's input)")
         dx, dgamma, dbeta = _backward(dy, x, mean, invstd, weight, training=batch_stats, axis=self.axis)
         if self.affine:
-            self.grad_weight = dgamma.astype(self.dtype)
-            self.grad_bias = dbeta.astype(self.dtype)
+            # In place, so that an optimizer holding layer.gradients() sees the new values.
+            np.copyto(self.grad_weight, dgamma, casting="unsafe")
+            np.copyto(self.grad_bias, dbeta, casting="unsafe")
         return dx
 
     # -- parameters and state ------------------------------------------------------------------------
@@ -251,8 +252,18 @@ class BatchNorm:
                 raise TypeError(f"{key} must be real numbers, got dtype {value.dtype}")
             new[key] = value.astype(self.dtype, copy=True)
         for key, value in new.items():
-            setattr(self, key, value)
+            if key == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:  # in place: arrays handed out by parameters() stay the layer's arrays
+                getattr(self, key)[...] = value
         return self
+
+    def __getstate__(self):
+        # The cached forward (which holds the last input batch) is not part of the layer's state, as
+        # activations are not part of a PyTorch module's: a restored layer needs a forward before backward.
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
 
     def extra_repr(self):
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
