@@ -69,7 +69,7 @@ int bn_openmp_version(void);       /* the _OPENMP date (e.g. 201511), 0 when bui
 const char *bn_simd_name(void);    /* the instruction set the vectorized loops were compiled for */
 
 /* Elements below which a call runs on one thread: start-up would cost more than it saves. */
-#define BN_PARALLEL_MIN_ELEMS ((ptrdiff_t)1 << 18)
+#define BN_PARALLEL_MIN_ELEMS ((ptrdiff_t)1 << 15)
 
 #ifdef __cplusplus
 }
