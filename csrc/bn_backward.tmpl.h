@@ -18,19 +18,19 @@ typedef struct {
 
 static BN_NAME(bn_sums) BN_NAME(run_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, double m)
 {
+    /* Two loops rather than one with both accumulator sets: GCC vectorizes each of these (eight
+     * independent lanes, no reassociation) but not the fused form, which ran 1.5x slower. */
     double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     ptrdiff_t i = 0;
     for (; i + 8 <= len; i += 8)
-        for (int j = 0; j < 8; j++) {
-            double g = (double)dy[i + j];
-            a[j] += g;
-            b[j] += g * ((double)x[i + j] - m);
-        }
+        for (int j = 0; j < 8; j++) a[j] += (double)dy[i + j];
+    for (i = 0; i + 8 <= len; i += 8)
+        for (int j = 0; j < 8; j++) b[j] += (double)dy[i + j] * ((double)x[i + j] - m);
     double ta = 0, tb = 0;
-    for (; i < len; i++) {
-        double g = (double)dy[i];
+    for (ptrdiff_t k = i; k < len; k++) {
+        double g = (double)dy[k];
         ta += g;
-        tb += g * ((double)x[i] - m);
+        tb += g * ((double)x[k] - m);
     }
     BN_NAME(bn_sums) r;
     r.dy = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])) + ta;
