@@ -14,8 +14,11 @@ What is timed (all in one process, interleaved):
                  (channels_last tensors for the NHWC cases), when torch is installed;
   * numpy        batchnorm.reference (plain NumPy, float64 inside, single-threaded): timed once per case
                  and op, at the first thread count, with few repeats;
-  * copy         a copy of x.nbytes bytes between two preallocated arrays, multi-threaded (the fastest of
-                 np.copyto on T chunks over a thread pool, which releases the GIL, and one np.copyto).
+  * copy         a copy of x.nbytes bytes between two preallocated arrays, multi-threaded: T chunks over
+                 a thread pool (the copies release the GIL), with np.copyto (memcpy) and with
+                 np.positive(src, out=dst) (a SIMD loop); the limit uses the fastest median of these
+                 and of the same copies on one thread. A run of copy batches starts after a 20 ms
+                 pause, so that OpenMP's spinning idle workers (left by ours or torch) are asleep.
                  It gives the copy bandwidth 2 * x.nbytes / t_copy, and the bandwidth limit of an op is
                  the least traffic it must move over that bandwidth: forward (train and infer) reads x and
                  writes y: 2 * x.nbytes; backward reads x and dy and writes dx: 3 * x.nbytes.
@@ -226,34 +229,36 @@ class Impls:
 
 
 class Copier:
-    """Copies of n bytes between two preallocated arrays: one np.copyto, or T chunks on T threads."""
+    """Copies of n bytes between two preallocated arrays, on 1 thread or on T chunks over T threads
+    (the calling thread plus a thread pool; both copy functions release the GIL). Two copy loops:
+    np.copyto (memcpy) and np.positive(src, out=dst) (a SIMD ufunc loop); the limit uses the fastest."""
+
+    METHODS = {"copyto": lambda d, s: np.copyto(d, s), "ufunc": lambda d, s: np.positive(s, out=d)}
 
     def __init__(self, nbytes):
-        n = max(1, nbytes // 8)
-        self.src = np.ones(n, np.float64)
-        self.dst = np.zeros(n, np.float64)
+        n = max(1, nbytes // 4)
+        self.src = np.ones(n, np.float32)
+        self.dst = np.zeros(n, np.float32)
         self.nbytes = self.src.nbytes
         self.pools = {}
 
-    def single(self):
+    def fn(self, method, T):
+        f = self.METHODS[method]
         src, dst = self.src, self.dst
-        return lambda: np.copyto(dst, src)
-
-    def threaded(self, T):
         if T <= 1:
-            return self.single()
+            return lambda: f(dst, src)
         pool = self.pools.get(T)
         if pool is None:
             pool = self.pools[T] = ThreadPoolExecutor(max_workers=T - 1)
-        edges = np.linspace(0, self.src.size, T + 1).astype(int)
-        chunks = [(self.dst[a:b], self.src[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+        edges = np.linspace(0, src.size, T + 1).astype(int)
+        chunks = [(dst[a:b], src[a:b]) for a, b in zip(edges[:-1], edges[1:])]
         mine, rest = chunks[0], chunks[1:]
 
         def run():
-            futs = [pool.submit(np.copyto, dd, ss) for dd, ss in rest]
-            np.copyto(*mine)  # the calling thread does one chunk itself
-            for f in futs:
-                f.result()
+            futs = [pool.submit(f, dd, ss) for dd, ss in rest]
+            f(*mine)  # the calling thread does one chunk itself
+            for fu in futs:
+                fu.result()
         return run
 
     def close(self):
@@ -291,8 +296,16 @@ def calibrate(fn, batch_s):
     return k, t
 
 
+# libgomp's idle worker threads spin for a while (several ms on this kind of CPU) after a parallel region
+# before they sleep; a copy on Python threads right after one of ours or torch's calls would compete with
+# them for the cores and look slower than the machine is. So each copy batch starts after a pause.
+COPY_PAUSE_S = 0.02
+
+
 def round_robin(entries, prof):
-    """entries: list of (name, fn, k, t_est, is_numpy). Returns {name: [seconds per call, ...]}."""
+    """entries: list of (name, fn, k, t_est, is_numpy). Returns {name: [seconds per call, ...]}.
+
+    A run of copy batches (names starting with "copy") is preceded by an untimed pause, COPY_PAUSE_S."""
     normal = sum(k * t for _, _, k, t, isnp in entries if not isnp)
     R = int(min(prof["rmax"], max(prof["rmin"], prof["budget"] / max(normal, 1e-9))))
     caps = {}
@@ -303,12 +316,17 @@ def round_robin(entries, prof):
     pc = time.perf_counter
     gc_was = gc.isenabled()
     gc.disable()
+    prev_copy = False
     try:
         for r in range(R):
             for j in range(n):
                 name, fn, k, _, _ = entries[(r + j) % n]
                 if r >= caps[name]:
                     continue
+                is_copy = name.startswith("copy")
+                if is_copy and not prev_copy:
+                    time.sleep(COPY_PAUSE_S)
+                prev_copy = is_copy
                 t0 = pc()
                 for _ in range(k):
                     fn()
@@ -490,9 +508,10 @@ def bench_case(case, threads, prof, want_rss, log):
                 fns.append(("torch", impls.torch(op), False))
             if ti == 0:
                 fns.append(("numpy", impls.numpy(op), True))
-            fns.append(("copy", copier.threaded(T), False))
-            if T > 1:
-                fns.append(("copy 1-thread", copier.single(), False))
+            for method in Copier.METHODS:
+                fns.append((f"copy {method} x{T}", copier.fn(method, T), False))
+                if T > 1:
+                    fns.append((f"copy {method} x1", copier.fn(method, 1), False))
             entries = []
             for name, fn, isnp in fns:
                 k, t = calibrate(fn, prof["batch"])
@@ -506,7 +525,8 @@ def bench_case(case, threads, prof, want_rss, log):
                 numpy_time[op] = st["numpy"]
             per_op[op] = (st, entries)
         copy_st = {name: summary(s) for name, s in copies.items()}
-        copy_s = min(v["median"] for v in copy_st.values())
+        copy_name = min(copy_st, key=lambda n: copy_st[n]["median"])
+        copy_s = copy_st[copy_name]["median"]
         bw = 2 * copier.nbytes / copy_s
         for op in OPS:
             st, entries = per_op[op]
@@ -518,7 +538,7 @@ def bench_case(case, threads, prof, want_rss, log):
                 row = dict(op=op, variant=variant, threads=T, ours_s=ours_s,
                            ours_p25=st[name]["p25"], ours_p75=st[name]["p75"], ours_n=st[name]["n"],
                            torch_s=t_torch, numpy_s=t_np if variant == "plain" else None,
-                           numpy_threads=1, copy_s=copy_s, copy_bw_Bps=bw,
+                           numpy_threads=1, copy_s=copy_s, copy_bw_Bps=bw, copy_method=copy_name,
                            bytes_moved=OP_TRAFFIC[op] * nbytes, limit_s=limit,
                            efficiency=limit / ours_s)
                 row["ours_over_torch"] = ours_s / t_torch if t_torch else None
@@ -581,7 +601,7 @@ def print_report(out, file=sys.stdout):
       f"{'  [--quick]' if m['quick'] else ''}")
     p("Times are medians per call. ours/torch, ours/numpy = time ratios (below 1: ours faster). "
       "limit = least traffic (fwd: 2*x.nbytes, bwd: 3*x.nbytes) / copy bandwidth (2*x.nbytes / t_copy, "
-      "t_copy = multi-threaded copy of x.nbytes at T threads). eff = limit / ours. numpy = plain-NumPy "
+      "t_copy = fastest copy of x.nbytes on T threads or 1). eff = limit / ours. numpy = plain-NumPy "
       "reference, single-threaded, timed once (at 1 thread) and repeated on every row. spread = "
       "(p75 - p25) / median of ours. 'out=' rows: ours writing into a preallocated array.")
     hdr = (f"{'case':32s} {'op':8s} {'call':5s} {'T':>2s} {'ours':>9s} {'torch':>9s} {'numpy':>9s} "
