@@ -154,7 +154,7 @@ int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *g
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads);
-    const ptrdiff_t C = d.C, wbmax = p.ch_per_block * d.S, scratch_per = 4 * wbmax + p.ch_per_block * 3;
+    const ptrdiff_t C = d.C, scratch_per = 4 * p.ch_per_block * d.S; /* col_item_moments needs the most */
     double *alpha = malloc(sizeof(double) * 2 * (size_t)C);
     double *scratch = malloc(sizeof(double) * (size_t)(scratch_per * p.nthreads));
     bn_moments *parts = malloc(sizeof(bn_moments) * (size_t)(C * p.ngroups));
