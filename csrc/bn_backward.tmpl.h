@@ -16,21 +16,27 @@ typedef struct {
     double dy, dyxm;  /* sum(dy), sum(dy * (x - mean)) */
 } BN_NAME(bn_sums);
 
-static BN_NAME(bn_sums) BN_NAME(run_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, double m)
+/* sum(dy) and sum(dy * (x - m)) over `runs` runs of `len` values, `stride` apart. The two sums are
+ * separate loops: GCC vectorizes each (eight independent lanes, no reassociation) but not the fused
+ * form, which ran 1.5x slower. */
+static BN_NAME(bn_sums) BN_NAME(runs_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, ptrdiff_t runs,
+                                          ptrdiff_t stride, double m)
 {
-    /* Two loops rather than one with both accumulator sets: GCC vectorizes each of these (eight
-     * independent lanes, no reassociation) but not the fused form, which ran 1.5x slower. */
-    double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    ptrdiff_t i = 0;
-    for (; i + 8 <= len; i += 8)
-        for (int j = 0; j < 8; j++) a[j] += (double)dy[i + j];
-    for (i = 0; i + 8 <= len; i += 8)
-        for (int j = 0; j < 8; j++) b[j] += (double)dy[i + j] * ((double)x[i + j] - m);
-    double ta = 0, tb = 0;
-    for (ptrdiff_t k = i; k < len; k++) {
-        double g = (double)dy[k];
-        ta += g;
-        tb += g * ((double)x[k] - m);
+    double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0}, ta = 0, tb = 0;
+    const ptrdiff_t body = len - len % 8;
+    for (ptrdiff_t r = 0; r < runs; r++) {
+        const BN_T *g = dy + r * stride;
+        for (ptrdiff_t i = 0; i < body; i += 8)
+            for (int j = 0; j < 8; j++) a[j] += (double)g[i + j];
+    }
+    for (ptrdiff_t r = 0; r < runs; r++) {
+        const BN_T *g = dy + r * stride, *v = x + r * stride;
+        for (ptrdiff_t i = 0; i < body; i += 8)
+            for (int j = 0; j < 8; j++) b[j] += (double)g[i + j] * ((double)v[i + j] - m);
+        for (ptrdiff_t i = body; i < len; i++) {
+            ta += (double)g[i];
+            tb += (double)g[i] * ((double)v[i] - m);
+        }
     }
     BN_NAME(bn_sums) r;
     r.dy = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])) + ta;
@@ -45,17 +51,20 @@ static void BN_NAME(item_sums)(const BN_T *dy, const BN_T *x, const bn_plan *p, 
 {
     const ptrdiff_t S = p->S;
     if (!p->colmode) {
-        for (ptrdiff_t c = c0; c < c1; c++) out[c - c0].dy = out[c - c0].dyxm = 0;
-        for (ptrdiff_t n = n0; n < n1; n++)
-            for (ptrdiff_t c = c0; c < c1; c++) {
-                ptrdiff_t off = (n * p->C + c) * S;
+        const ptrdiff_t stride = p->C * S, rows_per_chunk = S <= BN_SEG ? BN_SEG / S : 1;
+        for (ptrdiff_t c = c0; c < c1; c++) {
+            BN_NAME(bn_sums) acc = {0, 0}, r;
+            for (ptrdiff_t r0 = n0; r0 < n1; r0 += rows_per_chunk) {
+                ptrdiff_t runs = n1 - r0 < rows_per_chunk ? n1 - r0 : rows_per_chunk;
                 for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
-                    ptrdiff_t len = S - s0 < BN_SEG ? S - s0 : BN_SEG;
-                    BN_NAME(bn_sums) r = BN_NAME(run_sums)(dy + off + s0, x + off + s0, len, mean[c]);
-                    out[c - c0].dy += r.dy;
-                    out[c - c0].dyxm += r.dyxm;
+                    ptrdiff_t len = S - s0 < BN_SEG ? S - s0 : BN_SEG, off = (r0 * p->C + c) * S + s0;
+                    r = BN_NAME(runs_sums)(dy + off, x + off, len, runs, stride, mean[c]);
+                    acc.dy += r.dy;
+                    acc.dyxm += r.dyxm;
                 }
             }
+            out[c - c0] = acc;
+        }
         return;
     }
     const ptrdiff_t wb = (c1 - c0) * S;

@@ -7,51 +7,63 @@
  * everything into y = x * alpha + (beta - mean * alpha) would cancel two large numbers).
  */
 
-/* Moments of one contiguous run, in two passes while the run sits in L1. Eight fixed accumulators make
- * the loop vectorize without reassociation, so the order of additions is fixed by the code alone. */
-static bn_moments BN_NAME(run_moments)(const BN_T *x, ptrdiff_t len)
+/* Moments of `runs` runs of `len` contiguous values, `stride` apart, in two passes while they sit in L1
+ * (callers keep runs * len <= BN_SEG). Eight fixed accumulator lanes per run, then each run's tail, fix
+ * the order of additions in the code itself, so the loops vectorize without reassociation. */
+static bn_moments BN_NAME(runs_moments)(const BN_T *x, ptrdiff_t len, ptrdiff_t runs, ptrdiff_t stride)
 {
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    ptrdiff_t i = 0;
-    for (; i + 8 <= len; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += (double)x[i + j];
-    double tail = 0;
-    for (ptrdiff_t k = i; k < len; k++) tail += (double)x[k];
-    double sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
-    double mean = sum / (double)len;
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, tail = 0;
+    const ptrdiff_t body = len - len % 8;
+    for (ptrdiff_t r = 0; r < runs; r++) {
+        const BN_T *v = x + r * stride;
+        for (ptrdiff_t i = 0; i < body; i += 8)
+            for (int j = 0; j < 8; j++) acc[j] += (double)v[i + j];
+        for (ptrdiff_t i = body; i < len; i++) tail += (double)v[i];
+    }
+    const double count = (double)len * (double)runs;
+    double mean = (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail) / count;
     for (int j = 0; j < 8; j++) acc[j] = 0;
-    for (i = 0; i + 8 <= len; i += 8)
-        for (int j = 0; j < 8; j++) {
-            double dev = (double)x[i + j] - mean;
-            acc[j] += dev * dev;
-        }
     tail = 0;
-    for (ptrdiff_t k = i; k < len; k++) {
-        double dev = (double)x[k] - mean;
-        tail += dev * dev;
+    for (ptrdiff_t r = 0; r < runs; r++) {
+        const BN_T *v = x + r * stride;
+        for (ptrdiff_t i = 0; i < body; i += 8)
+            for (int j = 0; j < 8; j++) {
+                double dev = (double)v[i + j] - mean;
+                acc[j] += dev * dev;
+            }
+        for (ptrdiff_t i = body; i < len; i++) {
+            double dev = (double)v[i] - mean;
+            tail += dev * dev;
+        }
     }
     double m2 = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
-    bn_moments m = {(double)len, mean, m2};
+    bn_moments m = {count, mean, m2};
     return m;
 }
 
-/* Row mode: moments of channels [c0, c1) over rows [n0, n1) into out[0 .. c1-c0), walked n-major.
- * Per channel: the runs of rows n0, n0 + 1, ... merged in that order. */
+/* Row mode: moments of channels [c0, c1) over rows [n0, n1) into out[0 .. c1-c0). Per channel, chunks
+ * of up to BN_SEG values (several short rows, or a piece of a long one) are reduced in two passes and
+ * merged in row order. */
 static void BN_NAME(row_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
                                       ptrdiff_t n0, ptrdiff_t n1, bn_moments *out)
 {
+    const ptrdiff_t S = p->S, stride = p->C * S;
+    const ptrdiff_t rows_per_chunk = S <= BN_SEG ? BN_SEG / S : 1;
     for (ptrdiff_t c = c0; c < c1; c++) {
-        bn_moments zero = {0, 0, 0};
-        out[c - c0] = zero;
-    }
-    for (ptrdiff_t n = n0; n < n1; n++) {
-        for (ptrdiff_t c = c0; c < c1; c++) {
-            const BN_T *row = x + (n * p->C + c) * p->S;
-            for (ptrdiff_t s0 = 0; s0 < p->S; s0 += BN_SEG) {
-                ptrdiff_t len = p->S - s0 < BN_SEG ? p->S - s0 : BN_SEG;
-                bn_moments_merge(&out[c - c0], BN_NAME(run_moments)(row + s0, len));
+        bn_moments acc = {0, 0, 0};
+        if (S <= BN_SEG) {
+            for (ptrdiff_t r0 = n0; r0 < n1; r0 += rows_per_chunk) {
+                ptrdiff_t runs = n1 - r0 < rows_per_chunk ? n1 - r0 : rows_per_chunk;
+                bn_moments_merge(&acc, BN_NAME(runs_moments)(x + (r0 * p->C + c) * S, S, runs, stride));
             }
+        } else {
+            for (ptrdiff_t n = n0; n < n1; n++)
+                for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
+                    ptrdiff_t len = S - s0 < BN_SEG ? S - s0 : BN_SEG;
+                    bn_moments_merge(&acc, BN_NAME(runs_moments)(x + (n * p->C + c) * S + s0, len, 1, 0));
+                }
         }
+        out[c - c0] = acc;
     }
 }
 
