@@ -174,27 +174,23 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
         if (p.fused) {
             BN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                ptrdiff_t c0 = it * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
-                BN_NAME(item_sums)(dy, x, &p, c0, c1, 0, d.N, mean, scr, parts + c0);
-                for (ptrdiff_t c = c0; c < c1; c++) BN_FINISH_CHANNEL(c);
-                BN_NAME(grad_item)(dy, x, dx, &p, c0, c1, 0, d.N, training, mean, k1, k2, k3, scr);
+                const bn_item w = bn_item_at(&p, it);
+                BN_NAME(item_sums)(dy, x, &p, w.c0, w.c1, w.n0, w.n1, mean, scr, parts + w.c0);
+                for (ptrdiff_t c = w.c0; c < w.c1; c++) BN_FINISH_CHANNEL(c);
+                BN_NAME(grad_item)(dy, x, dx, &p, w.c0, w.c1, w.n0, w.n1, training, mean, k1, k2, k3, scr);
             }
         } else {
             BN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                ptrdiff_t g = it / p.nblocks, b = it % p.nblocks;
-                ptrdiff_t c0 = b * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
-                ptrdiff_t n0 = g * p.rows_per_group, n1 = n0 + p.rows_per_group < d.N ? n0 + p.rows_per_group : d.N;
-                BN_NAME(item_sums)(dy, x, &p, c0, c1, n0, n1, mean, scr, parts + g * C + c0);
+                const bn_item w = bn_item_at(&p, it);
+                BN_NAME(item_sums)(dy, x, &p, w.c0, w.c1, w.n0, w.n1, mean, scr, parts + w.n0 / p.rows_per_group * C + w.c0);
             }
             BN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t c = 0; c < C; c++) BN_FINISH_CHANNEL(c);
             BN_PRAGMA(omp for schedule(static))
             for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                ptrdiff_t g = it / p.nblocks, b = it % p.nblocks;
-                ptrdiff_t c0 = b * p.ch_per_block, c1 = c0 + p.ch_per_block < C ? c0 + p.ch_per_block : C;
-                ptrdiff_t n0 = g * p.rows_per_group, n1 = n0 + p.rows_per_group < d.N ? n0 + p.rows_per_group : d.N;
-                BN_NAME(grad_item)(dy, x, dx, &p, c0, c1, n0, n1, training, mean, k1, k2, k3, scr);
+                const bn_item w = bn_item_at(&p, it);
+                BN_NAME(grad_item)(dy, x, dx, &p, w.c0, w.c1, w.n0, w.n1, training, mean, k1, k2, k3, scr);
             }
         }
     }

@@ -49,6 +49,22 @@ typedef struct {
 
 void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads);
 
+/* Work item `it` of a plan: channels [c0, c1) x rows [n0, n1). Items run group-major (memory order). */
+typedef struct {
+    ptrdiff_t c0, c1, n0, n1;
+} bn_item;
+
+static inline bn_item bn_item_at(const bn_plan *p, ptrdiff_t it)
+{
+    ptrdiff_t g = it / p->nblocks, b = it % p->nblocks;
+    bn_item r;
+    r.c0 = b * p->ch_per_block;
+    r.c1 = r.c0 + p->ch_per_block < p->C ? r.c0 + p->ch_per_block : p->C;
+    r.n0 = g * p->rows_per_group;
+    r.n1 = r.n0 + p->rows_per_group < p->N ? r.n0 + p->rows_per_group : p->N;
+    return r;
+}
+
 /* (count, mean, sum of squared deviations) of a set of values. */
 typedef struct {
     double n, mean, m2;
