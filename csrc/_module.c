@@ -36,7 +36,10 @@ static void shape_str(char *buf, size_t cap, int ndim, const npy_intp *shape)
 static int parse_real(PyObject *obj, const char *name, double *out)
 {
     if (obj == NULL) return 0;
-    if (PyComplex_Check(obj) || !(PyFloat_Check(obj) || PyLong_Check(obj) || PyNumber_Check(obj))) {
+    /* numpy.complex64 scalars and complex arrays are not PyComplex, but would convert with a warning */
+    if (PyComplex_Check(obj) || PyArray_IsScalar(obj, ComplexFloating) ||
+        (PyArray_Check(obj) && PyArray_ISCOMPLEX((PyArrayObject *)obj)) ||
+        !(PyFloat_Check(obj) || PyLong_Check(obj) || PyNumber_Check(obj))) {
         PyErr_Format(PyExc_TypeError, "%s must be a real number, got %.200s", name, Py_TYPE(obj)->tp_name);
         return -1;
     }
@@ -223,15 +226,21 @@ static void byte_extent(PyArrayObject *a, char **lo, char **hi)
     *hi = h + PyArray_ITEMSIZE(a);
 }
 
+/* Do the memory extents of a and b (both non-empty) intersect? */
+static int extents_overlap(PyArrayObject *a, PyArrayObject *b)
+{
+    char *lo1, *hi1, *lo2, *hi2;
+    byte_extent(a, &lo1, &hi1);
+    byte_extent(b, &lo2, &hi2);
+    return !(hi1 <= lo2 || hi2 <= lo1);
+}
+
 /* Writing out while reading `in` element by element is safe only when they do not overlap, or are the
  * very same elements (in place). */
 static int unsafe_overlap(PyArrayObject *out, PyArrayObject *in)
 {
     if (in == NULL || PyArray_SIZE(out) == 0) return 0;
-    char *lo1, *hi1, *lo2, *hi2;
-    byte_extent(out, &lo1, &hi1);
-    byte_extent(in, &lo2, &hi2);
-    if (hi1 <= lo2 || hi2 <= lo1) return 0;
+    if (!extents_overlap(out, in)) return 0;
     return !(PyArray_BYTES(out) == PyArray_BYTES(in) && PyArray_ITEMSIZE(out) == PyArray_ITEMSIZE(in) &&
              same_layout(out, in));
 }
@@ -284,6 +293,17 @@ static int prepare_output(PyObject *out_obj, const char *what, PyArrayObject *re
     *target = new_in_layout(L, work);
     if (*target == NULL) { Py_CLEAR(*result); return -1; }
     return 0;
+}
+
+/* The kernels read the per-channel vectors (gamma, beta, mean, ...) while they write target: a vector that
+ * shares memory with target (channel_vector does not copy a view of out that is already float64) is
+ * replaced by a copy, else the kernel would read values it has already overwritten. */
+static int detach_from(PyArrayObject **v, PyArrayObject *target)
+{
+    if (*v == NULL || !extents_overlap(*v, target)) return 0;
+    PyArrayObject *c = (PyArrayObject *)PyArray_NewCopy(*v, NPY_CORDER);
+    Py_SETREF(*v, c);
+    return *v ? 0 : -1;
 }
 
 static int finish_output(PyArrayObject *result, PyArrayObject *target)
@@ -521,6 +541,7 @@ static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds
         running_stat(rv_obj, "running_var", xw, axis, &rv) < 0)
         goto fail;
     if (prepare_output(out_obj, "x", xw, &L, work, rtype, xw, NULL, &result, &target) < 0) goto fail;
+    if (detach_from(&gamma, target) < 0 || detach_from(&beta, target) < 0) goto fail;
     npy_intp C = L.dims.C;
     mean = (PyArrayObject *)PyArray_SimpleNew(1, &C, NPY_DOUBLE);
     var = (PyArrayObject *)PyArray_SimpleNew(1, &C, NPY_DOUBLE);
@@ -618,6 +639,8 @@ static PyObject *py_forward_infer(PyObject *self, PyObject *args, PyObject *kwds
         channel_vector(beta_obj, "beta", xw, axis, &beta) < 0)
         goto fail;
     if (prepare_output(out_obj, "x", xw, &L, work, rtype, xw, NULL, &result, &target) < 0) goto fail;
+    if (detach_from(&rm, target) < 0 || detach_from(&gamma, target) < 0 || detach_from(&beta, target) < 0)
+        goto fail;
     npy_intp C = L.dims.C;
     invstd = (PyArrayObject *)PyArray_SimpleNew(1, &C, NPY_DOUBLE);
     if (!invstd) goto fail;
@@ -732,6 +755,8 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
         channel_vector(gamma_obj, "gamma", xw, axis, &gamma) < 0)
         goto fail;
     if (prepare_output(out_obj, "x", xw, &L, work, rtype, xw, dyw, &result, &target) < 0) goto fail;
+    if (detach_from(&mean, target) < 0 || detach_from(&invstd, target) < 0 || detach_from(&gamma, target) < 0)
+        goto fail;
     npy_intp C = L.dims.C;
     dgamma = (PyArrayObject *)PyArray_SimpleNew(1, &C, NPY_DOUBLE);
     dbeta = (PyArrayObject *)PyArray_SimpleNew(1, &C, NPY_DOUBLE);

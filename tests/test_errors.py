@@ -144,6 +144,10 @@ CASES = [
     ("train infer", "eps-str", put(eps="a"), ERR, None),
     ("train infer", "eps-None", put(eps=None), ERR, None),
     ("train", "momentum-str", put(momentum="a"), ERR, None),
+    # complex numbers that are not Python complex (were accepted with the imaginary part dropped)
+    ("train infer", "eps-complex64", put(eps=np.complex64(1e-5 + 1j)), TypeError, r"\beps\b"),
+    ("train infer", "eps-complex-0d", put(eps=lambda: np.array(1e-5 + 1j)), TypeError, r"\beps\b"),
+    ("train", "momentum-complex64", put(momentum=np.complex64(0.1 + 1j)), TypeError, r"\bmomentum\b"),
 ]
 
 PARAMS = [pytest.param(op, mod, exc, match, id=f"{op}-{name}")

@@ -731,6 +731,45 @@ def test_out_partially_overlapping_the_input(rng, shift):
     assert_close(out2, dx_want, TOL[F64], "backward, out overlapping dy")
 
 
+@pytest.mark.parametrize("shape", [(4, 8, 1000), (64, 16, 64), (2, 3, 3)])
+def test_channel_vectors_that_are_views_of_out(rng, shape):
+    """gamma, beta, running_mean (inference), mean and invstd (backward) may be float64 views of out
+    (here out=x or out=dy in place): they are read as they were before out was written, as if separate
+    arrays. The kernels read them while writing out, so the binding must copy them first."""
+    C = shape[1]
+    a = make_data(rng, shape, np.float64)
+    d = make_data(rng, shape, np.float64)
+    g0, b0 = params(rng, C)
+    m0 = a.mean(axis=(0, 2))
+    s0 = 1.0 / np.sqrt(a.var(axis=(0, 2)) + 1e-5)
+
+    def inside(buf, k, values):  # a view of channel 0's data in buf, holding `values`
+        v = buf.reshape(-1)[k * C:(k + 1) * C]
+        v[...] = values
+        return v
+
+    x = a.copy()
+    g, b = inside(x, 0, g0), inside(x, 1, b0)
+    x_want = x.copy()
+    y = bn.forward_train(x, g, b, out=x)[0]
+    assert_close(y, ref.forward_train(x_want, g0, b0)[0], TOL[F64], "forward_train, gamma/beta in out")
+    x = a.copy()
+    rm, g = inside(x, 0, m0), inside(x, 1, g0)
+    x_want = x.copy()
+    y = bn.forward_infer(x, rm, np.ones(C), g, b0, out=x)
+    assert_close(y, ref.forward_infer(x_want, m0, np.ones(C), g0, b0), TOL[F64], "forward_infer, running_mean in out")
+    dy = d.copy()
+    m, s = inside(dy, 0, m0), inside(dy, 1, s0)
+    dy_want = dy.copy()
+    for training in (True, False):
+        dy[...] = dy_want
+        m[...], s[...] = m0, s0  # (the views are part of dy)
+        got = bn.backward(dy, a, m, s, g0, training=training, out=dy)
+        want = ref.backward(dy_want, a, m0, s0, g0, training=training)
+        for gv, wv, what in zip(got, want, ("dx", "dgamma", "dbeta")):
+            assert_close(gv, wv, TOL[F64], f"backward {what}, mean/invstd in out, training={training}")
+
+
 @pytest.mark.parametrize("dtype", [">f4", ">f8"])
 def test_byte_swapped_running_stats_in_place_x_and_out(rng, dtype):
     x = make_data(rng, (6, 4, 3), np.float32)
