@@ -71,10 +71,10 @@ static int parse_axis(PyObject *obj, int ndim, int *axis)
         PyErr_Format(PyExc_TypeError, "axis must be an integer, got %.200s", Py_TYPE(obj)->tp_name);
         return -1;
     }
-    Py_ssize_t a = PyNumber_AsSsize_t(obj, NULL);
+    Py_ssize_t a = PyNumber_AsSsize_t(obj, NULL); /* clips huge values, which are out of bounds anyway */
     if (a == -1 && PyErr_Occurred()) return -1;
     if (a < -ndim || a >= ndim) {
-        PyErr_Format(PyExc_ValueError, "axis %zd is out of bounds for an array of dimension %d", a, ndim);
+        PyErr_Format(PyExc_ValueError, "axis %.100S is out of bounds for an array of dimension %d", obj, ndim);
         return -1;
     }
     *axis = (int)(a < 0 ? a + ndim : a);
@@ -727,7 +727,11 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|O$OOO:backward", kwlist, &dy_obj, &x_obj, &mean_obj,
                                      &invstd_obj, &gamma_obj, &training_obj, &axis_obj, &out_obj))
         return NULL;
-    if (training_obj != NULL && (training = PyObject_IsTrue(training_obj)) < 0) return NULL;
+    if (training_obj != NULL && (training = PyObject_IsTrue(training_obj)) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "training must be True or False, got %.200R", training_obj);
+        return NULL;
+    }
     if (mean_obj == Py_None || invstd_obj == Py_None) {
         PyErr_SetString(PyExc_TypeError, "mean and invstd are required, got None");
         return NULL;
