@@ -42,6 +42,16 @@ def _batch_stats(x, axis, dtype):
     return mean.astype(dt), invstd.astype(dt)
 
 
+def check_backward_against_reference(dy, x, mean, invstd, gamma, axis, dtype, tol):
+    """backward, training and frozen, against the reference: values and result dtypes."""
+    for training in (True, False):
+        got = bn.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
+        want = ref.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
+        for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want):
+            assert_result_dtype(g, dtype, name)
+            assert_close(g, w, tol, f"{name} training={training}")
+
+
 # --------------------------------------------------------------------------------------------------
 # main sweep: shape x axis x layout x {f32, f64}
 # --------------------------------------------------------------------------------------------------
@@ -151,12 +161,7 @@ def test_affine_variants_all_ops(rng, shape, axis, dtype, affine):
     yk = bn.forward_infer(x, rm, rv, gamma=gamma, beta=beta, axis=axis)
     assert np.array_equal(yk, yi)
 
-    for training in (True, False):
-        got = bn.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
-        want = ref.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
-        for name, gg, ww in zip(("dx", "dgamma", "dbeta"), got, want):
-            assert_result_dtype(gg, dtype, name)
-            assert_close(gg, ww, tol, f"{name} training={training}")
+    check_backward_against_reference(dy, x, mean, invstd, gamma, axis, dtype, tol)
 
 
 def test_beta_without_gamma_is_shift_only(rng):
@@ -353,12 +358,7 @@ def test_other_dtypes_all_ops(rng, shape, axis, dtype, layout):
     assert_result_dtype(yi, dtype, "forward_infer")
     assert_close(yi, ref.forward_infer(x, rm, rv, gamma, beta, axis=axis), tol, "forward_infer")
 
-    for training in (True, False):
-        got = bn.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
-        want = ref.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
-        for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want):
-            assert_result_dtype(g, dtype, name)
-            assert_close(g, w, tol, f"{name} training={training}")
+    check_backward_against_reference(dy, x, mean, invstd, gamma, axis, dtype, tol)
 
 
 def test_half_is_computed_in_float32_not_float16(rng):
