@@ -296,3 +296,17 @@ def accuracy_sweep(seed=1):
                 except Exception as e:  # noqa: BLE001 - report, don't stop the sweep
                     failures.append(f"{tag}: raised {type(e).__name__}: {e}")
     return failures
+
+
+def numeric_grad(f, arr, h):
+    """Central finite differences of the scalar f() with respect to every element of arr (in place)."""
+    g = np.empty_like(arr)
+    for idx in np.ndindex(arr.shape):
+        old = arr[idx]
+        arr[idx] = old + h
+        fp = f()
+        arr[idx] = old - h
+        fm = f()
+        arr[idx] = old
+        g[idx] = (fp - fm) / (2 * h)
+    return g

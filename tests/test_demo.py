@@ -15,6 +15,19 @@ import pytest
 import batchnorm
 from batchnorm import demo
 from batchnorm import examples as ex
+from helpers import numeric_grad
+
+
+def block_import(monkeypatch, module):
+    """Make `import module` (and its submodules) fail, as if it were not installed."""
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == module or name.startswith(module + "."):
+            raise ImportError(f"No module named '{module}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
 
 
 def _subprocess_env():
@@ -125,14 +138,7 @@ def test_main_in_process_tiny(tmp_path, capsys):
 
 
 def test_missing_sklearn_gives_clear_message(monkeypatch, capsys):
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "sklearn" or name.startswith("sklearn."):
-            raise ImportError("No module named 'sklearn'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+    block_import(monkeypatch, "sklearn")
     from batchnorm.demo import load_data, main
 
     assert main(["--quick", "--no-plot"]) == 2
@@ -143,14 +149,7 @@ def test_missing_sklearn_gives_clear_message(monkeypatch, capsys):
 
 def test_plain_progress_without_tqdm(monkeypatch, capsys):
     pytest.importorskip("sklearn")
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "tqdm" or name.startswith("tqdm."):
-            raise ImportError("No module named 'tqdm'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+    block_import(monkeypatch, "tqdm")
     from batchnorm.demo import run_demo
 
     run_demo(steps=10, eval_every=5, progress=True)
@@ -217,21 +216,6 @@ def test_evaluation_steps():
 # batchnorm.examples: every backward is the gradient of its forward
 # ------------------------------------------------------------------------------------------------
 
-def _num_grad(f, a, eps=1e-6):
-    g = np.zeros_like(a)
-    it = np.nditer(a, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = a[i]
-        a[i] = old + eps
-        fp = f()
-        a[i] = old - eps
-        fm = f()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * eps)
-    return g
-
-
 @pytest.mark.parametrize("act", [ex.Sigmoid, ex.ReLU])
 @pytest.mark.parametrize("bn", [None, "before", "after"])
 def test_network_gradients_match_finite_differences(act, bn):
@@ -262,11 +246,11 @@ def test_network_gradients_match_finite_differences(act, bn):
     loss()
     dx = model.backward(loss_fn.backward())
     analytic = [g.copy() for _, g in model.params_and_grads()]
-    numeric = [_num_grad(loss, p) for p, _ in model.params_and_grads()]
+    numeric = [numeric_grad(loss, p, 1e-6) for p, _ in model.params_and_grads()]
     assert len(analytic) == 6 + (4 if bn else 0)   # 3 Linear (+ 2 BN) x (weight, bias)
     for a, n in zip(analytic, numeric):
         np.testing.assert_allclose(a, n, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(dx, _num_grad(loss, x), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(dx, numeric_grad(loss, x, 1e-6), rtol=1e-4, atol=1e-7)
 
 
 def test_sgd_updates_in_place_and_momentum():

@@ -10,8 +10,8 @@ import pytest
 import batchnorm as bn
 from batchnorm import reference as ref
 from helpers import (F16, F32, F64, LAYOUTS, TOL, as_layout, assert_close, assert_result_dtype,
-                     assert_unchanged, channels, layout_applies, make_data, params, result_dtype,
-                     snapshot, tol_for, uniform_stats)
+                     assert_unchanged, channels, layout_applies, make_data, numeric_grad, params,
+                     result_dtype, snapshot, tol_for, uniform_stats)
 
 SHAPE_AXES = [
     ((2, 1), 1), ((2, 1), -1), ((5, 3), 1), ((5, 3), 0), ((6, 17), -1),
@@ -558,19 +558,6 @@ def test_forward_train_results_are_fresh_arrays(rng):
 # --------------------------------------------------------------------------------------------------
 
 
-def _numeric_grad(f, arr, h):
-    g = np.empty_like(arr)
-    for idx in np.ndindex(arr.shape):
-        old = arr[idx]
-        arr[idx] = old + h
-        fp = f()
-        arr[idx] = old - h
-        fm = f()
-        arr[idx] = old
-        g[idx] = (fp - fm) / (2 * h)
-    return g
-
-
 @pytest.mark.parametrize("affine", ["both", "none"])
 @pytest.mark.parametrize("shape,axis", [pytest.param((3, 4, 5), 1, id="3x4x5-ax1"),
                                         pytest.param((2, 3, 2, 4), -1, id="2x3x2x4-ax-1"),
@@ -590,9 +577,9 @@ def test_training_backward_finite_difference(shape, axis, affine):
         return float(np.sum(bn.forward_train(x, gamma, beta, axis=axis)[0] * r))
 
     h = 1e-5
-    ndx = _numeric_grad(loss, x, h)
-    ndgamma = _numeric_grad(loss, gamma, h)
-    ndbeta = _numeric_grad(loss, beta, h)
+    ndx = numeric_grad(loss, x, h)
+    ndgamma = numeric_grad(loss, gamma, h)
+    ndbeta = numeric_grad(loss, beta, h)
     assert_close(dx, ndx, 1e-6, "dx vs finite differences")
     assert_close(dgamma, ndgamma, 1e-6, "dgamma vs finite differences")
     assert_close(dbeta, ndbeta, 1e-6, "dbeta vs finite differences")
@@ -615,9 +602,9 @@ def test_frozen_backward_finite_difference():
     def loss():
         return float(np.sum(bn.forward_infer(x, rm, rv, gamma, beta, eps=eps, axis=axis) * r))
 
-    assert_close(dx, _numeric_grad(loss, x, 1e-5), 1e-6, "dx")
-    assert_close(dgamma, _numeric_grad(loss, gamma, 1e-5), 1e-6, "dgamma")
-    assert_close(dbeta, _numeric_grad(loss, beta, 1e-5), 1e-6, "dbeta")
+    assert_close(dx, numeric_grad(loss, x, 1e-5), 1e-6, "dx")
+    assert_close(dgamma, numeric_grad(loss, gamma, 1e-5), 1e-6, "dgamma")
+    assert_close(dbeta, numeric_grad(loss, beta, 1e-5), 1e-6, "dbeta")
 
 
 # --------------------------------------------------------------------------------------------------
