@@ -47,21 +47,15 @@ static bn_moments BN_NAME(runs_moments)(const BN_T *x, ptrdiff_t len, ptrdiff_t 
 static void BN_NAME(row_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
                                       ptrdiff_t n0, ptrdiff_t n1, bn_moments *out)
 {
-    const ptrdiff_t S = p->S, stride = p->C * S;
-    const ptrdiff_t rows_per_chunk = S <= BN_SEG ? BN_SEG / S : 1;
+    const ptrdiff_t S = p->S, stride = p->C * S, rows_per_chunk = S <= BN_SEG ? BN_SEG / S : 1;
     for (ptrdiff_t c = c0; c < c1; c++) {
         bn_moments acc = {0, 0, 0};
-        if (S <= BN_SEG) {
-            for (ptrdiff_t r0 = n0; r0 < n1; r0 += rows_per_chunk) {
-                ptrdiff_t runs = n1 - r0 < rows_per_chunk ? n1 - r0 : rows_per_chunk;
-                bn_moments_merge(&acc, BN_NAME(runs_moments)(x + (r0 * p->C + c) * S, S, runs, stride));
+        for (ptrdiff_t r0 = n0; r0 < n1; r0 += rows_per_chunk) {
+            ptrdiff_t runs = n1 - r0 < rows_per_chunk ? n1 - r0 : rows_per_chunk;
+            for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
+                ptrdiff_t len = S - s0 < BN_SEG ? S - s0 : BN_SEG, off = (r0 * p->C + c) * S + s0;
+                bn_moments_merge(&acc, BN_NAME(runs_moments)(x + off, len, runs, stride));
             }
-        } else {
-            for (ptrdiff_t n = n0; n < n1; n++)
-                for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
-                    ptrdiff_t len = S - s0 < BN_SEG ? S - s0 : BN_SEG;
-                    bn_moments_merge(&acc, BN_NAME(runs_moments)(x + (n * p->C + c) * S + s0, len, 1, 0));
-                }
         }
         out[c - c0] = acc;
     }
