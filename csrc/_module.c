@@ -354,22 +354,29 @@ fail:
     return -1;
 }
 
+/* A per-channel array must be 1-D with one value per channel of x. */
+static int check_channels(PyArrayObject *a, const char *name, PyArrayObject *x, int axis)
+{
+    char b1[200], b2[200];
+    npy_intp C = PyArray_DIM(x, axis);
+    if (PyArray_NDIM(a) == 1 && PyArray_DIM(a, 0) == C) return 0;
+    SHAPE_OF(b1, a); SHAPE_OF(b2, x);
+    PyErr_Format(PyExc_ValueError,
+                 "%s has shape %s, expected (%ld,): one value per channel of x (shape %s, channel axis %d)",
+                 name, b1, (long)C, b2, axis);
+    return -1;
+}
+
 /* A per-channel vector (gamma, mean, ...) as contiguous float64 of length C. NULL/None -> *out = NULL. */
 static int channel_vector(PyObject *obj, const char *name, PyArrayObject *x, int axis, PyArrayObject **out)
 {
-    char b1[200], b2[200];
     *out = NULL;
     if (obj == NULL || obj == Py_None) return 0;
     PyArrayObject *a = as_array(obj, name);
     if (a == NULL) return -1;
     int w, r;
     if (classify_dtype(PyArray_DESCR(a), name, &w, &r) < 0) { Py_DECREF(a); return -1; }
-    npy_intp C = PyArray_DIM(x, axis);
-    if (PyArray_NDIM(a) != 1 || PyArray_DIM(a, 0) != C) {
-        SHAPE_OF(b1, a); SHAPE_OF(b2, x);
-        PyErr_Format(PyExc_ValueError,
-                     "%s has shape %s, expected (%ld,): one value per channel of x (shape %s, channel axis %d)",
-                     name, b1, (long)C, b2, axis);
+    if (check_channels(a, name, x, axis) < 0) {
         Py_DECREF(a);
         return -1;
     }
@@ -382,7 +389,6 @@ static int channel_vector(PyObject *obj, const char *name, PyArrayObject *x, int
 /* A running statistic: a writable float32/float64 ndarray of length C, updated in place later. */
 static int running_stat(PyObject *obj, const char *name, PyArrayObject *x, int axis, PyArrayObject **out)
 {
-    char b1[200], b2[200];
     *out = NULL;
     if (obj == NULL || obj == Py_None) return 0;
     if (!PyArray_Check(obj)) {
@@ -396,14 +402,7 @@ static int running_stat(PyObject *obj, const char *name, PyArrayObject *x, int a
                      (PyObject *)PyArray_DESCR(a));
         return -1;
     }
-    npy_intp C = PyArray_DIM(x, axis);
-    if (PyArray_NDIM(a) != 1 || PyArray_DIM(a, 0) != C) {
-        SHAPE_OF(b1, a); SHAPE_OF(b2, x);
-        PyErr_Format(PyExc_ValueError,
-                     "%s has shape %s, expected (%ld,): one value per channel of x (shape %s, channel axis %d)",
-                     name, b1, (long)C, b2, axis);
-        return -1;
-    }
+    if (check_channels(a, name, x, axis) < 0) return -1;
     if (!PyArray_ISWRITEABLE(a)) {
         PyErr_Format(PyExc_ValueError, "%s is read-only, but it is updated in place", name);
         return -1;
