@@ -17,30 +17,30 @@ typedef struct {
 } BN_NAME(bn_sums);
 
 /* sum(dy) and sum(dy * (x - m)) over `runs` runs of `len` values, `stride` apart. The two sums are
- * separate loops: GCC vectorizes each (eight independent lanes, no reassociation) but not the fused
+ * separate loops: GCC vectorizes each (BN_LANES independent lanes, no reassociation) but not the fused
  * form, which ran 1.5x slower. */
 static BN_NAME(bn_sums) BN_NAME(runs_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, ptrdiff_t runs,
                                           ptrdiff_t stride, double m)
 {
-    double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0}, ta = 0, tb = 0;
-    const ptrdiff_t body = len - len % 8;
+    double a[BN_LANES] = {0}, b[BN_LANES] = {0}, ta = 0, tb = 0;
+    const ptrdiff_t body = len - len % BN_LANES;
     for (ptrdiff_t r = 0; r < runs; r++) {
         const BN_T *g = dy + r * stride;
-        for (ptrdiff_t i = 0; i < body; i += 8)
-            for (int j = 0; j < 8; j++) a[j] += (double)g[i + j];
+        for (ptrdiff_t i = 0; i < body; i += BN_LANES)
+            for (int j = 0; j < BN_LANES; j++) a[j] += (double)g[i + j];
     }
     for (ptrdiff_t r = 0; r < runs; r++) {
         const BN_T *g = dy + r * stride, *v = x + r * stride;
-        for (ptrdiff_t i = 0; i < body; i += 8)
-            for (int j = 0; j < 8; j++) b[j] += (double)g[i + j] * ((double)v[i + j] - m);
+        for (ptrdiff_t i = 0; i < body; i += BN_LANES)
+            for (int j = 0; j < BN_LANES; j++) b[j] += (double)g[i + j] * ((double)v[i + j] - m);
         for (ptrdiff_t i = body; i < len; i++) {
             ta += (double)g[i];
             tb += (double)g[i] * ((double)v[i] - m);
         }
     }
     BN_NAME(bn_sums) r;
-    r.dy = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])) + ta;
-    r.dyxm = ((b[0] + b[4]) + (b[1] + b[5])) + ((b[2] + b[6]) + (b[3] + b[7])) + tb;
+    r.dy = bn_lanes_sum(a) + ta;
+    r.dyxm = bn_lanes_sum(b) + tb;
     return r;
 }
 

@@ -12,22 +12,22 @@
  * the order of additions in the code itself, so the loops vectorize without reassociation. */
 static bn_moments BN_NAME(runs_moments)(const BN_T *x, ptrdiff_t len, ptrdiff_t runs, ptrdiff_t stride)
 {
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, tail = 0;
-    const ptrdiff_t body = len - len % 8;
+    double acc[BN_LANES] = {0}, tail = 0;
+    const ptrdiff_t body = len - len % BN_LANES;
     for (ptrdiff_t r = 0; r < runs; r++) {
         const BN_T *v = x + r * stride;
-        for (ptrdiff_t i = 0; i < body; i += 8)
-            for (int j = 0; j < 8; j++) acc[j] += (double)v[i + j];
+        for (ptrdiff_t i = 0; i < body; i += BN_LANES)
+            for (int j = 0; j < BN_LANES; j++) acc[j] += (double)v[i + j];
         for (ptrdiff_t i = body; i < len; i++) tail += (double)v[i];
     }
     const double count = (double)len * (double)runs;
-    double mean = (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail) / count;
-    for (int j = 0; j < 8; j++) acc[j] = 0;
+    double mean = (bn_lanes_sum(acc) + tail) / count;
+    for (int j = 0; j < BN_LANES; j++) acc[j] = 0;
     tail = 0;
     for (ptrdiff_t r = 0; r < runs; r++) {
         const BN_T *v = x + r * stride;
-        for (ptrdiff_t i = 0; i < body; i += 8)
-            for (int j = 0; j < 8; j++) {
+        for (ptrdiff_t i = 0; i < body; i += BN_LANES)
+            for (int j = 0; j < BN_LANES; j++) {
                 double dev = (double)v[i + j] - mean;
                 acc[j] += dev * dev;
             }
@@ -36,7 +36,7 @@ static bn_moments BN_NAME(runs_moments)(const BN_T *x, ptrdiff_t len, ptrdiff_t 
             tail += dev * dev;
         }
     }
-    double m2 = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+    double m2 = bn_lanes_sum(acc) + tail;
     bn_moments m = {count, mean, m2};
     return m;
 }

@@ -9,6 +9,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include "batchnorm.h"
 
 #ifdef _OPENMP
@@ -54,15 +55,19 @@ typedef struct {
     ptrdiff_t c0, c1, n0, n1;
 } bn_item;
 
-static inline bn_item bn_item_at(const bn_plan *p, ptrdiff_t it)
+static inline bn_item bn_item_gb(const bn_plan *p, ptrdiff_t g, ptrdiff_t b)
 {
-    ptrdiff_t g = it / p->nblocks, b = it % p->nblocks;
     bn_item r;
     r.c0 = b * p->ch_per_block;
     r.c1 = r.c0 + p->ch_per_block < p->C ? r.c0 + p->ch_per_block : p->C;
     r.n0 = g * p->rows_per_group;
     r.n1 = r.n0 + p->rows_per_group < p->N ? r.n0 + p->rows_per_group : p->N;
     return r;
+}
+
+static inline bn_item bn_item_at(const bn_plan *p, ptrdiff_t it)
+{
+    return bn_item_gb(p, it / p->nblocks, it % p->nblocks);
 }
 
 /* (count, mean, sum of squared deviations) of a set of values. */
@@ -81,6 +86,15 @@ static inline void bn_moments_merge(bn_moments *a, bn_moments b)
     a->mean += delta * wb;
     a->m2 += b.m2 + delta * delta * a->n * wb;
     a->n = n;
+}
+
+/* Accumulator lanes of the contiguous reductions, and their fixed summation tree. */
+#define BN_LANES 16
+static inline double bn_lanes_sum(const double *a)
+{
+    double h[8];
+    for (int j = 0; j < 8; j++) h[j] = a[j] + a[j + 8];
+    return ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
 }
 
 /* AVX2 variants are built with GCC on x86-64 (its target pragma); elsewhere only the baseline. */
