@@ -91,7 +91,11 @@ static void BN_NAME(item_sums)(const BN_T *dy, const BN_T *x, const bn_plan *p, 
     }
 }
 
-/* dx over one item, from per-channel k1, k2, k3 (training) or k1 alone. */
+#define BN_FOLD (sizeof(BN_T) < sizeof(double))
+
+/* dx over one item, from per-channel k1, k2, k3 (training) or k1 alone. Under BN_FOLD (float32, see
+ * bn_forward.tmpl.h for why that is exact enough) training uses dx = k1 * dy + (k3 * x + k2), the mean
+ * folded into k2 and k3 by the caller. Column mode needs 4 * (c1 - c0) * S doubles of scratch. */
 static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, BN_T *dx, const bn_plan *p, ptrdiff_t c0,
                                ptrdiff_t c1, ptrdiff_t n0, ptrdiff_t n1, int training, const double *mean,
                                const double *k1, const double *k2, const double *k3, double *scratch)
@@ -104,11 +108,14 @@ static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, BN_T *dx, const bn
                 ptrdiff_t off = (n * p->C + c) * S;
                 const BN_T *dr = dy + off, *xr = x + off;
                 BN_T *out = dx + off;
-                if (training)
+                if (!training)
+                    for (ptrdiff_t s = 0; s < S; s++) out[s] = (BN_T)(a * (double)dr[s]);
+                else if (BN_FOLD)
+                    for (ptrdiff_t s = 0; s < S; s++)
+                        out[s] = (BN_T)(a * (double)dr[s] + ((double)xr[s] * e + b));
+                else
                     for (ptrdiff_t s = 0; s < S; s++)
                         out[s] = (BN_T)(a * (((double)dr[s] - b) - ((double)xr[s] - m) * e));
-                else
-                    for (ptrdiff_t s = 0; s < S; s++) out[s] = (BN_T)(a * (double)dr[s]);
             }
         return;
     }
@@ -125,11 +132,14 @@ static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, BN_T *dx, const bn
         ptrdiff_t off = n * p->W + c0 * S;
         const BN_T *dr = dy + off, *xr = x + off;
         BN_T *out = dx + off;
-        if (training)
+        if (!training)
+            for (ptrdiff_t q = 0; q < wb; q++) out[q] = (BN_T)(ea[q] * (double)dr[q]);
+        else if (BN_FOLD)
+            for (ptrdiff_t q = 0; q < wb; q++)
+                out[q] = (BN_T)(ea[q] * (double)dr[q] + ((double)xr[q] * ee[q] + eb[q]));
+        else
             for (ptrdiff_t q = 0; q < wb; q++)
                 out[q] = (BN_T)(ea[q] * (((double)dr[q] - eb[q]) - ((double)xr[q] - em[q]) * ee[q]));
-        else
-            for (ptrdiff_t q = 0; q < wb; q++) out[q] = (BN_T)(ea[q] * (double)dr[q]);
     }
 }
 
@@ -162,6 +172,11 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
         k1[(c)] = gamma ? gamma[(c)] * invstd[(c)] : invstd[(c)];                 \
         k2[(c)] = training ? s_.dy / M : 0.0;                                     \
         k3[(c)] = training ? invstd[(c)] * dgamma[(c)] / M : 0.0;                 \
+        if (BN_FOLD && training) {                                                \
+            const double kx_ = -k1[(c)] * k3[(c)];                                \
+            k2[(c)] = k1[(c)] * (mean[(c)] * k3[(c)] - k2[(c)]);                  \
+            k3[(c)] = kx_;                                                        \
+        }                                                                         \
     } while (0)
 
     BN_PRAGMA(omp parallel num_threads(p.nthreads))
@@ -198,3 +213,4 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
     free(k1); free(scratch); free(parts);
     return BN_OK;
 }
+#undef BN_FOLD
