@@ -26,8 +26,10 @@ What is timed (all in one process, interleaved):
 
 Each repeat runs every implementation once, round-robin (the starting one rotating), each as a batch of
 k back-to-back calls (k chosen so that a batch lasts >= ~2 ms, k = 1 for large cases); the reported time
-per call is the median over repeats of batch_time / k. Every function is warmed up before timing, and
-garbage collection is off while timing. Before timing a case, ours is checked once against torch and
+per call is the median over repeats of batch_time / k. With more than one thread, a batch that follows
+one of another family (ours, torch, numpy, copy) starts after a 20 ms pause, so that the other OpenMP
+runtime's spinning idle workers are asleep and do not compete for the cores, and one untimed call. Every function is warmed up
+before timing, and garbage collection is off while timing. Before timing a case, ours is checked once against torch and
 against the NumPy reference on every op (max abs difference).
 
 Memory: the peak extra bytes one call of ours allocates beyond what it returns, with tracemalloc (NumPy
@@ -297,15 +299,25 @@ def calibrate(fn, batch_s):
 
 
 # libgomp's idle worker threads spin for a while (several ms on this kind of CPU) after a parallel region
-# before they sleep; a copy on Python threads right after one of ours or torch's calls would compete with
-# them for the cores and look slower than the machine is. So each copy batch starts after a pause.
-COPY_PAUSE_S = 0.02
+# before they sleep. ours and torch each bring their own OpenMP runtime, so a batch of one right after a
+# batch of the other (or a copy on Python threads after either) competes with the other's spinning
+# workers for the cores and looks slower than it is: on a 16-core machine ours took 8.7 ms instead of
+# 1.1 ms for a (64, 256, 28, 28) training forward right after torch. So a batch whose family (ours,
+# torch, numpy, copy) differs from the previous batch's starts after an untimed pause, at every thread
+# count above 1, and a run of copy batches always does. One untimed call follows the pause: right after
+# it, the first batch (whichever family) ran up to 7x slower, its workers asleep and the core idle.
+PAUSE_S = 0.02
 
 
-def round_robin(entries, prof):
+def family(name):
+    return "copy" if name.startswith("copy") else name.split()[0]
+
+
+def round_robin(entries, prof, threads=1):
     """entries: list of (name, fn, k, t_est, is_numpy). Returns {name: [seconds per call, ...]}.
 
-    A run of copy batches (names starting with "copy") is preceded by an untimed pause, COPY_PAUSE_S."""
+    A batch is preceded by an untimed pause, PAUSE_S, and one untimed call, when it starts a run of copy
+    batches, or, with more than one thread, when its family differs from the previous batch's."""
     normal = sum(k * t for _, _, k, t, isnp in entries if not isnp)
     R = int(min(prof["rmax"], max(prof["rmin"], prof["budget"] / max(normal, 1e-9))))
     caps = {}
@@ -316,17 +328,18 @@ def round_robin(entries, prof):
     pc = time.perf_counter
     gc_was = gc.isenabled()
     gc.disable()
-    prev_copy = False
+    prev = None
     try:
         for r in range(R):
             for j in range(n):
                 name, fn, k, _, _ = entries[(r + j) % n]
                 if r >= caps[name]:
                     continue
-                is_copy = name.startswith("copy")
-                if is_copy and not prev_copy:
-                    time.sleep(COPY_PAUSE_S)
-                prev_copy = is_copy
+                fam = family(name)
+                if fam != prev and (fam == "copy" or (threads > 1 and prev is not None)):
+                    time.sleep(PAUSE_S)
+                    fn()  # untimed: wakes this runtime's workers and the core after the pause
+                prev = fam
                 t0 = pc()
                 for _ in range(k):
                     fn()
@@ -516,7 +529,7 @@ def bench_case(case, threads, prof, want_rss, log):
             for name, fn, isnp in fns:
                 k, t = calibrate(fn, prof["batch"])
                 entries.append((name, fn, k, t, isnp))
-            samples = round_robin(entries, prof)
+            samples = round_robin(entries, prof, T)
             for name, s in samples.items():
                 if name.startswith("copy"):
                     copies.setdefault(name, []).extend(s)
