@@ -104,6 +104,42 @@ def test_float32_large_mean_backward(rng, shape, axis, std, layout, training):
         assert_close(g, w, TOL[F32], name)
 
 
+def _within_ulps(got, want, ulps, what):
+    """|got - want| <= ulps float32 ulps of want, elementwise, ulps measured at max(|want|, 1/4): a value
+    near 0 is held to the spread's scale, not to its own tiny ulp, which the float64 statistics of data
+    with mean 1e6 std do not resolve either (the mean itself is only known to ~1e-10)."""
+    want = np.asarray(want, np.float64)
+    unit = np.spacing(np.maximum(np.abs(want), 0.25).astype(np.float32)).astype(np.float64)
+    err = np.abs(np.asarray(got, np.float64) - want) / unit
+    assert err.max() <= ulps, f"{what}: {err.max():.2f} float32 ulps from the float64 result"
+
+
+# The float32 kernels fold the mean into the offset (y = x * alpha + (beta - mean * alpha), in double).
+# That must stay as exact as centring first: within about one float32 ulp of the float64 result for
+# the same inputs, in row mode (NCHW) and column mode ((N, C), channels-last), up to mean = 1e6 std.
+FOLD_CASES = [pytest.param((32, 4, 9, 9), 1, id="nchw"), pytest.param((3000, 5), 1, id="nc"),
+              pytest.param((6, 7, 7, 12), -1, id="chlast")]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1e3, 1e6])
+@pytest.mark.parametrize("shape,axis", FOLD_CASES)
+def test_float32_within_an_ulp_of_float64(rng, shape, axis, ratio):
+    C = channels(shape, axis)
+    x = make_data(rng, shape, np.float32, axis, loc=ratio, scale=1.0)
+    dy = make_data(rng, shape, np.float32, axis)
+    gamma, beta = params(rng, C, np.float32)
+    y, mean, invstd = bn.forward_train(x, gamma, beta, axis=axis)
+    x64 = x.astype(np.float64)
+    _within_ulps(y, exact_forward(x, gamma.astype(np.float64), beta.astype(np.float64), axis)[0], 1.5,
+                 "train y")
+    rm, rv = mean, (1 / invstd.astype(np.float64) ** 2 - 1e-5).astype(np.float32)
+    _within_ulps(bn.forward_infer(x, rm, rv, gamma, beta, axis=axis),
+                 ref.forward_infer(x64, rm, rv, gamma, beta, axis=axis), 1.5, "infer y")
+    got = bn.backward(dy, x, mean, invstd, gamma, axis=axis)
+    want = ref.backward(dy.astype(np.float64), x64, mean, invstd, gamma, axis=axis)
+    _within_ulps(got[0], want[0], 1.5, "dx")
+
+
 @pytest.mark.parametrize("shape,axis", [pytest.param((16, 3, 8, 8), 1, id="16x3x8x8"),
                                         pytest.param((512, 5), 1, id="512x5"),
                                         pytest.param((4, 8, 8, 6), -1, id="4x8x8x6-chlast"),
