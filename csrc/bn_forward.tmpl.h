@@ -12,8 +12,9 @@
  *    arrays, whose L1 footprint is what slowed (8192, 1024). */
 
 /* Moments of `runs` runs of `len` contiguous values, `stride` apart, in two passes while they sit in L1
- * (callers keep runs * len <= BN_SEG). Eight fixed accumulator lanes per run, then each run's tail, fix
- * the order of additions in the code itself, so the loops vectorize without reassociation. */
+ * (callers keep runs * len <= BN_SEG). BN_LANES fixed accumulator lanes per run, then each run's tail,
+ * fix the order of additions in the code itself, so the loops vectorize without reassociation; 16 lanes
+ * are four AVX2 chains, enough to hide the add latency. */
 static bn_moments BN_NAME(runs_moments)(const BN_T *x, ptrdiff_t len, ptrdiff_t runs, ptrdiff_t stride)
 {
     double acc[BN_LANES] = {0}, tail = 0;
