@@ -1,7 +1,7 @@
 /* bn_avx2.c - the same kernels as bn_forward.c and bn_backward.c, compiled for AVX2.
  *
  * Only the vector width changes: the code has no reassociation for the compiler to exploit and no
- * fused multiply-adds (ISO C mode keeps -ffp-contract=off), so both builds give the same bits. */
+ * fused multiply-adds (ISO C mode keeps -ffp-contract=off), so every build gives the same bits. */
 #include "bn_internal.h"
 
 #if BN_HAVE_AVX2

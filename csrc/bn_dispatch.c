@@ -1,26 +1,33 @@
 /* bn_dispatch.c - the public kernels: pick the instruction set once, at the first call.
- * BATCHNORM_SIMD=baseline forces the baseline build (for tests and for comparing). */
+ * BATCHNORM_SIMD=baseline forces the baseline build, =avx2 caps it at AVX2 (for tests and for comparing). */
 #include <string.h>
 #include "bn_internal.h"
 
-static int use_avx2(void)
+/* 0: baseline, 1: AVX2, 2: AVX-512; BATCHNORM_SIMD=baseline / avx2 caps it. */
+static int simd_level(void)
 {
-#if BN_HAVE_AVX2
     static int cached = -1; /* a benign race: every thread computes the same value */
     if (cached < 0) {
+        int level = 0;
+#if BN_HAVE_AVX2
         const char *env = getenv("BATCHNORM_SIMD");
         __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx2") && !(env && strcmp(env, "baseline") == 0);
+        if (__builtin_cpu_supports("avx2")) level = 1;
+#if BN_HAVE_AVX512
+        if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) level = 2;
+#endif
+        if (env && strcmp(env, "baseline") == 0) level = 0;
+        if (env && strcmp(env, "avx2") == 0 && level > 1) level = 1;
+#endif
+        cached = level;
     }
     return cached;
-#else
-    return 0;
-#endif
 }
 
 const char *bn_simd_name(void)
 {
-    if (use_avx2()) return "avx2";
+    if (simd_level() == 2) return "avx512";
+    if (simd_level() == 1) return "avx2";
 #if defined(__x86_64__) || defined(_M_X64)
     return "baseline (sse2)";
 #elif defined(__aarch64__)
@@ -30,8 +37,12 @@ const char *bn_simd_name(void)
 #endif
 }
 
-#if BN_HAVE_AVX2
-#define BN_PICK(name, T, ...) (use_avx2() ? name##_##T##_avx2(__VA_ARGS__) : name##_##T##_base(__VA_ARGS__))
+#if BN_HAVE_AVX512
+#define BN_PICK(name, T, ...)                                                                          \
+    (simd_level() == 2 ? name##_##T##_avx512(__VA_ARGS__)                                               \
+     : simd_level() == 1 ? name##_##T##_avx2(__VA_ARGS__) : name##_##T##_base(__VA_ARGS__))
+#elif BN_HAVE_AVX2
+#define BN_PICK(name, T, ...) (simd_level() == 1 ? name##_##T##_avx2(__VA_ARGS__) : name##_##T##_base(__VA_ARGS__))
 #else
 #define BN_PICK(name, T, ...) name##_##T##_base(__VA_ARGS__)
 #endif

@@ -103,6 +103,12 @@ static inline double bn_lanes_sum(const double *a)
 #else
 #define BN_HAVE_AVX2 0
 #endif
+/* AVX-512 with 512-bit vectors (GCC 9 accepts prefer-vector-width in a target pragma). */
+#if BN_HAVE_AVX2 && __GNUC__ >= 9
+#define BN_HAVE_AVX512 1
+#else
+#define BN_HAVE_AVX512 0
+#endif
 
 /* The instantiations bn_dispatch.c chooses between: SUFFIX is f32_base, f64_base, f32_avx2, f64_avx2. */
 #define BN_DECLARE_KERNELS(T, SUFFIX)                                                                  \
@@ -118,6 +124,10 @@ BN_DECLARE_KERNELS(double, f64_base)
 #if BN_HAVE_AVX2
 BN_DECLARE_KERNELS(float, f32_avx2)
 BN_DECLARE_KERNELS(double, f64_avx2)
+#endif
+#if BN_HAVE_AVX512
+BN_DECLARE_KERNELS(float, f32_avx512)
+BN_DECLARE_KERNELS(double, f64_avx512)
 #endif
 
 #endif

@@ -141,3 +141,28 @@ def test_concurrent_python_threads(restore_threads):
     with ThreadPoolExecutor(max_workers=4) as pool:
         parallel = list(pool.map(lambda c: helpers.thread_workload(c, seed=5), cases))
     assert parallel == serial
+
+
+def test_instruction_sets_bit_identical(in_process_hashes):
+    """The AVX-512, AVX2 and baseline (SSE2) kernels (BATCHNORM_SIMD caps the choice) give the same bits:
+    the same lanes in the same order, no fused multiply-adds. On a machine without AVX-512 (or AVX2)
+    the capped runs repeat the default kernels and the test still compares what it can."""
+    default = bn._core._build_info()["simd"]
+    h1 = in_process_hashes[1]
+    for simd in ("avx2", "baseline"):
+        res = run_sub(True, OMP_NUM_THREADS=2, BATCHNORM_SIMD=simd)
+        diff = [k for k in h1 if res["h"][k] != h1[k]]
+        assert not diff, f"BATCHNORM_SIMD={simd} (default {default}) changed the bits of: {diff}"
+
+
+def test_simd_switch_is_reported():
+    names = {}
+    for simd in ("avx2", "baseline"):
+        code = "import batchnorm as bn; print(bn._core._build_info()['simd'])"
+        r = subprocess.run([sys.executable, "-c", code], env=helpers.subprocess_env(BATCHNORM_SIMD=simd),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        names[simd] = r.stdout.strip()
+    assert names["baseline"].startswith("baseline")
+    assert names["avx2"] in ("avx2", names["baseline"])  # no AVX2 on this CPU: the baseline
+    assert bn._core._build_info()["simd"] in ("avx512", "avx2") or bn._core._build_info()["simd"].startswith("baseline")
