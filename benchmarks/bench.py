@@ -301,11 +301,12 @@ def calibrate(fn, batch_s):
 # libgomp's idle worker threads spin for a while (several ms on this kind of CPU) after a parallel region
 # before they sleep. ours and torch each bring their own OpenMP runtime, so a batch of one right after a
 # batch of the other (or a copy on Python threads after either) competes with the other's spinning
-# workers for the cores and looks slower than it is: on a 16-core machine ours took 8.7 ms instead of
-# 1.1 ms for a (64, 256, 28, 28) training forward right after torch. So a batch whose family (ours,
-# torch, numpy, copy) differs from the previous batch's starts after an untimed pause, at every thread
-# count above 1, and a run of copy batches always does. One untimed call follows the pause: right after
-# it, the first batch (whichever family) ran up to 7x slower, its workers asleep and the core idle.
+# workers for the cores and looks slower than it is: on a 16-core machine our (64, 256, 28, 28)
+# training forward measured 8.7 ms in the interleaved run against 1.1 ms for the kernel alone. So a
+# batch whose family (ours, torch, numpy, copy) differs from the previous batch's starts after an
+# untimed pause, at every thread count above 1, and a run of copy batches always does. One untimed call
+# follows the pause: without it, the first batch after a pause (whichever family) ran up to 7x slower,
+# its workers asleep and the core idle.
 PAUSE_S = 0.02
 
 
