@@ -61,7 +61,15 @@ REPO = os.path.dirname(HERE)
 
 
 def _import_batchnorm():
-    """Import batchnorm, retrying for a while: the extension may be being rebuilt right now."""
+    """Import batchnorm: the one Python finds (installed, or PYTHONPATH=python), else the source tree's,
+    retrying for a while there: its extension may be being rebuilt right now. (Putting the source tree
+    first would shadow an installed package with a tree that has no built extension.)"""
+    try:
+        import batchnorm
+        return batchnorm
+    except ImportError:
+        for name in [m for m in sys.modules if m == "batchnorm" or m.startswith("batchnorm.")]:
+            del sys.modules[name]
     src = os.path.join(REPO, "python")
     if os.path.isdir(os.path.join(src, "batchnorm")) and src not in sys.path:
         sys.path.insert(0, src)

@@ -69,8 +69,10 @@ def test_round_robin_pauses_and_warms_up(bench, monkeypatch, threads):
 
 def test_quick_run_small_cases(tmp_path):
     out = tmp_path / "b.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.join(REPO, "python"),
-                                                                   os.environ.get("PYTHONPATH")) if p))
+    # the batchnorm these tests import (installed, or the source tree on PYTHONPATH), not another one
+    import batchnorm
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(batchnorm.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
     r = subprocess.run([sys.executable, BENCH, "--quick", "--quiet", "--no-rss", "--threads", "1", "2",
                         "--cases", "in cache", "--json", str(out)],
                        capture_output=True, text=True, env=env, timeout=600)
