@@ -502,7 +502,9 @@ PyDoc_STRVAR(forward_train_doc,
 "work is cut independently of the thread count, so results are bit-identical for any number of\n"
 "threads.\n");
 
-static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds)
+/* stats64: return mean and invstd in float64 whatever x's type (the layers keep them for backward: for
+ * float32 data with a large mean, a float32 mean alone costs dx ~5e-5 of its scale at mean = 1e5 std). */
+static PyObject *forward_train_impl(PyObject *self, PyObject *args, PyObject *kwds, int stats64)
 {
     static char *kwlist[] = {"x", "gamma", "beta", "running_mean", "running_var", "momentum", "eps", "axis",
                              "out", NULL};
@@ -563,8 +565,8 @@ static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds
         Py_END_ALLOW_THREADS
     }
     if (status != BN_OK) { kernel_failed(status); goto fail; }
-    mean_r = cast_vector(mean, rtype);
-    invstd_r = cast_vector(invstd, rtype);
+    mean_r = cast_vector(mean, stats64 ? NPY_DOUBLE : rtype);
+    invstd_r = cast_vector(invstd, stats64 ? NPY_DOUBLE : rtype);
     if (!mean_r || !invstd_r) goto fail;
     if (finish_output(result, target) < 0) goto fail;
     /* Nothing below can fail: the running statistics change only when the call succeeds. */
@@ -576,6 +578,16 @@ fail:
     Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(mean); Py_XDECREF(var); Py_XDECREF(invstd);
     Py_XDECREF(mean_r); Py_XDECREF(invstd_r);
     return ret;
+}
+
+static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    return forward_train_impl(self, args, kwds, 0);
+}
+
+static PyObject *py_forward_train_stats64(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    return forward_train_impl(self, args, kwds, 1);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -878,6 +890,11 @@ static PyObject *py_build_info(PyObject *self, PyObject *unused)
 static PyMethodDef methods[] = {
     {"forward_train", (PyCFunction)(void (*)(void))py_forward_train, METH_VARARGS | METH_KEYWORDS,
      forward_train_doc},
+    {"_forward_train_stats64", (PyCFunction)(void (*)(void))py_forward_train_stats64,
+     METH_VARARGS | METH_KEYWORDS,
+     "_forward_train_stats64(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, "
+     "eps=1e-05, axis=1, out=None)\n--\n\n"
+     "forward_train, but mean and invstd are returned in float64 whatever x's dtype (for the layers).\n"},
     {"forward_infer", (PyCFunction)(void (*)(void))py_forward_infer, METH_VARARGS | METH_KEYWORDS,
      forward_infer_doc},
     {"backward", (PyCFunction)(void (*)(void))py_backward, METH_VARARGS | METH_KEYWORDS, backward_doc},

@@ -342,3 +342,38 @@ def test_accuracy_sweep_in_subprocess(env):
     assert r.returncode == 0, r.stderr[-3000:]
     failures = json.loads(r.stdout.strip().splitlines()[-1])
     assert not failures, "\n".join(failures[:20])
+
+
+# --------------------------------------------------------------------------------------------------
+# a layer's forward + backward at mean = 1e5 std: its own statistics must not pass through float32
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer,shape,kw", [pytest.param(bn.BatchNorm2d, (32, 6, 7, 7), {}, id="2d"),
+                                            pytest.param(bn.BatchNorm1d, (3000, 5), {}, id="1d"),
+                                            pytest.param(bn.BatchNorm2d, (8, 7, 7, 6), {"axis": -1}, id="2d-chlast")])
+def test_layer_float32_large_mean_backward(rng, layer, shape, kw):
+    axis = kw.get("axis", 1)
+    C = shape[axis]
+    x = make_data(rng, shape, np.float32, axis, loc=1e5, scale=1.0)
+    dy = make_data(rng, shape, np.float32, axis)
+    m = layer(C, **kw)
+    m.weight[:] = np.linspace(0.5, 2.0, C)
+    y = m(x)
+    dx = m.backward(dy)
+    w = m.weight.astype(np.float64)
+    ey, emean, einvstd, _ = exact_forward(x, w, m.bias.astype(np.float64), axis)
+    want = ref.backward(dy.astype(np.float64), x.astype(np.float64), emean, einvstd, w, axis=axis)
+    assert_close(y, ey, TOL[F32], "y")
+    assert_close(dx, want[0], TOL[F32], "dx")
+    assert_close(m.grad_weight, want[1], TOL[F32], "grad_weight")
+    assert_close(m.grad_bias, want[2], TOL[F32], "grad_bias")
+
+
+def test_forward_train_stats64_matches_forward_train(rng):
+    x = make_data(rng, (16, 4, 5), np.float32, 1, loc=1e4)
+    y, mean, invstd = bn.forward_train(x)
+    y64, mean64, invstd64 = bn._core._forward_train_stats64(x)
+    assert mean64.dtype == invstd64.dtype == np.float64 and mean.dtype == np.float32
+    assert np.array_equal(y, y64)
+    assert np.array_equal(mean, mean64.astype(np.float32)) and np.array_equal(invstd, invstd64.astype(np.float32))
