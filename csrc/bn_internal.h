@@ -9,7 +9,6 @@
 
 #include <math.h>
 #include <stdlib.h>
-#include <string.h>
 #include "batchnorm.h"
 
 #ifdef _OPENMP
@@ -55,19 +54,15 @@ typedef struct {
     ptrdiff_t c0, c1, n0, n1;
 } bn_item;
 
-static inline bn_item bn_item_gb(const bn_plan *p, ptrdiff_t g, ptrdiff_t b)
+static inline bn_item bn_item_at(const bn_plan *p, ptrdiff_t it)
 {
+    ptrdiff_t g = it / p->nblocks, b = it % p->nblocks;
     bn_item r;
     r.c0 = b * p->ch_per_block;
     r.c1 = r.c0 + p->ch_per_block < p->C ? r.c0 + p->ch_per_block : p->C;
     r.n0 = g * p->rows_per_group;
     r.n1 = r.n0 + p->rows_per_group < p->N ? r.n0 + p->rows_per_group : p->N;
     return r;
-}
-
-static inline bn_item bn_item_at(const bn_plan *p, ptrdiff_t it)
-{
-    return bn_item_gb(p, it / p->nblocks, it % p->nblocks);
 }
 
 /* (count, mean, sum of squared deviations) of a set of values. */
@@ -110,7 +105,8 @@ static inline double bn_lanes_sum(const double *a)
 #define BN_HAVE_AVX512 0
 #endif
 
-/* The instantiations bn_dispatch.c chooses between: SUFFIX is f32_base, f64_base, f32_avx2, f64_avx2. */
+/* The instantiations bn_dispatch.c chooses between: SUFFIX is f32_base, f64_base, f32_avx2, f64_avx2,
+ * f32_avx512, f64_avx512. */
 #define BN_DECLARE_KERNELS(T, SUFFIX)                                                                  \
     int bn_forward_train_##SUFFIX(const T *x, T *y, bn_dims d, const double *gamma, const double *beta, \
                                   double eps, double *mean, double *var, double *invstd, int nthreads); \
