@@ -27,21 +27,6 @@ def forward_train(
     """Training forward pass: returns ``(y, mean, invstd)``; updates the running statistics in place."""
     ...
 
-def _forward_train_stats64(
-    x: ArrayLike,
-    gamma: Optional[ArrayLike] = None,
-    beta: Optional[ArrayLike] = None,
-    *,
-    running_mean: Optional[NDArray[np.floating]] = None,
-    running_var: Optional[NDArray[np.floating]] = None,
-    momentum: float = 0.1,
-    eps: float = 1e-05,
-    axis: int = 1,
-    out: Optional[NDArray[np.floating]] = None,
-) -> Tuple[NDArray[np.floating], NDArray[np.float64], NDArray[np.float64]]:
-    """forward_train, with mean and invstd in float64 whatever x's dtype (the layers keep them)."""
-    ...
-
 def forward_infer(
     x: ArrayLike,
     running_mean: ArrayLike,
