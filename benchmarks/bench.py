@@ -27,10 +27,11 @@ What is timed (all in one process, interleaved):
 Each repeat runs every implementation once, round-robin (the starting one rotating), each as a batch of
 k back-to-back calls (k chosen so that a batch lasts >= ~2 ms, k = 1 for large cases); the reported time
 per call is the median over repeats of batch_time / k. With more than one thread, a batch that follows
-one of another family (ours, torch, numpy, copy) starts after a 20 ms pause, so that the other OpenMP
-runtime's spinning idle workers are asleep and do not compete for the cores, and one untimed call. Every function is warmed up
-before timing, and garbage collection is off while timing. Before timing a case, ours is checked once against torch and
-against the NumPy reference on every op (max abs difference).
+one of another family (ours, torch, numpy, copy) starts after a 20 ms pause and one untimed call, so
+that the other OpenMP runtime's spinning idle workers are asleep and do not compete for the cores.
+Every function is warmed up before timing, and garbage collection is off while timing. Before timing a
+case, ours is checked once against torch and against the NumPy reference on every op (max abs
+difference).
 
 Memory: the peak extra bytes one call of ours allocates beyond what it returns, with tracemalloc (NumPy
 array data is traced by tracemalloc; the kernels' C-level scratch, allocated with malloc, is not), and the

@@ -123,7 +123,7 @@ static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, BN_T *dx, const bn
     double *em = scratch, *ea = scratch + wb, *eb = scratch + 2 * wb, *ee = scratch + 3 * wb;
     for (ptrdiff_t k = 0; k < c1 - c0; k++)
         for (ptrdiff_t s = 0; s < S; s++) {
-            em[k * S + s] = mean[c0 + k];
+            if (!BN_FOLD) em[k * S + s] = mean[c0 + k];
             ea[k * S + s] = k1[c0 + k];
             eb[k * S + s] = k2[c0 + k];
             ee[k * S + s] = k3[c0 + k];

@@ -128,6 +128,12 @@ static inline void BN_NAME(apply_run)(const BN_T *xr, BN_T *yr, ptrdiff_t len, d
         for (ptrdiff_t s = 0; s < len; s++) yr[s] = (BN_T)(((double)xr[s] - m) * a + b);
 }
 
+/* The offset apply_run adds: beta, or beta - mean * alpha under BN_FOLD. */
+static inline double BN_NAME(shift_of)(const double *beta, ptrdiff_t c, double mean, double alpha)
+{
+    return (beta ? beta[c] : 0.0) - (BN_FOLD ? mean * alpha : 0.0);
+}
+
 /* y over one item. Column mode needs 3 * (c1 - c0) * S doubles of scratch. */
 static void BN_NAME(apply_item)(const BN_T *x, BN_T *y, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
                                 ptrdiff_t n0, ptrdiff_t n1, const double *mean, const double *alpha,
@@ -146,7 +152,7 @@ static void BN_NAME(apply_item)(const BN_T *x, BN_T *y, const bn_plan *p, ptrdif
     double *em = scratch, *ea = scratch + wb, *eb = scratch + 2 * wb;
     for (ptrdiff_t k = 0; k < c1 - c0; k++)
         for (ptrdiff_t s = 0; s < S; s++) {
-            em[k * S + s] = mean[c0 + k];
+            if (!BN_FOLD) em[k * S + s] = mean[c0 + k];
             ea[k * S + s] = alpha[c0 + k];
             eb[k * S + s] = shift[c0 + k];
         }
@@ -196,7 +202,7 @@ int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *g
         var[(c)] = m_.m2 / m_.n;                                                  \
         invstd[(c)] = 1.0 / sqrt(var[(c)] + eps);                                 \
         alpha[(c)] = gamma ? invstd[(c)] * gamma[(c)] : invstd[(c)];              \
-        shift[(c)] = (beta ? beta[(c)] : 0.0) - (BN_FOLD ? mean[(c)] * alpha[(c)] : 0.0); \
+        shift[(c)] = BN_NAME(shift_of)(beta, (c), mean[(c)], alpha[(c)]);        \
     } while (0)
 
     BN_PRAGMA(omp parallel num_threads(p.nthreads))
@@ -250,7 +256,7 @@ int BN_NAME(bn_forward_infer)(const BN_T *x, BN_T *y, bn_dims d, const double *m
     double *shift = alpha + C;
     for (ptrdiff_t c = 0; c < C; c++) {
         alpha[c] = gamma ? invstd[c] * gamma[c] : invstd[c];
-        shift[c] = (beta ? beta[c] : 0.0) - (BN_FOLD ? mean[c] * alpha[c] : 0.0);
+        shift[c] = BN_NAME(shift_of)(beta, c, mean[c], alpha[c]);
     }
     if (!p.colmode) {
         /* Nothing to reuse from cache: walk memory in order, one (n, c) row at a time. */
