@@ -30,7 +30,7 @@ int main(int argc, char **argv)
           *y = malloc(sizeof(float) * (size_t)total);
     double *v = malloc(sizeof(double) * 6 * (size_t)d.C);
     if (!x || !dy || !y || !v) return 1;
-    double *mean = v, *var = v + d.C, *invstd = v + 2 * d.C, *gamma = v + 3 * d.C, *dg = v + 4 * d.C,
+    double *mean = v, *m2 = v + d.C, *invstd = v + 2 * d.C, *gamma = v + 3 * d.C, *dg = v + 4 * d.C,
            *db = v + 5 * d.C;
     for (ptrdiff_t i = 0; i < total; i++) { x[i] = (float)(i * 7 % 13) * 0.1f; dy[i] = (float)(i % 5) * 0.2f; }
     for (ptrdiff_t c = 0; c < d.C; c++) gamma[c] = 1;
@@ -38,9 +38,9 @@ int main(int argc, char **argv)
     for (int r = 0; r < reps; r++) {
         double t[5];
         t[0] = now();
-        bn_forward_train_f32(x, y, d, gamma, NULL, 1e-5, mean, var, invstd, threads);
+        bn_forward_train_f32(x, y, d, gamma, NULL, 1e-5, mean, m2, invstd, threads);
         t[1] = now();
-        bn_forward_infer_f32(x, y, d, mean, invstd, gamma, NULL, threads);
+        bn_normalize_f32(x, y, d, mean, invstd, gamma, NULL, threads);
         t[2] = now();
         bn_backward_f32(dy, x, y, d, mean, invstd, gamma, 1, dg, db, threads);
         t[3] = now();

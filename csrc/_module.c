@@ -1,467 +1,77 @@
 /*
- * _module.c - the binding: the only file that knows Python.
+ * _module.c - the entry points of batchnorm._core and the module definition.
  *
  * Each entry point parses its arguments, validates all of them (nothing is mutated before every check
- * has passed), turns x into a (N, C, S) C-contiguous view without copying where it can, releases the
- * GIL around the kernel, and only then writes results the caller can see (out, running statistics).
- *
- * Layouts: an array whose strides are a permutation of a C-contiguous array's (NCHW, NHWC, x.T, Fortran
- * order, ...) is read in place: in memory order it is (N, C, S) for some N and S. Anything else (slices,
- * negative strides, broadcasts) is copied once into C order. Results are allocated in the layout the
- * kernel worked in, which is x's own layout in the first case.
+ * has passed) with the steps of _args.c and _layout.c, releases the GIL around one kernel call, and only
+ * then writes results the caller can see (out, running statistics).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
-#include <numpy/arrayobject.h>
+#define BN_BINDING_MAIN
 #include <math.h>
-#include <string.h>
-#include "batchnorm.h"
+#include "_binding.h"
 
-/* ------------------------------------------------------------------------------------------------ */
-/* small helpers                                                                                     */
+/* One kernel call on x's work type; the data pointers are void * from PyArray_DATA. */
+#define BN_KERNEL(work, fn, ...) ((work) == NPY_FLOAT ? fn##_f32(__VA_ARGS__) : fn##_f64(__VA_ARGS__))
+#define DATA(a) PyArray_DATA(a)
+#define DDATA(a) ((a) ? (const double *)PyArray_DATA(a) : NULL)
 
-static void shape_str(char *buf, size_t cap, int ndim, const npy_intp *shape)
+/* The per-channel vectors of x, in order, each as contiguous float64 (C,) (None: NULL). */
+static int channel_vectors(const bn_input *in, int n, const char *const *names, PyObject *const *objs,
+                           PyArrayObject **out)
 {
-    size_t used = 0;
-    used += (size_t)snprintf(buf + used, cap - used, "(");
-    for (int i = 0; i < ndim && used < cap; i++)
-        used += (size_t)snprintf(buf + used, cap - used, i ? ", %ld" : "%ld", (long)shape[i]);
-    if (used < cap) used += (size_t)snprintf(buf + used, cap - used, ndim == 1 ? ",)" : ")");
-}
-
-#define SHAPE_OF(buf, arr) shape_str(buf, sizeof(buf), PyArray_NDIM(arr), PyArray_DIMS(arr))
-
-/* A real number argument, with a message that names it. */
-static int parse_real(PyObject *obj, const char *name, double *out)
-{
-    if (obj == NULL) return 0;
-    /* numpy.complex64 scalars and complex arrays are not PyComplex, but would convert with a warning */
-    if (PyComplex_Check(obj) || PyArray_IsScalar(obj, ComplexFloating) ||
-        (PyArray_Check(obj) && PyArray_ISCOMPLEX((PyArrayObject *)obj)) ||
-        !(PyFloat_Check(obj) || PyLong_Check(obj) || PyNumber_Check(obj))) {
-        PyErr_Format(PyExc_TypeError, "%s must be a real number, got %.200s", name, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    double v = PyFloat_AsDouble(obj);
-    if (v == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must be a real number, got %.200s", name, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    *out = v;
+    for (int i = 0; i < n; i++) out[i] = NULL;
+    for (int i = 0; i < n; i++)
+        if (bn_channel_vector(objs[i], names[i], in->L.dims.C, in->of, &out[i]) < 0) return -1;
     return 0;
 }
 
-static int check_eps(double eps)
+static int detach_all(int n, PyArrayObject **v, PyArrayObject *target)
 {
-    if (!(eps >= 0)) { /* also rejects NaN */
-        PyObject *v = PyFloat_FromDouble(eps);
-        if (v) PyErr_Format(PyExc_ValueError, "eps must be a non-negative number, got %R", v);
-        Py_XDECREF(v);
-        return -1;
-    }
+    for (int i = 0; i < n; i++)
+        if (bn_detach_from(&v[i], target) < 0) return -1;
     return 0;
 }
 
-static int parse_axis(PyObject *obj, int ndim, int *axis)
+static void clear_all(int n, PyArrayObject **v)
 {
-    if (obj == NULL) { *axis = 1; return 0; }
-    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "axis must be an integer, got %.200s", Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    Py_ssize_t a = PyNumber_AsSsize_t(obj, NULL); /* clips huge values, which are out of bounds anyway */
-    if (a == -1 && PyErr_Occurred()) return -1;
-    if (a < -ndim || a >= ndim) {
-        PyErr_Format(PyExc_ValueError, "axis %.100S is out of bounds for an array of dimension %d", obj, ndim);
-        return -1;
-    }
-    *axis = (int)(a < 0 ? a + ndim : a);
-    return 0;
+    for (int i = 0; i < n; i++) Py_CLEAR(v[i]);
 }
 
-/*
- * Which type the kernels compute in (work) and which the results have. float32/float64 compute natively,
- * float16 in float32; integers and bool in float64, as np.mean does; everything else is refused.
- */
-static int classify_dtype(PyArray_Descr *descr, const char *name, int *work, int *result)
+static int required(PyObject *const *objs, const char *const *names, int n, const char *why)
 {
-    switch (descr->kind) {
-    case 'f':
-        if (descr->type_num == NPY_HALF) { *work = NPY_FLOAT; *result = NPY_HALF; return 0; }
-        if (descr->type_num == NPY_FLOAT) { *work = NPY_FLOAT; *result = NPY_FLOAT; return 0; }
-        if (descr->type_num == NPY_DOUBLE) { *work = NPY_DOUBLE; *result = NPY_DOUBLE; return 0; }
-        break;
-    case 'b': case 'i': case 'u':
-        *work = NPY_DOUBLE; *result = NPY_DOUBLE;
-        return 0;
-    }
-    PyObject *r = PyObject_Repr((PyObject *)descr);
-    PyErr_Format(PyExc_TypeError,
-                 "%s has unsupported dtype %S: batchnorm takes real floating-point arrays (float16, float32, "
-                 "float64), integers or bool", name, r ? r : Py_None);
-    Py_XDECREF(r);
-    return -1;
-}
-
-/* x (or dy) as an aligned, native-order array of the work type; its layout is kept (K order). */
-static PyArrayObject *as_array(PyObject *obj, const char *name)
-{
-    if (obj == Py_None) {
-        PyErr_Format(PyExc_TypeError, "%s must be an array, got None", name);
-        return NULL;
-    }
-    PyArrayObject *a = (PyArrayObject *)PyArray_FromAny(obj, NULL, 0, 0, 0, NULL);
-    if (a == NULL && PyErr_ExceptionMatches(PyExc_ValueError)) {
-        /* ragged nested sequences and the like */
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s could not be converted to an array (%.200s)", name, Py_TYPE(obj)->tp_name);
-    }
-    return a;
-}
-
-static PyArrayObject *to_work(PyArrayObject *a, int work)
-{
-    return (PyArrayObject *)PyArray_FromArray(a, PyArray_DescrFromType(work),
-                                              NPY_ARRAY_ALIGNED | NPY_ARRAY_NOTSWAPPED | NPY_ARRAY_FORCECAST);
-}
-
-/* ------------------------------------------------------------------------------------------------ */
-/* layouts                                                                                           */
-
-typedef struct {
-    int ndim;
-    npy_intp shape[NPY_MAXDIMS];
-    int perm[NPY_MAXDIMS]; /* memory order: perm[0] is the slowest-varying axis */
-    bn_dims dims;
-} layout;
-
-/* Fill L for array a (channel axis `axis`) if its strides are a permutation of a C-contiguous array's. */
-static int find_layout(PyArrayObject *a, int axis, layout *L)
-{
-    int nd = PyArray_NDIM(a), k = 0;
-    const npy_intp *shape = PyArray_DIMS(a), *strides = PyArray_STRIDES(a);
-    L->ndim = nd;
-    memcpy(L->shape, shape, sizeof(npy_intp) * (size_t)nd);
-    /* Unit axes take no memory: put them first, in order; sort the rest by decreasing stride. */
-    for (int i = 0; i < nd; i++)
-        if (shape[i] == 1) L->perm[k++] = i;
-    int first = k;
-    for (int i = 0; i < nd; i++) {
-        if (shape[i] == 1) continue;
-        int j = k++;
-        while (j > first && strides[L->perm[j - 1]] < strides[i]) { L->perm[j] = L->perm[j - 1]; j--; }
-        L->perm[j] = i;
-    }
-    npy_intp expect = PyArray_ITEMSIZE(a);
-    for (int j = nd - 1; j >= first; j--) {
-        if (strides[L->perm[j]] != expect) return 0;
-        expect *= shape[L->perm[j]];
-    }
-    ptrdiff_t N = 1, S = 1;
-    int seen = 0;
-    for (int j = 0; j < nd; j++) {
-        int ax = L->perm[j];
-        if (ax == axis) { seen = 1; continue; }
-        if (seen) S *= shape[ax]; else N *= shape[ax];
-    }
-    L->dims.N = N; L->dims.C = shape[axis]; L->dims.S = S;
-    return 1;
-}
-
-static void c_order_layout(PyArrayObject *a, int axis, layout *L)
-{
-    int nd = PyArray_NDIM(a);
-    L->ndim = nd;
-    ptrdiff_t N = 1, S = 1;
-    for (int i = 0; i < nd; i++) {
-        L->shape[i] = PyArray_DIM(a, i);
-        L->perm[i] = i;
-        if (i < axis) N *= L->shape[i];
-        if (i > axis) S *= L->shape[i];
-    }
-    L->dims.N = N; L->dims.C = L->shape[axis]; L->dims.S = S;
-}
-
-/* A new array of L's shape laid out in L's memory order. */
-static PyArrayObject *new_in_layout(const layout *L, int typenum)
-{
-    npy_intp pshape[NPY_MAXDIMS];
-    npy_intp inv[NPY_MAXDIMS];
-    for (int j = 0; j < L->ndim; j++) {
-        pshape[j] = L->shape[L->perm[j]];
-        inv[L->perm[j]] = j;
-    }
-    PyArrayObject *flat = (PyArrayObject *)PyArray_SimpleNew(L->ndim, pshape, typenum);
-    if (flat == NULL) return NULL;
-    PyArray_Dims pd = {inv, L->ndim};
-    PyArrayObject *res = (PyArrayObject *)PyArray_Transpose(flat, &pd);
-    Py_DECREF(flat);
-    return res;
-}
-
-/* Can the kernel index b with the flat offsets it uses for ref (same shape, same element strides)? */
-static int same_layout(PyArrayObject *b, PyArrayObject *ref)
-{
-    int nd = PyArray_NDIM(ref);
-    if (PyArray_NDIM(b) != nd) return 0;
-    npy_intp ib = PyArray_ITEMSIZE(b), ir = PyArray_ITEMSIZE(ref);
-    for (int i = 0; i < nd; i++) {
-        if (PyArray_DIM(b, i) != PyArray_DIM(ref, i)) return 0;
-        if (PyArray_DIM(b, i) == 1) continue;
-        if (PyArray_STRIDE(b, i) * ir != PyArray_STRIDE(ref, i) * ib) return 0;
-    }
-    return 1;
-}
-
-static void byte_extent(PyArrayObject *a, char **lo, char **hi)
-{
-    char *l = PyArray_BYTES(a), *h = PyArray_BYTES(a);
-    for (int i = 0; i < PyArray_NDIM(a); i++) {
-        npy_intp span = (PyArray_DIM(a, i) - 1) * PyArray_STRIDE(a, i);
-        if (span < 0) l += span; else h += span;
-    }
-    *lo = l;
-    *hi = h + PyArray_ITEMSIZE(a);
-}
-
-/* Do the memory extents of a and b (both non-empty) intersect? */
-static int extents_overlap(PyArrayObject *a, PyArrayObject *b)
-{
-    char *lo1, *hi1, *lo2, *hi2;
-    byte_extent(a, &lo1, &hi1);
-    byte_extent(b, &lo2, &hi2);
-    return !(hi1 <= lo2 || hi2 <= lo1);
-}
-
-/* Writing out while reading `in` element by element is safe only when they do not overlap, or are the
- * very same elements (in place). */
-static int unsafe_overlap(PyArrayObject *out, PyArrayObject *in)
-{
-    if (in == NULL || PyArray_SIZE(out) == 0) return 0;
-    if (!extents_overlap(out, in)) return 0;
-    return !(PyArray_BYTES(out) == PyArray_BYTES(in) && PyArray_ITEMSIZE(out) == PyArray_ITEMSIZE(in) &&
-             same_layout(out, in));
-}
-
-/*
- * Resolve the result array (`*result`, what the caller gets) and the array the kernel writes
- * (`*target`): the same one when out (or a fresh result) is directly writable by the kernel, else a
- * scratch array in the work layout that is copied into the result afterwards.
- */
-static int prepare_output(PyObject *out_obj, const char *what, PyArrayObject *ref, const layout *L,
-                          int work, int result_type, PyArrayObject *in1, PyArrayObject *in2,
-                          PyArrayObject **result, PyArrayObject **target)
-{
-    char b1[200], b2[200];
-    *result = *target = NULL;
-    if (out_obj == NULL || out_obj == Py_None) {
-        *result = new_in_layout(L, result_type);
-        if (*result == NULL) return -1;
-    } else {
-        if (!PyArray_Check(out_obj)) {
-            PyErr_Format(PyExc_TypeError, "out must be a numpy.ndarray, got %.200s", Py_TYPE(out_obj)->tp_name);
+    for (int i = 0; i < n; i++)
+        if (objs[i] == Py_None) {
+            PyErr_Format(PyExc_TypeError, "%s is required%s, got None", names[i], why);
             return -1;
         }
-        PyArrayObject *out = (PyArrayObject *)out_obj;
-        if (!PyArray_SAMESHAPE(out, ref)) {
-            SHAPE_OF(b1, out); SHAPE_OF(b2, ref);
-            PyErr_Format(PyExc_ValueError, "out has shape %s, expected %s (the shape of %s)", b1, b2, what);
-            return -1;
-        }
-        if (PyArray_TYPE(out) != result_type) {
-            PyArray_Descr *want = PyArray_DescrFromType(result_type);
-            PyErr_Format(PyExc_TypeError, "out has dtype %S, expected %S (the result's dtype)",
-                         (PyObject *)PyArray_DESCR(out), (PyObject *)want);
-            Py_DECREF(want);
-            return -1;
-        }
-        if (!PyArray_ISWRITEABLE(out)) {
-            PyErr_SetString(PyExc_ValueError, "out is read-only");
-            return -1;
-        }
-        Py_INCREF(out);
-        *result = out;
-    }
-    if (PyArray_TYPE(*result) == work && PyArray_ISALIGNED(*result) && PyArray_ISNOTSWAPPED(*result) &&
-        same_layout(*result, ref) && !unsafe_overlap(*result, in1) && !unsafe_overlap(*result, in2)) {
-        Py_INCREF(*result);
-        *target = *result;
-        return 0;
-    }
-    *target = new_in_layout(L, work);
-    if (*target == NULL) { Py_CLEAR(*result); return -1; }
     return 0;
 }
 
-/* The kernels read the per-channel vectors (gamma, beta, mean, ...) while they write target: a vector that
- * shares memory with target (channel_vector does not copy a view of out that is already float64) is
- * replaced by a copy, else the kernel would read values it has already overwritten. */
-static int detach_from(PyArrayObject **v, PyArrayObject *target)
-{
-    if (*v == NULL || !extents_overlap(*v, target)) return 0;
-    PyArrayObject *c = (PyArrayObject *)PyArray_NewCopy(*v, NPY_CORDER);
-    Py_SETREF(*v, c);
-    return *v ? 0 : -1;
-}
-
-static int finish_output(PyArrayObject *result, PyArrayObject *target)
-{
-    return result == target ? 0 : PyArray_CopyInto(result, target);
-}
-
-/* The layout the kernel reads *xw in: its own where possible, else that of a C-order copy. */
-static int settle_layout(PyArrayObject **xw, int axis, layout *L)
-{
-    if (find_layout(*xw, axis, L)) return 0;
-    PyArrayObject *c = (PyArrayObject *)PyArray_NewCopy(*xw, NPY_CORDER);
-    Py_SETREF(*xw, c);
-    if (*xw == NULL) return -1;
-    c_order_layout(*xw, axis, L);
-    return 0;
-}
-
-/* x: ndim >= 2, a valid axis, nothing empty; then its work array and the layout the kernel will use. */
-static int prepare_input(PyObject *x_obj, PyObject *axis_obj, int *work, int *result, int *axis,
-                         PyArrayObject **xw, layout *L)
+static int check_training_count(const bn_input *in)
 {
     char b1[200];
-    *xw = NULL;
-    PyArrayObject *xa = as_array(x_obj, "x");
-    if (xa == NULL) return -1;
-    if (classify_dtype(PyArray_DESCR(xa), "x", work, result) < 0) goto fail;
-    if (PyArray_NDIM(xa) < 2) {
-        SHAPE_OF(b1, xa);
-        PyErr_Format(PyExc_ValueError,
-                     "x must have at least 2 dimensions (N, C, ...), got an array of shape %s", b1);
-        goto fail;
-    }
-    if (parse_axis(axis_obj, PyArray_NDIM(xa), axis) < 0) goto fail;
-    if (PyArray_SIZE(xa) == 0) {
-        SHAPE_OF(b1, xa);
-        PyErr_Format(PyExc_ValueError, "x is empty (shape %s): batch normalization needs at least one value "
-                     "per channel", b1);
-        goto fail;
-    }
-    *xw = to_work(xa, *work);
-    Py_CLEAR(xa);
-    if (*xw == NULL || settle_layout(xw, *axis, L) < 0) goto fail;
-    return 0;
-fail:
-    Py_XDECREF(xa);
-    Py_CLEAR(*xw);
+    if ((double)in->L.dims.N * (double)in->L.dims.S > 1) return 0;
+    SHAPE_OF(b1, in->arr);
+    PyErr_Format(PyExc_ValueError, "Expected more than 1 value per channel when training, got input of "
+                 "shape %s with channel axis %d", b1, in->axis);
     return -1;
 }
 
-/* A per-channel array must be 1-D with one value per channel of x. */
-static int check_channels(PyArrayObject *a, const char *name, PyArrayObject *x, int axis)
+static int nonempty(const bn_input *in)
 {
-    char b1[200], b2[200];
-    npy_intp C = PyArray_DIM(x, axis);
-    if (PyArray_NDIM(a) == 1 && PyArray_DIM(a, 0) == C) return 0;
-    SHAPE_OF(b1, a); SHAPE_OF(b2, x);
-    PyErr_Format(PyExc_ValueError,
-                 "%s has shape %s, expected (%ld,): one value per channel of x (shape %s, channel axis %d)",
-                 name, b1, (long)C, b2, axis);
-    return -1;
-}
-
-/* A per-channel vector (gamma, mean, ...) as contiguous float64 of length C. NULL/None -> *out = NULL. */
-static int channel_vector(PyObject *obj, const char *name, PyArrayObject *x, int axis, PyArrayObject **out)
-{
-    *out = NULL;
-    if (obj == NULL || obj == Py_None) return 0;
-    PyArrayObject *a = as_array(obj, name);
-    if (a == NULL) return -1;
-    int w, r;
-    if (classify_dtype(PyArray_DESCR(a), name, &w, &r) < 0) { Py_DECREF(a); return -1; }
-    if (check_channels(a, name, x, axis) < 0) {
-        Py_DECREF(a);
-        return -1;
-    }
-    *out = (PyArrayObject *)PyArray_FromArray(a, PyArray_DescrFromType(NPY_DOUBLE),
-                                              NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
-    Py_DECREF(a);
-    return *out ? 0 : -1;
-}
-
-/* A running statistic: a writable float32/float64 ndarray of length C, updated in place later. */
-static int running_stat(PyObject *obj, const char *name, PyArrayObject *x, int axis, PyArrayObject **out)
-{
-    *out = NULL;
-    if (obj == NULL || obj == Py_None) return 0;
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray of float32 or float64 (it is updated in "
-                     "place), got %.200s", name, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    PyArrayObject *a = (PyArrayObject *)obj;
-    if (PyArray_TYPE(a) != NPY_FLOAT && PyArray_TYPE(a) != NPY_DOUBLE) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype float32 or float64, got %S", name,
-                     (PyObject *)PyArray_DESCR(a));
-        return -1;
-    }
-    if (check_channels(a, name, x, axis) < 0) return -1;
-    if (!PyArray_ISWRITEABLE(a)) {
-        PyErr_Format(PyExc_ValueError, "%s is read-only, but it is updated in place", name);
-        return -1;
-    }
-    Py_INCREF(a);
-    *out = a;
-    return 0;
-}
-
-/* r = (1 - momentum) * r + momentum * batch, elementwise, whatever r's stride, alignment and byte order. */
-static void update_running(PyArrayObject *r, const double *batch, double momentum, double scale)
-{
-    npy_intp C = PyArray_DIM(r, 0), stride = PyArray_STRIDE(r, 0);
-    char *p = PyArray_BYTES(r);
-    int swap = !PyArray_ISNOTSWAPPED(r);
-    for (npy_intp c = 0; c < C; c++, p += stride) {
-        if (PyArray_TYPE(r) == NPY_FLOAT) {
-            float v;
-            memcpy(&v, p, sizeof v);
-            if (swap) { uint32_t u; memcpy(&u, &v, 4); u = __builtin_bswap32(u); memcpy(&v, &u, 4); }
-            v = (float)((1.0 - momentum) * (double)v + momentum * batch[c] * scale);
-            if (swap) { uint32_t u; memcpy(&u, &v, 4); u = __builtin_bswap32(u); memcpy(&v, &u, 4); }
-            memcpy(p, &v, sizeof v);
-        } else {
-            double v;
-            memcpy(&v, p, sizeof v);
-            if (swap) { uint64_t u; memcpy(&u, &v, 8); u = __builtin_bswap64(u); memcpy(&v, &u, 8); }
-            v = (1.0 - momentum) * v + momentum * batch[c] * scale;
-            if (swap) { uint64_t u; memcpy(&u, &v, 8); u = __builtin_bswap64(u); memcpy(&v, &u, 8); }
-            memcpy(p, &v, sizeof v);
-        }
-    }
-}
-
-static PyObject *cast_vector(PyArrayObject *v, int typenum)
-{
-    if (PyArray_TYPE(v) == typenum) {
-        Py_INCREF(v);
-        return (PyObject *)v;
-    }
-    return PyArray_CastToType(v, PyArray_DescrFromType(typenum), 0);
-}
-
-static PyObject *kernel_failed(int status)
-{
-    (void)status; /* BN_ENOMEM is the only failure */
-    return PyErr_NoMemory();
+    return PyArray_SIZE(in->arr) != 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
 /* forward_train                                                                                     */
 
 PyDoc_STRVAR(forward_train_doc,
-"forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-05, axis=1, out=None)\n"
+"forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-05, axis=1, out=None, stats_dtype=None)\n"
 "--\n\n"
 "Batch Normalization forward pass in training mode.\n\n"
 "Normalizes x with the statistics of the batch itself, per channel:\n"
 "``y = gamma * (x - mean) / sqrt(var + eps) + beta``, with the mean and the biased variance taken over\n"
-"every axis except ``axis``.\n\n"
+"every axis except ``axis``. It is :func:`batch_stats` followed by :func:`normalize` (and\n"
+":func:`update_running_stats`), run as one kernel, with the same bits.\n\n"
 "Parameters\n"
 "----------\n"
 "x : array_like, at least 2-D\n"
@@ -471,7 +81,7 @@ PyDoc_STRVAR(forward_train_doc,
 "    Scale and shift. None means no scale (1) / no shift (0).\n"
 "running_mean, running_var : ndarray of shape (C,), float32 or float64, optional\n"
 "    Running estimates, updated in place: ``r = (1 - momentum) * r + momentum * batch``, with the\n"
-"    unbiased batch variance for ``running_var`` (PyTorch's convention).\n"
+"    unbiased batch variance ``m2 / (count - 1)`` for ``running_var`` (PyTorch's convention).\n"
 "momentum : float, default 0.1\n"
 "    Weight of the batch statistic in the running estimates, in [0, 1].\n"
 "eps : float, default 1e-5\n"
@@ -479,7 +89,11 @@ PyDoc_STRVAR(forward_train_doc,
 "axis : int, default 1\n"
 "    The channel axis. Use -1 for channels-last data.\n"
 "out : ndarray, optional\n"
-"    Where to write y: x's shape, the result's dtype, writable. ``out=x`` normalizes in place.\n\n"
+"    Where to write y: x's shape, the result's dtype, writable. ``out=x`` normalizes in place.\n"
+"stats_dtype : dtype, optional\n"
+"    dtype of the returned mean and invstd: None (default) gives the result's dtype, as PyTorch does;\n"
+"    ``numpy.float64`` gives the statistics exactly as computed (the layers keep those for backward:\n"
+"    float32 statistics of float32 data with a large mean cost dx digits).\n\n"
 "Returns\n"
 "-------\n"
 "y : ndarray\n"
@@ -500,105 +114,360 @@ PyDoc_STRVAR(forward_train_doc,
 "-----\n"
 "Statistics are accumulated in float64 with a two-pass (then pairwise-merged) variance, and the\n"
 "work is cut independently of the thread count, so results are bit-identical for any number of\n"
-"threads.\n");
-
-/* stats64: return mean and invstd in float64 whatever x's type (the layers keep them for backward: for
- * float32 data with a large mean, a float32 mean alone costs dx ~5e-5 of its scale at mean = 1e5 std). */
-static PyObject *forward_train_impl(PyObject *self, PyObject *args, PyObject *kwds, int stats64)
-{
-    static char *kwlist[] = {"x", "gamma", "beta", "running_mean", "running_var", "momentum", "eps", "axis",
-                             "out", NULL};
-    PyObject *x_obj, *gamma_obj = NULL, *beta_obj = NULL, *rm_obj = NULL, *rv_obj = NULL;
-    PyObject *mom_obj = NULL, *eps_obj = NULL, *axis_obj = NULL, *out_obj = NULL;
-    PyArrayObject *xw = NULL, *gamma = NULL, *beta = NULL, *rm = NULL, *rv = NULL, *result = NULL,
-                  *target = NULL, *mean = NULL, *var = NULL, *invstd = NULL;
-    PyObject *mean_r = NULL, *invstd_r = NULL, *ret = NULL;
-    double momentum = 0.1, eps = 1e-5;
-    int work, rtype, axis, status;
-    layout L;
-    char b1[200];
-    (void)self;
-
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$OOOOOO:forward_train", kwlist, &x_obj, &gamma_obj,
-                                     &beta_obj, &rm_obj, &rv_obj, &mom_obj, &eps_obj, &axis_obj, &out_obj))
-        return NULL;
-    if (parse_real(mom_obj, "momentum", &momentum) < 0 || parse_real(eps_obj, "eps", &eps) < 0) return NULL;
-    if (!(momentum >= 0 && momentum <= 1)) {
-        PyErr_Format(PyExc_ValueError, "momentum must be in [0, 1], got %R", mom_obj);
-        return NULL;
-    }
-    if (check_eps(eps) < 0) return NULL;
-    if (prepare_input(x_obj, axis_obj, &work, &rtype, &axis, &xw, &L) < 0) return NULL;
-    const double count = (double)L.dims.N * (double)L.dims.S;
-    if (count <= 1) {
-        SHAPE_OF(b1, xw);
-        PyErr_Format(PyExc_ValueError, "Expected more than 1 value per channel when training, got input of "
-                     "shape %s with channel axis %d", b1, axis);
-        goto fail;
-    }
-    if (channel_vector(gamma_obj, "gamma", xw, axis, &gamma) < 0 ||
-        channel_vector(beta_obj, "beta", xw, axis, &beta) < 0 ||
-        running_stat(rm_obj, "running_mean", xw, axis, &rm) < 0 ||
-        running_stat(rv_obj, "running_var", xw, axis, &rv) < 0)
-        goto fail;
-    if (prepare_output(out_obj, "x", xw, &L, work, rtype, xw, NULL, &result, &target) < 0) goto fail;
-    if (detach_from(&gamma, target) < 0 || detach_from(&beta, target) < 0) goto fail;
-    npy_intp C = L.dims.C;
-    mean = (PyArrayObject *)PyArray_SimpleNew(1, &C, NPY_DOUBLE);
-    var = (PyArrayObject *)PyArray_SimpleNew(1, &C, NPY_DOUBLE);
-    invstd = (PyArrayObject *)PyArray_SimpleNew(1, &C, NPY_DOUBLE);
-    if (!mean || !var || !invstd) goto fail;
-
-    {
-        const double *g = gamma ? (const double *)PyArray_DATA(gamma) : NULL;
-        const double *b = beta ? (const double *)PyArray_DATA(beta) : NULL;
-        double *pm = (double *)PyArray_DATA(mean), *pv = (double *)PyArray_DATA(var),
-               *pi = (double *)PyArray_DATA(invstd);
-        int nt = bn_get_num_threads();
-        Py_BEGIN_ALLOW_THREADS
-        if (work == NPY_FLOAT)
-            status = bn_forward_train_f32((const float *)PyArray_DATA(xw), (float *)PyArray_DATA(target), L.dims,
-                                          g, b, eps, pm, pv, pi, nt);
-        else
-            status = bn_forward_train_f64((const double *)PyArray_DATA(xw), (double *)PyArray_DATA(target),
-                                          L.dims, g, b, eps, pm, pv, pi, nt);
-        Py_END_ALLOW_THREADS
-    }
-    if (status != BN_OK) { kernel_failed(status); goto fail; }
-    mean_r = cast_vector(mean, stats64 ? NPY_DOUBLE : rtype);
-    invstd_r = cast_vector(invstd, stats64 ? NPY_DOUBLE : rtype);
-    if (!mean_r || !invstd_r) goto fail;
-    if (finish_output(result, target) < 0) goto fail;
-    /* Nothing below can fail: the running statistics change only when the call succeeds. */
-    if (rm) update_running(rm, (const double *)PyArray_DATA(mean), momentum, 1.0);
-    if (rv) update_running(rv, (const double *)PyArray_DATA(var), momentum, count / (count - 1));
-    ret = Py_BuildValue("(OOO)", result, mean_r, invstd_r);
-fail:
-    Py_XDECREF(xw); Py_XDECREF(gamma); Py_XDECREF(beta); Py_XDECREF(rm); Py_XDECREF(rv);
-    Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(mean); Py_XDECREF(var); Py_XDECREF(invstd);
-    Py_XDECREF(mean_r); Py_XDECREF(invstd_r);
-    return ret;
-}
+"threads.\n\n"
+"Examples\n"
+"--------\n"
+">>> import numpy as np, batchnorm as bn\n"
+">>> x = np.array([[1.0, 10.0], [3.0, 30.0]])\n"
+">>> y, mean, invstd = bn.forward_train(x, eps=0.0)\n"
+">>> y\n"
+"array([[-1., -1.],\n"
+"       [ 1.,  1.]])\n"
+">>> mean\n"
+"array([ 2., 20.])\n");
 
 static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    return forward_train_impl(self, args, kwds, 0);
-}
+    static char *kwlist[] = {"x", "gamma", "beta", "running_mean", "running_var", "momentum", "eps", "axis",
+                             "out", "stats_dtype", NULL};
+    static const char *const vnames[] = {"gamma", "beta"};
+    PyObject *x_obj, *vobj[2] = {NULL, NULL}, *rm_obj = NULL, *rv_obj = NULL, *mom_obj = NULL, *eps_obj = NULL,
+             *axis_obj = NULL, *out_obj = NULL, *sd_obj = NULL;
+    bn_input in = {0};
+    PyArrayObject *vec[2] = {NULL, NULL}, *rm = NULL, *rv = NULL, *result = NULL, *target = NULL, *mean = NULL,
+                  *m2 = NULL, *invstd = NULL;
+    PyObject *mean_r = NULL, *invstd_r = NULL, *ret = NULL;
+    double momentum = 0.1, eps = 1e-5;
+    int status, stats_type;
+    (void)self;
 
-static PyObject *py_forward_train_stats64(PyObject *self, PyObject *args, PyObject *kwds)
-{
-    return forward_train_impl(self, args, kwds, 1);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$OOOOOOO:forward_train", kwlist, &x_obj, &vobj[0],
+                                     &vobj[1], &rm_obj, &rv_obj, &mom_obj, &eps_obj, &axis_obj, &out_obj,
+                                     &sd_obj))
+        return NULL;
+    if (bn_parse_momentum(mom_obj, &momentum) < 0 || bn_parse_eps(eps_obj, &eps) < 0) return NULL;
+    if (bn_prepare_input(x_obj, axis_obj, BN_NONEMPTY, &in) < 0) return NULL;
+    const npy_intp C = in.L.dims.C;
+    const double count = (double)in.L.dims.N * (double)in.L.dims.S;
+    if (check_training_count(&in) < 0 || bn_parse_stats_dtype(sd_obj, in.result, &stats_type) < 0 ||
+        channel_vectors(&in, 2, vnames, vobj, vec) < 0 ||
+        bn_running_stat(rm_obj, "running_mean", C, in.of, &rm) < 0 ||
+        bn_running_stat(rv_obj, "running_var", C, in.of, &rv) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, NULL, &result, &target) < 0 || detach_all(2, vec, target) < 0)
+        goto fail;
+    if (!(mean = bn_new_vector(C)) || !(m2 = bn_new_vector(C)) || !(invstd = bn_new_vector(C))) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    status = BN_KERNEL(in.work, bn_forward_train, DATA(in.arr), DATA(target), in.L.dims, DDATA(vec[0]),
+                       DDATA(vec[1]), eps, DATA(mean), DATA(m2), DATA(invstd), bn_get_num_threads());
+    Py_END_ALLOW_THREADS
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    if (!(mean_r = bn_cast_vector(mean, stats_type)) || !(invstd_r = bn_cast_vector(invstd, stats_type))) goto fail;
+    if (bn_finish_output(result, target) < 0) goto fail;
+    /* Nothing below can fail: the running statistics change only when the call succeeds. */
+    if (rm) bn_update_running(rm, DDATA(mean), 1.0, momentum);
+    if (rv) bn_update_running(rv, DDATA(m2), count - 1, momentum);
+    ret = Py_BuildValue("(OOO)", result, mean_r, invstd_r);
+fail:
+    bn_input_clear(&in);
+    clear_all(2, vec);
+    Py_XDECREF(rm); Py_XDECREF(rv); Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(mean); Py_XDECREF(m2);
+    Py_XDECREF(invstd); Py_XDECREF(mean_r); Py_XDECREF(invstd_r);
+    return ret;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
-/* forward_infer                                                                                     */
+/* batch_stats, merge_stats, update_running_stats                                                    */
+
+PyDoc_STRVAR(batch_stats_doc,
+"batch_stats(x, *, axis=1)\n"
+"--\n\n"
+"The statistics phase: per channel, the count, mean and m2 of x's values.\n\n"
+"m2 is the sum of squared deviations from the mean, ``sum((x - mean)**2)``, so the biased variance is\n"
+"``m2 / count`` and the unbiased one ``m2 / (count - 1)``. They are computed exactly as\n"
+":func:`forward_train` computes them (float64, two-pass within cached chunks, merged pairwise), with\n"
+"the same bits. Parts of a batch (one per process, say) are combined with :func:`merge_stats`.\n\n"
+"Parameters\n"
+"----------\n"
+"x : array_like, at least 2-D\n"
+"    A batch or a part of one; dtypes as in :func:`forward_train`. May be empty (N = 0): then count\n"
+"    is 0 and mean and m2 are zeros, a part :func:`merge_stats` skips.\n"
+"axis : int, default 1\n"
+"    The channel axis.\n\n"
+"Returns\n"
+"-------\n"
+"count : int\n"
+"    Values per channel: x.size // C.\n"
+"mean, m2 : ndarray of shape (C,), float64\n\n"
+"Raises\n"
+"------\n"
+"TypeError, ValueError\n"
+"    As :func:`forward_train`.\n\n"
+"Examples\n"
+"--------\n"
+">>> import numpy as np, batchnorm as bn\n"
+">>> count, mean, m2 = bn.batch_stats(np.array([[1.0, 10.0], [3.0, 30.0]]))\n"
+">>> count, mean, m2\n"
+"(2, array([ 2., 20.]), array([  2., 200.]))\n");
+
+static PyObject *py_batch_stats(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"x", "axis", NULL};
+    PyObject *x_obj, *axis_obj = NULL, *ret = NULL;
+    bn_input in = {0};
+    PyArrayObject *mean = NULL, *m2 = NULL;
+    int status = BN_OK;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$O:batch_stats", kwlist, &x_obj, &axis_obj)) return NULL;
+    if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
+    const npy_intp C = in.L.dims.C;
+    if (!(mean = bn_new_vector(C)) || !(m2 = bn_new_vector(C))) goto fail;
+    if (nonempty(&in)) {
+        Py_BEGIN_ALLOW_THREADS
+        status = BN_KERNEL(in.work, bn_batch_stats, DATA(in.arr), in.L.dims, DATA(mean), DATA(m2),
+                           bn_get_num_threads());
+        Py_END_ALLOW_THREADS
+    }
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    ret = Py_BuildValue("(LOO)", (long long)in.L.dims.N * (long long)in.L.dims.S, mean, m2);
+fail:
+    bn_input_clear(&in);
+    Py_XDECREF(mean); Py_XDECREF(m2);
+    return ret;
+}
+
+PyDoc_STRVAR(merge_stats_doc,
+"merge_stats(counts, means, m2s)\n"
+"--\n\n"
+"The merge phase: combine the statistics of K parts of a batch into those of the whole batch.\n\n"
+"Parts are merged in order k = 0, 1, ..., K-1 with Chan, Golub and LeVeque's pairwise formula (no\n"
+"``E[x^2] - E[x]^2`` cancellation); parts with count 0 are skipped. The same inputs give the same bits,\n"
+"always, so processes that merge the same gathered parts hold identical statistics.\n\n"
+"Parameters\n"
+"----------\n"
+"counts : array_like of shape (K,)\n"
+"    Values per channel in each part: non-negative integers (integral floats are accepted).\n"
+"means, m2s : array_like of shape (K, C)\n"
+"    Each part's mean and m2, as :func:`batch_stats` returns them.\n\n"
+"Returns\n"
+"-------\n"
+"count : int\n"
+"    The total count.\n"
+"mean, m2 : ndarray of shape (C,), float64\n"
+"    The merged statistics (zeros when count is 0).\n\n"
+"Raises\n"
+"------\n"
+"TypeError, ValueError\n"
+"    For non-numeric or non-integral counts, negative counts, or shapes that do not fit together.\n\n"
+"Examples\n"
+"--------\n"
+">>> import numpy as np, batchnorm as bn\n"
+">>> x = np.arange(10.0).reshape(5, 2)\n"
+">>> parts = [bn.batch_stats(x[:2]), bn.batch_stats(x[2:])]\n"
+">>> count, mean, m2 = bn.merge_stats([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])\n"
+">>> count, mean, m2\n"
+"(5, array([4., 5.]), array([40., 40.]))\n");
+
+/* counts as int64 (K,): integers, or floats with integral values; non-negative. */
+static PyArrayObject *parse_counts(PyObject *obj)
+{
+    char b1[200];
+    PyArrayObject *a = bn_as_array(obj, "counts"), *r = NULL;
+    if (a == NULL) return NULL;
+    if (PyArray_NDIM(a) != 1) {
+        SHAPE_OF(b1, a);
+        PyErr_Format(PyExc_ValueError, "counts must be 1-D (one count per part), got shape %s", b1);
+        goto done;
+    }
+    char kind = PyArray_DESCR(a)->kind;
+    if (kind != 'i' && kind != 'u' && kind != 'f') {
+        PyErr_Format(PyExc_TypeError, "counts must be integers, got dtype %S", (PyObject *)PyArray_DESCR(a));
+        goto done;
+    }
+    PyArrayObject *f = (PyArrayObject *)PyArray_FromArray(a, PyArray_DescrFromType(NPY_DOUBLE),
+                                                          NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+    if (f == NULL) goto done;
+    const double *v = (const double *)PyArray_DATA(f);
+    for (npy_intp k = 0; k < PyArray_DIM(f, 0); k++)
+        if (!(v[k] >= 0) || v[k] != floor(v[k]) || v[k] > 9.0e15) {
+            PyObject *bad = PyFloat_FromDouble(v[k]);
+            if (bad) PyErr_Format(PyExc_ValueError, "counts must be non-negative whole numbers, got %R at "
+                                  "index %ld", bad, (long)k);
+            Py_XDECREF(bad);
+            Py_DECREF(f);
+            goto done;
+        }
+    Py_DECREF(f);
+    r = (PyArrayObject *)PyArray_FromArray(a, PyArray_DescrFromType(NPY_INT64),
+                                           NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+done:
+    Py_DECREF(a);
+    return r;
+}
+
+/* A (K, C) float64 C-contiguous matrix of per-part statistics. */
+static PyArrayObject *parse_parts(PyObject *obj, const char *name, npy_intp K)
+{
+    char b1[200];
+    int w, r;
+    PyArrayObject *a = bn_as_array(obj, name), *res = NULL;
+    if (a == NULL) return NULL;
+    if (bn_classify_dtype(PyArray_DESCR(a), name, &w, &r) < 0) goto done;
+    if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 0) != K) {
+        SHAPE_OF(b1, a);
+        PyErr_Format(PyExc_ValueError, "%s has shape %s, expected (%ld, C): one row per part (counts has %ld)",
+                     name, b1, (long)K, (long)K);
+        goto done;
+    }
+    res = (PyArrayObject *)PyArray_FromArray(a, PyArray_DescrFromType(NPY_DOUBLE),
+                                             NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+done:
+    Py_DECREF(a);
+    return res;
+}
+
+static PyObject *py_merge_stats(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"counts", "means", "m2s", NULL};
+    PyObject *counts_obj, *means_obj, *m2s_obj, *ret = NULL;
+    PyArrayObject *counts = NULL, *means = NULL, *m2s = NULL, *mean = NULL, *m2 = NULL;
+    char b1[200], b2[200];
+    int64_t count;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:merge_stats", kwlist, &counts_obj, &means_obj, &m2s_obj))
+        return NULL;
+    if (!(counts = parse_counts(counts_obj))) return NULL;
+    const npy_intp K = PyArray_DIM(counts, 0);
+    if (!(means = parse_parts(means_obj, "means", K)) || !(m2s = parse_parts(m2s_obj, "m2s", K))) goto fail;
+    if (!PyArray_SAMESHAPE(means, m2s)) {
+        SHAPE_OF(b1, m2s); SHAPE_OF(b2, means);
+        PyErr_Format(PyExc_ValueError, "m2s has shape %s, expected %s (the shape of means)", b1, b2);
+        goto fail;
+    }
+    const npy_intp C = PyArray_DIM(means, 1);
+    if (!(mean = bn_new_vector(C)) || !(m2 = bn_new_vector(C))) goto fail;
+    bn_merge_stats(K, C, (const int64_t *)DATA(counts), DDATA(means), DDATA(m2s), &count, DATA(mean), DATA(m2));
+    ret = Py_BuildValue("(LOO)", (long long)count, mean, m2);
+fail:
+    Py_XDECREF(counts); Py_XDECREF(means); Py_XDECREF(m2s); Py_XDECREF(mean); Py_XDECREF(m2);
+    return ret;
+}
+
+PyDoc_STRVAR(update_running_stats_doc,
+"update_running_stats(running_mean, running_var, mean, m2, count, *, momentum=0.1)\n"
+"--\n\n"
+"Update running estimates in place from a batch's statistics (PyTorch's rule).\n\n"
+"``running_mean = (1 - momentum) * running_mean + momentum * mean`` and\n"
+"``running_var = (1 - momentum) * running_var + momentum * m2 / (count - 1)`` (the unbiased variance),\n"
+"exactly as :func:`forward_train` updates them.\n\n"
+"Parameters\n"
+"----------\n"
+"running_mean, running_var : ndarray of shape (C,), float32 or float64, or None\n"
+"    Updated in place (any stride or byte order); None skips that one.\n"
+"mean, m2 : array_like of shape (C,)\n"
+"    The batch statistics, as :func:`batch_stats` or :func:`merge_stats` return them.\n"
+"count : int\n"
+"    Values per channel behind them; more than 1.\n"
+"momentum : float, default 0.1\n"
+"    In [0, 1].\n\n"
+"Returns\n"
+"-------\n"
+"None\n\n"
+"Raises\n"
+"------\n"
+"TypeError, ValueError\n"
+"    For wrong types or shapes, a read-only running statistic, count <= 1, or momentum outside\n"
+"    [0, 1]. Nothing is modified when it raises.\n");
+
+static PyObject *py_update_running_stats(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"running_mean", "running_var", "mean", "m2", "count", "momentum", NULL};
+    PyObject *rm_obj, *rv_obj, *mean_obj, *m2_obj, *count_obj, *mom_obj = NULL, *ret = NULL;
+    PyArrayObject *rm = NULL, *rv = NULL, *mean = NULL, *m2 = NULL, *ma = NULL;
+    double momentum = 0.1;
+    int64_t count;
+    char of[120];
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|$O:update_running_stats", kwlist, &rm_obj, &rv_obj,
+                                     &mean_obj, &m2_obj, &count_obj, &mom_obj))
+        return NULL;
+    static const char *const rnames[] = {"mean", "m2"};
+    PyObject *robjs[] = {mean_obj, m2_obj};
+    if (required(robjs, rnames, 2, "") < 0) return NULL;
+    if (bn_parse_momentum(mom_obj, &momentum) < 0) return NULL;
+    if (bn_parse_count(count_obj, "count", 0, &count) < 0) return NULL;
+    if (count <= 1) {
+        PyErr_Format(PyExc_ValueError, "Expected more than 1 value per channel when training, got count %lld "
+                     "(the unbiased variance divides by count - 1)", (long long)count);
+        return NULL;
+    }
+    if (!(ma = bn_as_array(mean_obj, "mean"))) return NULL;
+    if (PyArray_NDIM(ma) != 1) {
+        char b1[200];
+        SHAPE_OF(b1, ma);
+        PyErr_Format(PyExc_ValueError, "mean has shape %s, expected (C,)", b1);
+        goto fail;
+    }
+    const npy_intp C = PyArray_DIM(ma, 0);
+    snprintf(of, sizeof of, "one value per channel (mean has %ld)", (long)C);
+    if (bn_channel_vector(mean_obj, "mean", C, of, &mean) < 0 || bn_channel_vector(m2_obj, "m2", C, of, &m2) < 0 ||
+        bn_running_stat(rm_obj, "running_mean", C, of, &rm) < 0 ||
+        bn_running_stat(rv_obj, "running_var", C, of, &rv) < 0)
+        goto fail;
+    if (rm) bn_update_running(rm, DDATA(mean), 1.0, momentum);
+    if (rv) bn_update_running(rv, DDATA(m2), (double)(count - 1), momentum);
+    Py_INCREF(Py_None);
+    ret = Py_None;
+fail:
+    Py_XDECREF(ma); Py_XDECREF(rm); Py_XDECREF(rv); Py_XDECREF(mean); Py_XDECREF(m2);
+    return ret;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* normalize, forward_infer                                                                          */
+
+PyDoc_STRVAR(normalize_doc,
+"normalize(x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None)\n"
+"--\n\n"
+"The normalize phase: ``y = gamma * (x - mean) * invstd + beta`` with given per-channel statistics.\n\n"
+"With the statistics of :func:`batch_stats` (or of :func:`merge_stats` over the parts of a batch) and\n"
+"``invstd = 1 / np.sqrt(m2 / count + eps)``, y has the bits :func:`forward_train` gives.\n\n"
+"Parameters\n"
+"----------\n"
+"x : array_like, at least 2-D\n"
+"    Input; dtypes as in :func:`forward_train`. May be empty.\n"
+"mean, invstd : array_like of shape (C,)\n"
+"    The statistics to normalize with.\n"
+"gamma, beta : array_like of shape (C,), optional\n"
+"    Scale and shift; None means 1 and 0.\n"
+"axis : int, default 1\n"
+"    The channel axis (-1 for channels-last).\n"
+"out : ndarray, optional\n"
+"    Where to write y (x's shape, the result's dtype); ``out=x`` works in place.\n\n"
+"Returns\n"
+"-------\n"
+"y : ndarray\n"
+"    x's shape and dtype (float64 for integer or bool input).\n\n"
+"Raises\n"
+"------\n"
+"TypeError, ValueError\n"
+"    As :func:`forward_train`.\n\n"
+"Examples\n"
+"--------\n"
+">>> import numpy as np, batchnorm as bn\n"
+">>> bn.normalize(np.array([[1.0, 4.0], [3.0, 8.0]]), mean=[2.0, 6.0], invstd=[1.0, 0.5])\n"
+"array([[-1., -1.],\n"
+"       [ 1.,  1.]])\n");
 
 PyDoc_STRVAR(forward_infer_doc,
 "forward_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-05, axis=1, out=None)\n"
 "--\n\n"
 "Batch Normalization forward pass in inference mode.\n\n"
 "Normalizes x with given (running) statistics:\n"
-"``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.\n\n"
+"``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``, i.e. :func:`normalize` with\n"
+"``invstd = 1 / sqrt(running_var + eps)``.\n\n"
 "Parameters\n"
 "----------\n"
 "x : array_like, at least 2-D\n"
@@ -622,74 +491,222 @@ PyDoc_STRVAR(forward_infer_doc,
 "TypeError, ValueError\n"
 "    As :func:`forward_train`.\n");
 
-static PyObject *py_forward_infer(PyObject *self, PyObject *args, PyObject *kwds)
+/* normalize (eps < 0: stat is invstd) and forward_infer (stat is running_var, invstd from eps). */
+static PyObject *normalize_impl(PyObject *x_obj, PyObject *const *vobj, const char *const *vnames, double eps,
+                                PyObject *axis_obj, PyObject *out_obj, int allow_empty)
 {
-    static char *kwlist[] = {"x", "running_mean", "running_var", "gamma", "beta", "eps", "axis", "out", NULL};
-    PyObject *x_obj, *rm_obj, *rv_obj, *gamma_obj = NULL, *beta_obj = NULL, *eps_obj = NULL,
-             *axis_obj = NULL, *out_obj = NULL;
-    PyArrayObject *xw = NULL, *gamma = NULL, *beta = NULL, *rm = NULL, *rv = NULL, *result = NULL,
-                  *target = NULL, *invstd = NULL;
+    bn_input in = {0};
+    PyArrayObject *vec[4] = {NULL, NULL, NULL, NULL}, *result = NULL, *target = NULL, *invstd = NULL;
     PyObject *ret = NULL;
-    double eps = 1e-5;
-    int work, rtype, axis, status;
-    layout L;
-    (void)self;
+    int status = BN_OK;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OO$OOO:forward_infer", kwlist, &x_obj, &rm_obj, &rv_obj,
-                                     &gamma_obj, &beta_obj, &eps_obj, &axis_obj, &out_obj))
-        return NULL;
-    if (parse_real(eps_obj, "eps", &eps) < 0 || check_eps(eps) < 0) return NULL;
-    if (rm_obj == Py_None || rv_obj == Py_None) {
-        PyErr_SetString(PyExc_TypeError, "running_mean and running_var are required for inference, got None");
-        return NULL;
-    }
-    if (prepare_input(x_obj, axis_obj, &work, &rtype, &axis, &xw, &L) < 0) return NULL;
-    if (channel_vector(rm_obj, "running_mean", xw, axis, &rm) < 0 ||
-        channel_vector(rv_obj, "running_var", xw, axis, &rv) < 0 ||
-        channel_vector(gamma_obj, "gamma", xw, axis, &gamma) < 0 ||
-        channel_vector(beta_obj, "beta", xw, axis, &beta) < 0)
+    if (required(vobj, vnames, 2, "") < 0) return NULL;
+    if (bn_prepare_input(x_obj, axis_obj, allow_empty, &in) < 0) return NULL;
+    /* vec: mean, invstd (or running_var), gamma, beta */
+    if (channel_vectors(&in, 4, vnames, vobj, vec) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, NULL, &result, &target) < 0 || detach_all(4, vec, target) < 0)
         goto fail;
-    if (prepare_output(out_obj, "x", xw, &L, work, rtype, xw, NULL, &result, &target) < 0) goto fail;
-    if (detach_from(&rm, target) < 0 || detach_from(&gamma, target) < 0 || detach_from(&beta, target) < 0)
-        goto fail;
-    npy_intp C = L.dims.C;
-    invstd = (PyArrayObject *)PyArray_SimpleNew(1, &C, NPY_DOUBLE);
-    if (!invstd) goto fail;
-    {
-        double *pi = (double *)PyArray_DATA(invstd);
-        const double *pv = (const double *)PyArray_DATA(rv);
+    if (eps >= 0) {
+        const npy_intp C = in.L.dims.C;
+        if (!(invstd = bn_new_vector(C))) goto fail;
+        double *pi = DATA(invstd);
+        const double *pv = DDATA(vec[1]);
         for (npy_intp c = 0; c < C; c++) pi[c] = 1.0 / sqrt(pv[c] + eps);
-        const double *pm = (const double *)PyArray_DATA(rm);
-        const double *g = gamma ? (const double *)PyArray_DATA(gamma) : NULL;
-        const double *b = beta ? (const double *)PyArray_DATA(beta) : NULL;
-        int nt = bn_get_num_threads();
+    } else {
+        invstd = vec[1];
+        Py_INCREF(invstd);
+    }
+    if (nonempty(&in)) {
         Py_BEGIN_ALLOW_THREADS
-        if (work == NPY_FLOAT)
-            status = bn_forward_infer_f32((const float *)PyArray_DATA(xw), (float *)PyArray_DATA(target), L.dims,
-                                          pm, pi, g, b, nt);
-        else
-            status = bn_forward_infer_f64((const double *)PyArray_DATA(xw), (double *)PyArray_DATA(target),
-                                          L.dims, pm, pi, g, b, nt);
+        status = BN_KERNEL(in.work, bn_normalize, DATA(in.arr), DATA(target), in.L.dims, DDATA(vec[0]),
+                           DDATA(invstd), DDATA(vec[2]), DDATA(vec[3]), bn_get_num_threads());
         Py_END_ALLOW_THREADS
     }
-    if (status != BN_OK) { kernel_failed(status); goto fail; }
-    if (finish_output(result, target) < 0) goto fail;
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    if (bn_finish_output(result, target) < 0) goto fail;
     Py_INCREF(result);
     ret = (PyObject *)result;
 fail:
-    Py_XDECREF(xw); Py_XDECREF(gamma); Py_XDECREF(beta); Py_XDECREF(rm); Py_XDECREF(rv);
+    bn_input_clear(&in);
+    clear_all(4, vec);
     Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(invstd);
     return ret;
 }
 
+static PyObject *py_normalize(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"x", "mean", "invstd", "gamma", "beta", "axis", "out", NULL};
+    static const char *const vnames[] = {"mean", "invstd", "gamma", "beta"};
+    PyObject *x_obj, *v[4] = {NULL, NULL, NULL, NULL}, *axis_obj = NULL, *out_obj = NULL;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OO$OO:normalize", kwlist, &x_obj, &v[0], &v[1], &v[2],
+                                     &v[3], &axis_obj, &out_obj))
+        return NULL;
+    return normalize_impl(x_obj, v, vnames, -1.0, axis_obj, out_obj, BN_ALLOW_EMPTY);
+}
+
+static PyObject *py_forward_infer(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"x", "running_mean", "running_var", "gamma", "beta", "eps", "axis", "out", NULL};
+    static const char *const vnames[] = {"running_mean", "running_var", "gamma", "beta"};
+    PyObject *x_obj, *v[4] = {NULL, NULL, NULL, NULL}, *eps_obj = NULL, *axis_obj = NULL, *out_obj = NULL;
+    double eps = 1e-5;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OO$OOO:forward_infer", kwlist, &x_obj, &v[0], &v[1],
+                                     &v[2], &v[3], &eps_obj, &axis_obj, &out_obj))
+        return NULL;
+    if (bn_parse_eps(eps_obj, &eps) < 0) return NULL;
+    if (v[0] == Py_None || v[1] == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "running_mean and running_var are required for inference, got None");
+        return NULL;
+    }
+    return normalize_impl(x_obj, v, vnames, eps, axis_obj, out_obj, BN_NONEMPTY);
+}
+
 /* ------------------------------------------------------------------------------------------------ */
-/* backward                                                                                          */
+/* backward_reduce, backward_apply, backward                                                         */
+
+PyDoc_STRVAR(backward_reduce_doc,
+"backward_reduce(dy, x, mean, *, axis=1)\n"
+"--\n\n"
+"The backward reduce phase: per channel, ``sum_dy = sum(dy)`` and ``sum_dy_xmu = sum(dy * (x - mean))``.\n\n"
+"Summed in the order :func:`backward` sums them (float64), so with :func:`backward_apply` on a whole\n"
+"batch it gives backward's bits. Over the parts of a batch, add each part's sums and pass the totals\n"
+"to :func:`backward_apply`. The parameter gradients are ``dbeta = sum_dy`` and\n"
+"``dgamma = invstd * sum_dy_xmu``.\n\n"
+"Parameters\n"
+"----------\n"
+"dy : array_like\n"
+"    Gradient of the loss with respect to y; x's shape.\n"
+"x : array_like, at least 2-D\n"
+"    The forward pass's input (may be empty).\n"
+"mean : array_like of shape (C,)\n"
+"    The mean the forward pass normalized with.\n"
+"axis : int, default 1\n"
+"    The channel axis.\n\n"
+"Returns\n"
+"-------\n"
+"sum_dy, sum_dy_xmu : ndarray of shape (C,), float64\n\n"
+"Raises\n"
+"------\n"
+"TypeError, ValueError\n"
+"    As :func:`backward`.\n");
+
+static PyObject *py_backward_reduce(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"dy", "x", "mean", "axis", NULL};
+    static const char *const vnames[] = {"mean"};
+    PyObject *dy_obj, *x_obj, *v[1], *axis_obj = NULL, *ret = NULL;
+    bn_input in = {0};
+    PyArrayObject *dy = NULL, *vec[1] = {NULL}, *sdy = NULL, *sdyxm = NULL;
+    int status = BN_OK;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|$O:backward_reduce", kwlist, &dy_obj, &x_obj, &v[0],
+                                     &axis_obj))
+        return NULL;
+    if (required(v, vnames, 1, "") < 0) return NULL;
+    if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
+    if (bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 || channel_vectors(&in, 1, vnames, v, vec) < 0) goto fail;
+    const npy_intp C = in.L.dims.C;
+    if (!(sdy = bn_new_vector(C)) || !(sdyxm = bn_new_vector(C))) goto fail;
+    if (nonempty(&in)) {
+        Py_BEGIN_ALLOW_THREADS
+        status = BN_KERNEL(in.work, bn_backward_reduce, DATA(dy), DATA(in.arr), in.L.dims, DDATA(vec[0]),
+                           DATA(sdy), DATA(sdyxm), bn_get_num_threads());
+        Py_END_ALLOW_THREADS
+    }
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    ret = Py_BuildValue("(OO)", sdy, sdyxm);
+fail:
+    bn_input_clear(&in);
+    clear_all(1, vec);
+    Py_XDECREF(dy); Py_XDECREF(sdy); Py_XDECREF(sdyxm);
+    return ret;
+}
+
+PyDoc_STRVAR(backward_apply_doc,
+"backward_apply(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, *, axis=1, out=None)\n"
+"--\n\n"
+"The backward apply phase: the training-mode gradient dx from (global) sums and count.\n\n"
+"``dx = gamma * invstd * (dy - sum_dy / count - (x - mean) * invstd**2 * sum_dy_xmu / count)``: with\n"
+"the sums of :func:`backward_reduce` over the whole batch, x's rows of the whole batch's gradient.\n\n"
+"Parameters\n"
+"----------\n"
+"dy : array_like\n"
+"    Gradient of the loss with respect to y; x's shape.\n"
+"x : array_like, at least 2-D\n"
+"    The forward pass's input (this part of the batch; may be empty).\n"
+"mean, invstd : array_like of shape (C,)\n"
+"    The (global) statistics the forward pass normalized with.\n"
+"gamma : array_like of shape (C,) or None\n"
+"    The scale; None means 1.\n"
+"sum_dy, sum_dy_xmu : array_like of shape (C,)\n"
+"    Sums over the whole batch (every part's :func:`backward_reduce` added).\n"
+"count : int\n"
+"    Values per channel in the whole batch; at least 1 and at least x's own count.\n"
+"axis : int, default 1\n"
+"    The channel axis.\n"
+"out : ndarray, optional\n"
+"    Where to write dx (x's shape, the result's dtype); may be dy or x itself.\n\n"
+"Returns\n"
+"-------\n"
+"dx : ndarray\n"
+"    x's shape and dtype (float64 for integer or bool input).\n\n"
+"Raises\n"
+"------\n"
+"TypeError, ValueError\n"
+"    As :func:`backward`, and for a count that is not a whole number at least x's count (and 1).\n");
+
+static PyObject *py_backward_apply(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"dy", "x", "mean", "invstd", "gamma", "sum_dy", "sum_dy_xmu", "count", "axis",
+                             "out", NULL};
+    static const char *const vnames[] = {"mean", "invstd", "gamma", "sum_dy", "sum_dy_xmu"};
+    PyObject *dy_obj, *x_obj, *v[5], *count_obj, *axis_obj = NULL, *out_obj = NULL, *ret = NULL;
+    bn_input in = {0};
+    PyArrayObject *dy = NULL, *vec[5] = {NULL, NULL, NULL, NULL, NULL}, *result = NULL, *target = NULL;
+    int64_t count;
+    int status = BN_OK;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOO|$OO:backward_apply", kwlist, &dy_obj, &x_obj, &v[0],
+                                     &v[1], &v[2], &v[3], &v[4], &count_obj, &axis_obj, &out_obj))
+        return NULL;
+    PyObject *req[] = {v[0], v[1], v[3], v[4]};
+    static const char *const req_names[] = {"mean", "invstd", "sum_dy", "sum_dy_xmu"};
+    if (required(req, req_names, 4, "") < 0) return NULL;
+    if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
+    const int64_t local = (int64_t)in.L.dims.N * (int64_t)in.L.dims.S;
+    if (bn_parse_count(count_obj, "count", local > 1 ? local : 1, &count) < 0 ||
+        bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 || channel_vectors(&in, 5, vnames, v, vec) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, dy, &result, &target) < 0 || detach_all(5, vec, target) < 0)
+        goto fail;
+    if (nonempty(&in)) {
+        Py_BEGIN_ALLOW_THREADS
+        status = BN_KERNEL(in.work, bn_backward_apply, DATA(dy), DATA(in.arr), DATA(target), in.L.dims,
+                           DDATA(vec[0]), DDATA(vec[1]), DDATA(vec[2]), DDATA(vec[3]), DDATA(vec[4]),
+                           (double)count, bn_get_num_threads());
+        Py_END_ALLOW_THREADS
+    }
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    if (bn_finish_output(result, target) < 0) goto fail;
+    Py_INCREF(result);
+    ret = (PyObject *)result;
+fail:
+    bn_input_clear(&in);
+    clear_all(5, vec);
+    Py_XDECREF(dy); Py_XDECREF(result); Py_XDECREF(target);
+    return ret;
+}
 
 PyDoc_STRVAR(backward_doc,
 "backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None)\n"
 "--\n\n"
 "Batch Normalization backward pass.\n\n"
-"Gradients of ``y = gamma * (x - mean) * invstd + beta`` given the upstream gradient dy.\n\n"
+"Gradients of ``y = gamma * (x - mean) * invstd + beta`` given the upstream gradient dy. In training\n"
+"mode it is :func:`backward_reduce` followed by :func:`backward_apply` with x's own count, run as one\n"
+"kernel, with the same bits.\n\n"
 "Parameters\n"
 "----------\n"
 "dy : array_like\n"
@@ -725,80 +742,45 @@ PyDoc_STRVAR(backward_doc,
 static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"dy", "x", "mean", "invstd", "gamma", "training", "axis", "out", NULL};
-    PyObject *dy_obj, *x_obj, *mean_obj, *invstd_obj, *gamma_obj = NULL, *training_obj = NULL,
-             *axis_obj = NULL, *out_obj = NULL;
-    PyArrayObject *xw = NULL, *dya = NULL, *dyw = NULL, *mean = NULL, *invstd = NULL, *gamma = NULL,
-                  *result = NULL, *target = NULL, *dgamma = NULL, *dbeta = NULL;
+    static const char *const vnames[] = {"mean", "invstd", "gamma"};
+    PyObject *dy_obj, *x_obj, *v[3] = {NULL, NULL, NULL}, *training_obj = NULL, *axis_obj = NULL, *out_obj = NULL;
+    bn_input in = {0};
+    PyArrayObject *dy = NULL, *vec[3] = {NULL, NULL, NULL}, *result = NULL, *target = NULL, *dgamma = NULL,
+                  *dbeta = NULL;
     PyObject *dgamma_r = NULL, *dbeta_r = NULL, *ret = NULL;
-    int work, rtype, dwork, drtype, axis, status, training = 1;
-    layout L;
-    char b1[200], b2[200];
+    int status, training = 1;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|O$OOO:backward", kwlist, &dy_obj, &x_obj, &mean_obj,
-                                     &invstd_obj, &gamma_obj, &training_obj, &axis_obj, &out_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|O$OOO:backward", kwlist, &dy_obj, &x_obj, &v[0], &v[1],
+                                     &v[2], &training_obj, &axis_obj, &out_obj))
         return NULL;
     if (training_obj != NULL && (training = PyObject_IsTrue(training_obj)) < 0) {
         PyErr_Clear();
         PyErr_Format(PyExc_ValueError, "training must be True or False, got %.200R", training_obj);
         return NULL;
     }
-    if (mean_obj == Py_None || invstd_obj == Py_None) {
+    if (v[0] == Py_None || v[1] == Py_None) {
         PyErr_SetString(PyExc_TypeError, "mean and invstd are required, got None");
         return NULL;
     }
-    dya = as_array(dy_obj, "dy");
-    if (dya == NULL) return NULL;
-    /* dy is only checked here: like the parameters, it is cast to x's type (the result's type). */
-    if (classify_dtype(PyArray_DESCR(dya), "dy", &dwork, &drtype) < 0) goto fail;
-    if (prepare_input(x_obj, axis_obj, &work, &rtype, &axis, &xw, &L) < 0) goto fail;
-    if (!PyArray_SAMESHAPE(dya, xw)) {
-        SHAPE_OF(b1, dya); SHAPE_OF(b2, xw);
-        PyErr_Format(PyExc_ValueError, "dy has shape %s, expected %s (the shape of x)", b1, b2);
+    if (bn_prepare_input(x_obj, axis_obj, BN_NONEMPTY, &in) < 0) return NULL;
+    if (bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 || channel_vectors(&in, 3, vnames, v, vec) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, dy, &result, &target) < 0 || detach_all(3, vec, target) < 0)
         goto fail;
-    }
-    /* dy must be indexed exactly as x is: same type and same layout, else one copy. */
-    dyw = to_work(dya, work);
-    if (dyw == NULL) goto fail;
-    if (!same_layout(dyw, xw)) {
-        PyArrayObject *c = new_in_layout(&L, work);
-        if (c == NULL || PyArray_CopyInto(c, dyw) < 0) { Py_XDECREF(c); goto fail; }
-        Py_SETREF(dyw, c);
-    }
-    if (channel_vector(mean_obj, "mean", xw, axis, &mean) < 0 ||
-        channel_vector(invstd_obj, "invstd", xw, axis, &invstd) < 0 ||
-        channel_vector(gamma_obj, "gamma", xw, axis, &gamma) < 0)
-        goto fail;
-    if (prepare_output(out_obj, "x", xw, &L, work, rtype, xw, dyw, &result, &target) < 0) goto fail;
-    if (detach_from(&mean, target) < 0 || detach_from(&invstd, target) < 0 || detach_from(&gamma, target) < 0)
-        goto fail;
-    npy_intp C = L.dims.C;
-    dgamma = (PyArrayObject *)PyArray_SimpleNew(1, &C, NPY_DOUBLE);
-    dbeta = (PyArrayObject *)PyArray_SimpleNew(1, &C, NPY_DOUBLE);
-    if (!dgamma || !dbeta) goto fail;
-    {
-        const double *pm = (const double *)PyArray_DATA(mean), *pi = (const double *)PyArray_DATA(invstd);
-        const double *g = gamma ? (const double *)PyArray_DATA(gamma) : NULL;
-        double *pg = (double *)PyArray_DATA(dgamma), *pb = (double *)PyArray_DATA(dbeta);
-        int nt = bn_get_num_threads();
-        Py_BEGIN_ALLOW_THREADS
-        if (work == NPY_FLOAT)
-            status = bn_backward_f32((const float *)PyArray_DATA(dyw), (const float *)PyArray_DATA(xw),
-                                     (float *)PyArray_DATA(target), L.dims, pm, pi, g, training, pg, pb, nt);
-        else
-            status = bn_backward_f64((const double *)PyArray_DATA(dyw), (const double *)PyArray_DATA(xw),
-                                     (double *)PyArray_DATA(target), L.dims, pm, pi, g, training, pg, pb, nt);
-        Py_END_ALLOW_THREADS
-    }
-    if (status != BN_OK) { kernel_failed(status); goto fail; }
-    dgamma_r = cast_vector(dgamma, rtype);
-    dbeta_r = cast_vector(dbeta, rtype);
-    if (!dgamma_r || !dbeta_r) goto fail;
-    if (finish_output(result, target) < 0) goto fail;
+    const npy_intp C = in.L.dims.C;
+    if (!(dgamma = bn_new_vector(C)) || !(dbeta = bn_new_vector(C))) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    status = BN_KERNEL(in.work, bn_backward, DATA(dy), DATA(in.arr), DATA(target), in.L.dims, DDATA(vec[0]),
+                       DDATA(vec[1]), DDATA(vec[2]), training, DATA(dgamma), DATA(dbeta), bn_get_num_threads());
+    Py_END_ALLOW_THREADS
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    if (!(dgamma_r = bn_cast_vector(dgamma, in.result)) || !(dbeta_r = bn_cast_vector(dbeta, in.result))) goto fail;
+    if (bn_finish_output(result, target) < 0) goto fail;
     ret = Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
 fail:
-    Py_XDECREF(xw); Py_XDECREF(dya); Py_XDECREF(dyw); Py_XDECREF(mean); Py_XDECREF(invstd);
-    Py_XDECREF(gamma); Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(dgamma); Py_XDECREF(dbeta);
+    bn_input_clear(&in);
+    clear_all(3, vec);
+    Py_XDECREF(dy); Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(dgamma); Py_XDECREF(dbeta);
     Py_XDECREF(dgamma_r); Py_XDECREF(dbeta_r);
     return ret;
 }
@@ -887,19 +869,18 @@ static PyObject *py_build_info(PyObject *self, PyObject *unused)
                          "simd", bn_simd_name(), "compiler", compiler, "max_threads", bn_get_num_threads());
 }
 
+#define METHOD(name, doc) {#name, (PyCFunction)(void (*)(void))py_##name, METH_VARARGS | METH_KEYWORDS, doc}
 static PyMethodDef methods[] = {
-    {"forward_train", (PyCFunction)(void (*)(void))py_forward_train, METH_VARARGS | METH_KEYWORDS,
-     forward_train_doc},
-    {"_forward_train_stats64", (PyCFunction)(void (*)(void))py_forward_train_stats64,
-     METH_VARARGS | METH_KEYWORDS,
-     "_forward_train_stats64(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, "
-     "eps=1e-05, axis=1, out=None)\n--\n\n"
-     "forward_train, but mean and invstd are returned in float64 whatever x's dtype (for the layers).\n"},
-    {"forward_infer", (PyCFunction)(void (*)(void))py_forward_infer, METH_VARARGS | METH_KEYWORDS,
-     forward_infer_doc},
-    {"backward", (PyCFunction)(void (*)(void))py_backward, METH_VARARGS | METH_KEYWORDS, backward_doc},
-    {"set_num_threads", (PyCFunction)(void (*)(void))py_set_num_threads, METH_VARARGS | METH_KEYWORDS,
-     set_num_threads_doc},
+    METHOD(forward_train, forward_train_doc),
+    METHOD(forward_infer, forward_infer_doc),
+    METHOD(backward, backward_doc),
+    METHOD(batch_stats, batch_stats_doc),
+    METHOD(merge_stats, merge_stats_doc),
+    METHOD(normalize, normalize_doc),
+    METHOD(backward_reduce, backward_reduce_doc),
+    METHOD(backward_apply, backward_apply_doc),
+    METHOD(update_running_stats, update_running_stats_doc),
+    METHOD(set_num_threads, set_num_threads_doc),
     {"get_num_threads", py_get_num_threads, METH_NOARGS, get_num_threads_doc},
     {"_build_info", py_build_info, METH_NOARGS, build_info_doc},
     {NULL, NULL, 0, NULL},

@@ -34,23 +34,55 @@ typedef struct {
 } bn_dims;
 
 /*
- * Training forward. Computes per channel mean and biased variance var over the N * S values,
- * invstd = 1 / sqrt(var + eps), and y = (x - mean) * (invstd * gamma) + beta, the centring done in double.
- * mean, var, invstd: double[C] outputs.
+ * The phases. Training BN is statistics -> (merge) -> normalize forward, and backward_reduce ->
+ * backward_apply backward; forward_train and backward below are the same steps run back to back in
+ * one parallel region (and, where a block of channels fits in cache, over each block while it is
+ * cached), with the same bits as calling the phases one after another on a single part.
  */
-int bn_forward_train_f32(const float *x, float *y, bn_dims d, const double *gamma, const double *beta,
-                         double eps, double *mean, double *var, double *invstd, int nthreads);
-int bn_forward_train_f64(const double *x, double *y, bn_dims d, const double *gamma, const double *beta,
-                         double eps, double *mean, double *var, double *invstd, int nthreads);
 
-/* Inference forward: y = (x - mean) * (invstd * gamma) + beta with given per-channel mean and invstd. */
-int bn_forward_infer_f32(const float *x, float *y, bn_dims d, const double *mean, const double *invstd,
-                         const double *gamma, const double *beta, int nthreads);
-int bn_forward_infer_f64(const double *x, double *y, bn_dims d, const double *mean, const double *invstd,
-                         const double *gamma, const double *beta, int nthreads);
+/* Per channel, the mean and m2 = sum((x - mean)^2) of its N * S values (count = N * S), computed
+ * exactly as bn_forward_train computes them. mean, m2: double[C] outputs. */
+int bn_batch_stats_f32(const float *x, bn_dims d, double *mean, double *m2, int nthreads);
+int bn_batch_stats_f64(const double *x, bn_dims d, double *mean, double *m2, int nthreads);
+
+/* Merge K parts (counts[k]; means[k * C + c], m2s[k * C + c]) into one, in order k = 0 .. K-1, with
+ * Chan's pairwise formula; parts with count 0 are skipped (all of them: mean = m2 = 0, count = 0).
+ * counts[k] >= 0. Serial and deterministic: the same inputs give the same bits. */
+int bn_merge_stats(ptrdiff_t K, ptrdiff_t C, const int64_t *counts, const double *means, const double *m2s,
+                   int64_t *count, double *mean, double *m2);
+
+/* y = (x - mean) * (invstd * gamma) + beta with given per-channel mean and invstd (float32 data is
+ * normalized as y = x * alpha + (beta - mean * alpha), in double; see bn_forward.tmpl.h). */
+int bn_normalize_f32(const float *x, float *y, bn_dims d, const double *mean, const double *invstd,
+                     const double *gamma, const double *beta, int nthreads);
+int bn_normalize_f64(const double *x, double *y, bn_dims d, const double *mean, const double *invstd,
+                     const double *gamma, const double *beta, int nthreads);
+
+/* Training forward: batch statistics, invstd = 1 / sqrt(m2 / (N * S) + eps), then normalize.
+ * mean, m2, invstd: double[C] outputs (the biased variance is m2 / (N * S)). */
+int bn_forward_train_f32(const float *x, float *y, bn_dims d, const double *gamma, const double *beta,
+                         double eps, double *mean, double *m2, double *invstd, int nthreads);
+int bn_forward_train_f64(const double *x, double *y, bn_dims d, const double *gamma, const double *beta,
+                         double eps, double *mean, double *m2, double *invstd, int nthreads);
+
+/* Per channel, sum_dy = sum(dy) and sum_dy_xmu = sum(dy * (x - mean)), cut and added as bn_backward
+ * does. sum_dy, sum_dy_xmu: double[C] outputs. */
+int bn_backward_reduce_f32(const float *dy, const float *x, bn_dims d, const double *mean, double *sum_dy,
+                           double *sum_dy_xmu, int nthreads);
+int bn_backward_reduce_f64(const double *dy, const double *x, bn_dims d, const double *mean, double *sum_dy,
+                           double *sum_dy_xmu, int nthreads);
+
+/* The training gradient from given (global) sums over `count` values per channel (count >= 1):
+ *   dx = k1 * (dy - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xmu / count),  k1 = gamma * invstd */
+int bn_backward_apply_f32(const float *dy, const float *x, float *dx, bn_dims d, const double *mean,
+                          const double *invstd, const double *gamma, const double *sum_dy,
+                          const double *sum_dy_xmu, double count, int nthreads);
+int bn_backward_apply_f64(const double *dy, const double *x, double *dx, bn_dims d, const double *mean,
+                          const double *invstd, const double *gamma, const double *sum_dy,
+                          const double *sum_dy_xmu, double count, int nthreads);
 
 /*
- * Backward of y = gamma * (x - mean) * invstd + beta.
+ * Backward of y = gamma * (x - mean) * invstd + beta (backward_reduce then backward_apply, fused).
  *   dbeta  = sum(dy),  dgamma = invstd * sum(dy * (x - mean))          (double[C] outputs)
  *   training != 0:  dx = gamma * invstd * (dy - dbeta / M - (x - mean) * invstd * dgamma / M),  M = N * S
  *   training == 0:  dx = gamma * invstd * dy          (mean and invstd are constants: frozen BN)

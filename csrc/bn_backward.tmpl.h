@@ -12,14 +12,10 @@
  * The two sums are the only reductions; they are cut and combined in a thread-independent order.
  */
 
-typedef struct {
-    double dy, dyxm;  /* sum(dy), sum(dy * (x - mean)) */
-} BN_NAME(bn_sums);
-
 /* sum(dy) and sum(dy * (x - m)) over `runs` runs of `len` values, `stride` apart. The two sums are
  * separate loops: GCC vectorizes each (BN_LANES independent lanes, no reassociation) but not the fused
  * form, which ran 1.5x slower. */
-static BN_NAME(bn_sums) BN_NAME(runs_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, ptrdiff_t runs,
+static bn_sums BN_NAME(runs_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, ptrdiff_t runs,
                                           ptrdiff_t stride, double m)
 {
     double a[BN_LANES] = {0}, b[BN_LANES] = {0}, ta = 0, tb = 0;
@@ -38,7 +34,7 @@ static BN_NAME(bn_sums) BN_NAME(runs_sums)(const BN_T *dy, const BN_T *x, ptrdif
             tb += (double)g[i] * ((double)v[i] - m);
         }
     }
-    BN_NAME(bn_sums) r;
+    bn_sums r;
     r.dy = bn_lanes_sum(a) + ta;
     r.dyxm = bn_lanes_sum(b) + tb;
     return r;
@@ -47,13 +43,13 @@ static BN_NAME(bn_sums) BN_NAME(runs_sums)(const BN_T *dy, const BN_T *x, ptrdif
 /* Sums of one item into out[0 .. c1-c0). Column mode needs 3 * (c1 - c0) * S doubles of scratch. */
 static void BN_NAME(item_sums)(const BN_T *dy, const BN_T *x, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
                                ptrdiff_t n0, ptrdiff_t n1, const double *mean, double *scratch,
-                               BN_NAME(bn_sums) *out)
+                               bn_sums *out)
 {
     const ptrdiff_t S = p->S;
     if (!p->colmode) {
         const ptrdiff_t stride = p->C * S, rows_per_chunk = S <= BN_SEG ? BN_SEG / S : 1;
         for (ptrdiff_t c = c0; c < c1; c++) {
-            BN_NAME(bn_sums) acc = {0, 0}, r;
+            bn_sums acc = {0, 0}, r;
             for (ptrdiff_t r0 = n0; r0 < n1; r0 += rows_per_chunk) {
                 ptrdiff_t runs = n1 - r0 < rows_per_chunk ? n1 - r0 : rows_per_chunk;
                 for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
@@ -82,7 +78,7 @@ static void BN_NAME(item_sums)(const BN_T *dy, const BN_T *x, const bn_plan *p, 
         }
     }
     for (ptrdiff_t k = 0; k < c1 - c0; k++) {
-        BN_NAME(bn_sums) r = {0, 0};
+        bn_sums r = {0, 0};
         for (ptrdiff_t s = 0; s < S; s++) {
             r.dy += sa[k * S + s];
             r.dyxm += sb[k * S + s];
@@ -143,74 +139,144 @@ static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, BN_T *dx, const bn
     }
 }
 
+/* ---- the kernels as steps of the driver (bn_drive.c) --------------------------------------------- */
+
+typedef struct {
+    const BN_T *dy, *x;
+    BN_T *dx;
+    const double *mean, *invstd, *gamma;  /* gamma may be NULL */
+    int training;
+    double count;                         /* M, the values per channel the statistics came from */
+    const double *sum_dy_in, *sum_dyxm_in; /* backward_apply: the (global) sums */
+    double *sum_dy, *sum_dyxm;            /* backward_reduce: outputs */
+    double *dgamma, *dbeta;               /* backward: outputs */
+    double *k1, *k2, *k3;                 /* per-channel coefficients of apply */
+} BN_NAME(bwd_args);
+
+/* Column mode needs per-position scratch: 3 doubles a position for the sums, 4 for apply. */
+static ptrdiff_t BN_NAME(bwd_scratch)(const bn_plan *p)
+{
+    return p->colmode ? 4 * p->ch_per_block * p->S : 0;
+}
+
+static void BN_NAME(sums_reduce)(const bn_job *job, bn_item w, double *scratch, void *out)
+{
+    const BN_NAME(bwd_args) *a = job->args;
+    BN_NAME(item_sums)(a->dy, a->x, job->plan, w.c0, w.c1, w.n0, w.n1, a->mean, scratch, (bn_sums *)out);
+}
+
+/* Channel c's sums: its row groups' parts added in group order. */
+static inline bn_sums BN_NAME(merged_sums)(const bn_job *job, ptrdiff_t c, const void *parts)
+{
+    const bn_sums *ps = parts;
+    const ptrdiff_t C = job->plan->C;
+    bn_sums s = ps[c];
+    for (ptrdiff_t g = 1; g < job->plan->ngroups; g++) {
+        s.dy += ps[g * C + c].dy;
+        s.dyxm += ps[g * C + c].dyxm;
+    }
+    return s;
+}
+
+/* k1, k2, k3 of channel c from its sums (see the derivation at the top). Under BN_FOLD (float32, see
+ * bn_forward.tmpl.h for why that is exact enough) the mean is folded in: dx = k1 * dy + (k3 * x + k2). */
+static inline void BN_NAME(grad_coefs)(const BN_NAME(bwd_args) *a, ptrdiff_t c, bn_sums s)
+{
+    const double invstd = a->invstd[c], dgamma = invstd * s.dyxm;
+    const double k1 = a->gamma ? a->gamma[c] * invstd : invstd;
+    double k2 = a->training ? s.dy / a->count : 0.0;
+    double k3 = a->training ? invstd * dgamma / a->count : 0.0;
+    if (BN_FOLD && a->training) {
+        const double kx = -k1 * k3;
+        k2 = k1 * (a->mean[c] * k3 - k2);
+        k3 = kx;
+    }
+    a->k1[c] = k1;
+    a->k2[c] = k2;
+    a->k3[c] = k3;
+}
+
+static void BN_NAME(reduce_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+{
+    const BN_NAME(bwd_args) *a = job->args;
+    const bn_sums s = BN_NAME(merged_sums)(job, c, parts);
+    a->sum_dy[c] = s.dy;
+    a->sum_dyxm[c] = s.dyxm;
+}
+
+static void BN_NAME(backward_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+{
+    const BN_NAME(bwd_args) *a = job->args;
+    const bn_sums s = BN_NAME(merged_sums)(job, c, parts);
+    a->dbeta[c] = s.dy;
+    a->dgamma[c] = a->invstd[c] * s.dyxm;
+    BN_NAME(grad_coefs)(a, c, s);
+}
+
+static void BN_NAME(apply_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+{
+    const BN_NAME(bwd_args) *a = job->args;
+    const bn_sums s = {a->sum_dy_in[c], a->sum_dyxm_in[c]};
+    (void)parts;
+    BN_NAME(grad_coefs)(a, c, s);
+}
+
+static void BN_NAME(grad_apply)(const bn_job *job, bn_item w, double *scratch)
+{
+    const BN_NAME(bwd_args) *a = job->args;
+    BN_NAME(grad_item)(a->dy, a->x, a->dx, job->plan, w.c0, w.c1, w.n0, w.n1, a->training, a->mean, a->k1,
+                       a->k2, a->k3, scratch);
+}
+
+/* Two inputs stream through every backward kernel: their plan sizes items for both, and
+ * backward_reduce must cut exactly as backward does to give its bits. */
+static void BN_NAME(bwd_plan)(bn_plan *p, bn_dims d, int nthreads)
+{
+    bn_make_plan(p, d, 2 * sizeof(BN_T), nthreads);
+}
+
+int BN_NAME(bn_backward_reduce)(const BN_T *dy, const BN_T *x, bn_dims d, const double *mean,
+                                double *sum_dy, double *sum_dy_xmu, int nthreads)
+{
+    bn_plan p;
+    BN_NAME(bwd_plan)(&p, d, nthreads);
+    BN_NAME(bwd_args) a = {dy, x, NULL, mean, NULL, NULL, 1, 0.0, NULL, NULL, sum_dy, sum_dy_xmu,
+                           NULL, NULL, NULL, NULL, NULL};
+    bn_job job = {&p, BN_NAME(sums_reduce), BN_NAME(reduce_finish), NULL, NULL, sizeof(bn_sums),
+                  BN_NAME(bwd_scratch)(&p), &a};
+    return bn_drive(&job);
+}
+
+int BN_NAME(bn_backward_apply)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, const double *mean,
+                               const double *invstd, const double *gamma, const double *sum_dy,
+                               const double *sum_dy_xmu, double count, int nthreads)
+{
+    bn_plan p;
+    BN_NAME(bwd_plan)(&p, d, nthreads);
+    double *k = malloc(sizeof(double) * 3 * (size_t)d.C);
+    if (!k) return BN_ENOMEM;
+    BN_NAME(bwd_args) a = {dy, x, dx, mean, invstd, gamma, 1, count, sum_dy, sum_dy_xmu, NULL, NULL,
+                           NULL, NULL, k, k + d.C, k + 2 * d.C};
+    bn_job job = {&p, NULL, BN_NAME(apply_finish), BN_NAME(grad_apply), NULL, 0, BN_NAME(bwd_scratch)(&p), &a};
+    int status = bn_drive(&job);
+    free(k);
+    return status;
+}
+
 int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, const double *mean,
                          const double *invstd, const double *gamma, int training, double *dgamma,
                          double *dbeta, int nthreads)
 {
     bn_plan p;
-    /* Two inputs stream through: size items for both. */
-    bn_make_plan(&p, d, 2 * sizeof(BN_T), nthreads);
-    const ptrdiff_t C = d.C, scratch_per = 4 * p.ch_per_block * d.S;
-    const double M = (double)d.N * (double)d.S;
-    double *k1 = malloc(sizeof(double) * 3 * (size_t)C);
-    double *scratch = malloc(sizeof(double) * (size_t)(scratch_per * p.nthreads));
-    BN_NAME(bn_sums) *parts = malloc(sizeof(BN_NAME(bn_sums)) * (size_t)(C * p.ngroups));
-    if (!k1 || !scratch || !parts) {
-        free(k1); free(scratch); free(parts);
-        return BN_ENOMEM;
-    }
-    double *k2 = k1 + C, *k3 = k1 + 2 * C;
-#define BN_FINISH_CHANNEL(c)                                                      \
-    do {                                                                          \
-        BN_NAME(bn_sums) s_ = parts[(c)];                                         \
-        for (ptrdiff_t g_ = 1; g_ < p.ngroups; g_++) {                            \
-            s_.dy += parts[g_ * C + (c)].dy;                                      \
-            s_.dyxm += parts[g_ * C + (c)].dyxm;                                  \
-        }                                                                         \
-        dbeta[(c)] = s_.dy;                                                       \
-        dgamma[(c)] = invstd[(c)] * s_.dyxm;                                      \
-        k1[(c)] = gamma ? gamma[(c)] * invstd[(c)] : invstd[(c)];                 \
-        k2[(c)] = training ? s_.dy / M : 0.0;                                     \
-        k3[(c)] = training ? invstd[(c)] * dgamma[(c)] / M : 0.0;                 \
-        if (BN_FOLD && training) {                                                \
-            const double kx_ = -k1[(c)] * k3[(c)];                                \
-            k2[(c)] = k1[(c)] * (mean[(c)] * k3[(c)] - k2[(c)]);                  \
-            k3[(c)] = kx_;                                                        \
-        }                                                                         \
-    } while (0)
-
-    BN_PRAGMA(omp parallel num_threads(p.nthreads))
-    {
-#ifdef _OPENMP
-        double *scr = scratch + scratch_per * omp_get_thread_num();
-#else
-        double *scr = scratch;
-#endif
-        if (p.fused) {
-            BN_PRAGMA(omp for schedule(static))
-            for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                const bn_item w = bn_item_at(&p, it);
-                BN_NAME(item_sums)(dy, x, &p, w.c0, w.c1, w.n0, w.n1, mean, scr, parts + w.c0);
-                for (ptrdiff_t c = w.c0; c < w.c1; c++) BN_FINISH_CHANNEL(c);
-                BN_NAME(grad_item)(dy, x, dx, &p, w.c0, w.c1, w.n0, w.n1, training, mean, k1, k2, k3, scr);
-            }
-        } else {
-            BN_PRAGMA(omp for schedule(static))
-            for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                const bn_item w = bn_item_at(&p, it);
-                BN_NAME(item_sums)(dy, x, &p, w.c0, w.c1, w.n0, w.n1, mean, scr, parts + w.n0 / p.rows_per_group * C + w.c0);
-            }
-            BN_PRAGMA(omp for schedule(static))
-            for (ptrdiff_t c = 0; c < C; c++) BN_FINISH_CHANNEL(c);
-            BN_PRAGMA(omp for schedule(static))
-            for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                const bn_item w = bn_item_at(&p, it);
-                BN_NAME(grad_item)(dy, x, dx, &p, w.c0, w.c1, w.n0, w.n1, training, mean, k1, k2, k3, scr);
-            }
-        }
-    }
-#undef BN_FINISH_CHANNEL
-    free(k1); free(scratch); free(parts);
-    return BN_OK;
+    BN_NAME(bwd_plan)(&p, d, nthreads);
+    double *k = malloc(sizeof(double) * 3 * (size_t)d.C);
+    if (!k) return BN_ENOMEM;
+    BN_NAME(bwd_args) a = {dy, x, dx, mean, invstd, gamma, training, (double)d.N * (double)d.S, NULL, NULL,
+                           NULL, NULL, dgamma, dbeta, k, k + d.C, k + 2 * d.C};
+    bn_job job = {&p, BN_NAME(sums_reduce), BN_NAME(backward_finish), BN_NAME(grad_apply), NULL,
+                  sizeof(bn_sums), BN_NAME(bwd_scratch)(&p), &a};
+    int status = bn_drive(&job);
+    free(k);
+    return status;
 }
 #undef BN_FOLD

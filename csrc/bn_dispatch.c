@@ -48,15 +48,31 @@ const char *bn_simd_name(void)
 #endif
 
 #define BN_DEFINE_PUBLIC(T, TS)                                                                         \
-    int bn_forward_train_##TS(const T *x, T *y, bn_dims d, const double *gamma, const double *beta,     \
-                              double eps, double *mean, double *var, double *invstd, int nthreads)      \
+    int bn_batch_stats_##TS(const T *x, bn_dims d, double *mean, double *m2, int nthreads)              \
     {                                                                                                   \
-        return BN_PICK(bn_forward_train, TS, x, y, d, gamma, beta, eps, mean, var, invstd, nthreads);  \
+        return BN_PICK(bn_batch_stats, TS, x, d, mean, m2, nthreads);                                   \
     }                                                                                                   \
-    int bn_forward_infer_##TS(const T *x, T *y, bn_dims d, const double *mean, const double *invstd,    \
-                              const double *gamma, const double *beta, int nthreads)                    \
+    int bn_normalize_##TS(const T *x, T *y, bn_dims d, const double *mean, const double *invstd,        \
+                          const double *gamma, const double *beta, int nthreads)                        \
     {                                                                                                   \
-        return BN_PICK(bn_forward_infer, TS, x, y, d, mean, invstd, gamma, beta, nthreads);            \
+        return BN_PICK(bn_normalize, TS, x, y, d, mean, invstd, gamma, beta, nthreads);                \
+    }                                                                                                   \
+    int bn_forward_train_##TS(const T *x, T *y, bn_dims d, const double *gamma, const double *beta,     \
+                              double eps, double *mean, double *m2, double *invstd, int nthreads)       \
+    {                                                                                                   \
+        return BN_PICK(bn_forward_train, TS, x, y, d, gamma, beta, eps, mean, m2, invstd, nthreads);   \
+    }                                                                                                   \
+    int bn_backward_reduce_##TS(const T *dy, const T *x, bn_dims d, const double *mean, double *sum_dy, \
+                                double *sum_dy_xmu, int nthreads)                                       \
+    {                                                                                                   \
+        return BN_PICK(bn_backward_reduce, TS, dy, x, d, mean, sum_dy, sum_dy_xmu, nthreads);          \
+    }                                                                                                   \
+    int bn_backward_apply_##TS(const T *dy, const T *x, T *dx, bn_dims d, const double *mean,           \
+                               const double *invstd, const double *gamma, const double *sum_dy,         \
+                               const double *sum_dy_xmu, double count, int nthreads)                    \
+    {                                                                                                   \
+        return BN_PICK(bn_backward_apply, TS, dy, x, dx, d, mean, invstd, gamma, sum_dy, sum_dy_xmu,   \
+                       count, nthreads);                                                                \
     }                                                                                                   \
     int bn_backward_##TS(const T *dy, const T *x, T *dx, bn_dims d, const double *mean,                 \
                          const double *invstd, const double *gamma, int training, double *dgamma,      \

@@ -1,5 +1,6 @@
-/* bn_forward.c - training and inference forward for float32 and float64 (one template, two types),
- * baseline instruction set; bn_avx2.c instantiates the same template for AVX2 and bn_dispatch.c picks. */
+/* bn_forward.c - the forward phases (statistics, normalize) and the fused training forward, for float32 and
+ * float64 (one template, two types), baseline instruction set. bn_avx2.c and bn_avx512.c instantiate the
+ * same template for wider vectors; bn_dispatch.c picks one at run time. */
 #include "bn_internal.h"
 
 #define BN_T float

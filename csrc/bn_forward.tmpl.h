@@ -177,109 +177,128 @@ static void BN_NAME(item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c0,
         BN_NAME(row_item_moments)(x, p, c0, c1, n0, n1, out);
 }
 
-int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *gamma, const double *beta,
-                              double eps, double *mean, double *var, double *invstd, int nthreads)
-{
-    bn_plan p;
-    bn_make_plan(&p, d, sizeof(BN_T), nthreads);
-    const ptrdiff_t C = d.C, scratch_per = 4 * p.ch_per_block * d.S; /* col_item_moments needs the most */
-    double *alpha = malloc(sizeof(double) * 2 * (size_t)C);
-    double *scratch = malloc(sizeof(double) * (size_t)(scratch_per * p.nthreads));
-    bn_moments *parts = malloc(sizeof(bn_moments) * (size_t)(C * p.ngroups));
-    if (!alpha || !scratch || !parts) {
-        free(alpha); free(scratch); free(parts);
-        return BN_ENOMEM;
-    }
-    double *shift = alpha + C;
-    /* The per-channel results (mean, var, invstd, alpha, shift) of channel c come from parts[g*C + c]
-     * merged over g = 0, 1, ... in that order, whoever computed them. */
-#define BN_FINISH_CHANNEL(c)                                                      \
-    do {                                                                          \
-        bn_moments m_ = parts[(c)];                                               \
-        for (ptrdiff_t g_ = 1; g_ < p.ngroups; g_++)                              \
-            bn_moments_merge(&m_, parts[g_ * C + (c)]);                           \
-        mean[(c)] = m_.mean;                                                      \
-        var[(c)] = m_.m2 / m_.n;                                                  \
-        invstd[(c)] = 1.0 / sqrt(var[(c)] + eps);                                 \
-        alpha[(c)] = gamma ? invstd[(c)] * gamma[(c)] : invstd[(c)];              \
-        shift[(c)] = BN_NAME(shift_of)(beta, (c), mean[(c)], alpha[(c)]);        \
-    } while (0)
+/* ---- the kernels as steps of the driver (bn_drive.c) --------------------------------------------- */
 
-    BN_PRAGMA(omp parallel num_threads(p.nthreads))
-    {
-#ifdef _OPENMP
-        double *scr = scratch + scratch_per * omp_get_thread_num();
-#else
-        double *scr = scratch;
-#endif
-        if (p.fused) {
-            /* One group: an item is whole channels; normalize it while it is still in cache. */
-            BN_PRAGMA(omp for schedule(static))
-            for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                const bn_item w = bn_item_at(&p, it);
-                BN_NAME(item_moments)(x, &p, w.c0, w.c1, w.n0, w.n1, scr, parts + w.c0);
-                for (ptrdiff_t c = w.c0; c < w.c1; c++) BN_FINISH_CHANNEL(c);
-                BN_NAME(apply_item)(x, y, &p, w.c0, w.c1, w.n0, w.n1, mean, alpha, shift, scr);
-            }
-        } else {
-            BN_PRAGMA(omp for schedule(static))
-            for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                const bn_item w = bn_item_at(&p, it);
-                BN_NAME(item_moments)(x, &p, w.c0, w.c1, w.n0, w.n1, scr, parts + w.n0 / p.rows_per_group * C + w.c0);
-            }
-            BN_PRAGMA(omp for schedule(static))
-            for (ptrdiff_t c = 0; c < C; c++) BN_FINISH_CHANNEL(c);
-            BN_PRAGMA(omp for schedule(static))
-            for (ptrdiff_t it = 0; it < p.nitems; it++) {
-                const bn_item w = bn_item_at(&p, it);
-                BN_NAME(apply_item)(x, y, &p, w.c0, w.c1, w.n0, w.n1, mean, alpha, shift, scr);
-            }
-        }
-    }
-#undef BN_FINISH_CHANNEL
-    free(alpha); free(scratch); free(parts);
-    return BN_OK;
+typedef struct {
+    const BN_T *x;
+    BN_T *y;
+    const double *gamma, *beta;   /* may be NULL */
+    double eps;
+    double *mean, *m2, *invstd;   /* statistics: written by batch_stats and forward_train */
+    const double *norm_mean;      /* the mean apply subtracts (given to normalize, computed by train) */
+    double *alpha, *shift;        /* per-channel coefficients of apply */
+} BN_NAME(fwd_args);
+
+/* Column mode needs per-position scratch: 4 doubles a position for the statistics, 3 for apply. */
+static ptrdiff_t BN_NAME(fwd_scratch)(const bn_plan *p, int per_position)
+{
+    return p->colmode ? per_position * p->ch_per_block * p->S : 0;
 }
 
-int BN_NAME(bn_forward_infer)(const BN_T *x, BN_T *y, bn_dims d, const double *mean, const double *invstd,
-                              const double *gamma, const double *beta, int nthreads)
+static void BN_NAME(stats_reduce)(const bn_job *job, bn_item w, double *scratch, void *out)
+{
+    const BN_NAME(fwd_args) *a = job->args;
+    BN_NAME(item_moments)(a->x, job->plan, w.c0, w.c1, w.n0, w.n1, scratch, (bn_moments *)out);
+}
+
+/* Channel c's moments: its row groups' parts merged in group order, whoever computed them. */
+static inline bn_moments BN_NAME(merged_moments)(const bn_job *job, ptrdiff_t c, const void *parts)
+{
+    const bn_moments *pm = parts;
+    const ptrdiff_t C = job->plan->C;
+    bn_moments m = pm[c];
+    for (ptrdiff_t g = 1; g < job->plan->ngroups; g++) bn_moments_merge(&m, pm[g * C + c]);
+    return m;
+}
+
+/* alpha and shift of channel c from its mean and invstd. */
+static inline void BN_NAME(normalize_coefs)(const BN_NAME(fwd_args) *a, ptrdiff_t c, double mean, double invstd)
+{
+    const double alpha = a->gamma ? invstd * a->gamma[c] : invstd;
+    a->alpha[c] = alpha;
+    a->shift[c] = BN_NAME(shift_of)(a->beta, c, mean, alpha);
+}
+
+static void BN_NAME(stats_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+{
+    const BN_NAME(fwd_args) *a = job->args;
+    const bn_moments m = BN_NAME(merged_moments)(job, c, parts);
+    a->mean[c] = m.mean;
+    a->m2[c] = m.m2;
+}
+
+static void BN_NAME(train_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+{
+    const BN_NAME(fwd_args) *a = job->args;
+    const bn_moments m = BN_NAME(merged_moments)(job, c, parts);
+    a->mean[c] = m.mean;
+    a->m2[c] = m.m2;
+    /* the same expression a caller of the phases evaluates: 1 / sqrt(m2 / count + eps) */
+    a->invstd[c] = 1.0 / sqrt(m.m2 / m.n + a->eps);
+    BN_NAME(normalize_coefs)(a, c, m.mean, a->invstd[c]);
+}
+
+static void BN_NAME(normalize_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+{
+    const BN_NAME(fwd_args) *a = job->args;
+    (void)parts;
+    BN_NAME(normalize_coefs)(a, c, a->norm_mean[c], a->invstd[c]);
+}
+
+static void BN_NAME(normalize_apply)(const bn_job *job, bn_item w, double *scratch)
+{
+    const BN_NAME(fwd_args) *a = job->args;
+    BN_NAME(apply_item)(a->x, a->y, job->plan, w.c0, w.c1, w.n0, w.n1, a->norm_mean, a->alpha, a->shift,
+                        scratch);
+}
+
+static void BN_NAME(normalize_rows)(const bn_job *job, ptrdiff_t r0, ptrdiff_t r1)
+{
+    const BN_NAME(fwd_args) *a = job->args;
+    const ptrdiff_t C = job->plan->C, S = job->plan->S;
+    for (ptrdiff_t r = r0; r < r1; r++) {
+        const ptrdiff_t c = r % C;
+        BN_NAME(apply_run)(a->x + r * S, a->y + r * S, S, a->norm_mean[c], a->alpha[c], a->shift[c]);
+    }
+}
+
+int BN_NAME(bn_batch_stats)(const BN_T *x, bn_dims d, double *mean, double *m2, int nthreads)
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads);
-    const ptrdiff_t C = d.C, scratch_per = 3 * p.ch_per_block * d.S;
-    double *alpha = malloc(sizeof(double) * 2 * (size_t)C);
-    double *scratch = malloc(sizeof(double) * (size_t)(scratch_per * p.nthreads));
-    if (!alpha || !scratch) {
-        free(alpha); free(scratch);
-        return BN_ENOMEM;
-    }
-    double *shift = alpha + C;
-    for (ptrdiff_t c = 0; c < C; c++) {
-        alpha[c] = gamma ? invstd[c] * gamma[c] : invstd[c];
-        shift[c] = BN_NAME(shift_of)(beta, c, mean[c], alpha[c]);
-    }
-    if (!p.colmode) {
-        /* Nothing to reuse from cache: walk memory in order, one (n, c) row at a time. */
-        const ptrdiff_t rows = d.N * C, S = d.S;
-        BN_PRAGMA(omp parallel for schedule(static) num_threads(p.nthreads))
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            ptrdiff_t c = r % C;
-            BN_NAME(apply_run)(x + r * S, y + r * S, S, mean[c], alpha[c], shift[c]);
-        }
-        free(alpha); free(scratch);
-        return BN_OK;
-    }
-    BN_PRAGMA(omp parallel for schedule(static) num_threads(p.nthreads))
-    for (ptrdiff_t it = 0; it < p.nitems; it++) {
-#ifdef _OPENMP
-        double *scr = scratch + scratch_per * omp_get_thread_num();
-#else
-        double *scr = scratch;
-#endif
-        const bn_item w = bn_item_at(&p, it);
-        BN_NAME(apply_item)(x, y, &p, w.c0, w.c1, w.n0, w.n1, mean, alpha, shift, scr);
-    }
-    free(alpha); free(scratch);
-    return BN_OK;
+    BN_NAME(fwd_args) a = {x, NULL, NULL, NULL, 0.0, mean, m2, NULL, NULL, NULL, NULL};
+    bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(stats_finish), NULL, NULL, sizeof(bn_moments),
+                  BN_NAME(fwd_scratch)(&p, 4), &a};
+    return bn_drive(&job);
+}
+
+int BN_NAME(bn_normalize)(const BN_T *x, BN_T *y, bn_dims d, const double *mean, const double *invstd,
+                          const double *gamma, const double *beta, int nthreads)
+{
+    bn_plan p;
+    bn_make_plan(&p, d, sizeof(BN_T), nthreads);
+    double *coefs = malloc(sizeof(double) * 2 * (size_t)d.C);
+    if (!coefs) return BN_ENOMEM;
+    BN_NAME(fwd_args) a = {x, y, gamma, beta, 0.0, NULL, NULL, (double *)invstd, mean, coefs, coefs + d.C};
+    bn_job job = {&p, NULL, BN_NAME(normalize_finish), BN_NAME(normalize_apply), BN_NAME(normalize_rows), 0,
+                  BN_NAME(fwd_scratch)(&p, 3), &a};
+    int status = bn_drive(&job);
+    free(coefs);
+    return status;
+}
+
+int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *gamma, const double *beta,
+                              double eps, double *mean, double *m2, double *invstd, int nthreads)
+{
+    bn_plan p;
+    bn_make_plan(&p, d, sizeof(BN_T), nthreads);
+    double *coefs = malloc(sizeof(double) * 2 * (size_t)d.C);
+    if (!coefs) return BN_ENOMEM;
+    BN_NAME(fwd_args) a = {x, y, gamma, beta, eps, mean, m2, invstd, mean, coefs, coefs + d.C};
+    bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(train_finish), BN_NAME(normalize_apply), NULL,
+                  sizeof(bn_moments), BN_NAME(fwd_scratch)(&p, 4), &a};
+    int status = bn_drive(&job);
+    free(coefs);
+    return status;
 }
 #undef BN_FOLD

@@ -1,5 +1,6 @@
 /*
- * bn_internal.h - what the kernels share: how a tensor is cut into work items, and moment merging.
+ * bn_internal.h - what the kernels share: how a tensor is cut into work items, moment merging, and the
+ * driver skeleton (reduce -> finish -> apply) every kernel is written as.
  *
  * The plan is a function of (N, C, S) and the element size alone, never of the thread count: that is
  * what makes every result bit-identical for any number of threads.
@@ -70,7 +71,8 @@ typedef struct {
     double n, mean, m2;
 } bn_moments;
 
-/* Chan, Golub & LeVeque's pairwise update: merge b into a. Exact algebra, no E[x^2] - E[x]^2. */
+/* Chan, Golub & LeVeque's pairwise update: merge b into a. Exact algebra, no E[x^2] - E[x]^2. A part
+ * with no values is skipped, and merging into an empty a copies b, so a single part keeps its bits. */
 static inline void bn_moments_merge(bn_moments *a, bn_moments b)
 {
     if (b.n == 0) return;
@@ -82,6 +84,60 @@ static inline void bn_moments_merge(bn_moments *a, bn_moments b)
     a->m2 += b.m2 + delta * delta * a->n * wb;
     a->n = n;
 }
+
+/* The backward reduction of a set of values: sum(dy) and sum(dy * (x - mean)). */
+typedef struct {
+    double dy, dyxm;
+} bn_sums;
+
+/* Index of the calling thread in its OpenMP team (0 without OpenMP), and the team's size. */
+static inline int bn_thread_num(void)
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int bn_team_size(void)
+{
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+/*
+ * The driver skeleton every kernel runs on (bn_drive.c): reduce -> finish -> apply over a plan.
+ *   reduce(w):    the partial results of work item w, one per channel c0..c1-1, written to `out`, the
+ *                 slots of w's row group (part_bytes each, channel order).
+ *   finish(c):    channel c's per-channel step: merge its ngroups parts (slot (g * C + c) of `parts`,
+ *                 g = 0, 1, ... in that order) when there is a reduction, then whatever per-channel
+ *                 results and coefficients the kernel needs.
+ *   apply(w):     the elementwise pass over item w.
+ *   apply_rows:   optional, for row mode without a reduction: the elementwise pass over the (n, c) rows
+ *                 [r0, r1) in memory order (nothing is reused from cache, so memory order wins).
+ * Any step may be NULL. When a reduction and an apply share a plan whose items are whole channels small
+ * enough for cache (plan.fused), each item is reduced, finished and applied in a row, reading x from
+ * cache the second time. The reduction order depends only on the plan, never on the thread count.
+ * A variant (synchronized statistics, renormalization, fused epilogues, masks) is a new set of steps
+ * over the same skeleton.
+ */
+typedef struct bn_job bn_job;
+struct bn_job {
+    const bn_plan *plan;
+    void (*reduce)(const bn_job *job, bn_item w, double *scratch, void *out);
+    void (*finish)(const bn_job *job, ptrdiff_t c, const void *parts);
+    void (*apply)(const bn_job *job, bn_item w, double *scratch);
+    void (*apply_rows)(const bn_job *job, ptrdiff_t r0, ptrdiff_t r1);
+    size_t part_bytes;           /* size of one channel's partial result */
+    ptrdiff_t scratch_doubles;   /* per thread, for reduce and apply */
+    void *args;                  /* the kernel's own arguments */
+};
+
+int bn_drive(const bn_job *job);
 
 /* Accumulator lanes of the contiguous reductions, and their fixed summation tree. */
 #define BN_LANES 16
@@ -108,10 +164,16 @@ static inline double bn_lanes_sum(const double *a)
 /* The instantiations bn_dispatch.c chooses between: SUFFIX is f32_base, f64_base, f32_avx2, f64_avx2,
  * f32_avx512, f64_avx512. */
 #define BN_DECLARE_KERNELS(T, SUFFIX)                                                                  \
+    int bn_batch_stats_##SUFFIX(const T *x, bn_dims d, double *mean, double *m2, int nthreads);          \
+    int bn_normalize_##SUFFIX(const T *x, T *y, bn_dims d, const double *mean, const double *invstd,    \
+                              const double *gamma, const double *beta, int nthreads);                   \
     int bn_forward_train_##SUFFIX(const T *x, T *y, bn_dims d, const double *gamma, const double *beta, \
-                                  double eps, double *mean, double *var, double *invstd, int nthreads); \
-    int bn_forward_infer_##SUFFIX(const T *x, T *y, bn_dims d, const double *mean, const double *invstd, \
-                                  const double *gamma, const double *beta, int nthreads);               \
+                                  double eps, double *mean, double *m2, double *invstd, int nthreads);  \
+    int bn_backward_reduce_##SUFFIX(const T *dy, const T *x, bn_dims d, const double *mean,            \
+                                    double *sum_dy, double *sum_dy_xmu, int nthreads);                  \
+    int bn_backward_apply_##SUFFIX(const T *dy, const T *x, T *dx, bn_dims d, const double *mean,       \
+                                   const double *invstd, const double *gamma, const double *sum_dy,     \
+                                   const double *sum_dy_xmu, double count, int nthreads);               \
     int bn_backward_##SUFFIX(const T *dy, const T *x, T *dx, bn_dims d, const double *mean,             \
                              const double *invstd, const double *gamma, int training, double *dgamma,  \
                              double *dbeta, int nthreads);

@@ -370,10 +370,11 @@ def test_layer_float32_large_mean_backward(rng, layer, shape, kw):
     assert_close(m.grad_bias, want[2], TOL[F32], "grad_bias")
 
 
-def test_forward_train_stats64_matches_forward_train(rng):
+@pytest.mark.parametrize("stats_dtype", [np.float64, "float64", np.dtype("f8")])
+def test_forward_train_stats_dtype_matches_forward_train(rng, stats_dtype):
     x = make_data(rng, (16, 4, 5), np.float32, 1, loc=1e4)
     y, mean, invstd = bn.forward_train(x)
-    y64, mean64, invstd64 = bn._core._forward_train_stats64(x)
+    y64, mean64, invstd64 = bn.forward_train(x, stats_dtype=stats_dtype)
     assert mean64.dtype == invstd64.dtype == np.float64 and mean.dtype == np.float32
     assert np.array_equal(y, y64)
     assert np.array_equal(mean, mean64.astype(np.float32)) and np.array_equal(invstd, invstd64.astype(np.float32))

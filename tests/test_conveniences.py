@@ -169,7 +169,8 @@ SIGNATURES = {
     "forward_train": [("x", P.POSITIONAL_OR_KEYWORD, P.empty), ("gamma", P.POSITIONAL_OR_KEYWORD, None),
                       ("beta", P.POSITIONAL_OR_KEYWORD, None), ("running_mean", P.KEYWORD_ONLY, None),
                       ("running_var", P.KEYWORD_ONLY, None), ("momentum", P.KEYWORD_ONLY, 0.1),
-                      ("eps", P.KEYWORD_ONLY, 1e-5), ("axis", P.KEYWORD_ONLY, 1), ("out", P.KEYWORD_ONLY, None)],
+                      ("eps", P.KEYWORD_ONLY, 1e-5), ("axis", P.KEYWORD_ONLY, 1), ("out", P.KEYWORD_ONLY, None),
+                      ("stats_dtype", P.KEYWORD_ONLY, None)],
     "forward_infer": [("x", P.POSITIONAL_OR_KEYWORD, P.empty),
                       ("running_mean", P.POSITIONAL_OR_KEYWORD, P.empty),
                       ("running_var", P.POSITIONAL_OR_KEYWORD, P.empty),
@@ -179,6 +180,21 @@ SIGNATURES = {
                  ("mean", P.POSITIONAL_OR_KEYWORD, P.empty), ("invstd", P.POSITIONAL_OR_KEYWORD, P.empty),
                  ("gamma", P.POSITIONAL_OR_KEYWORD, None), ("training", P.KEYWORD_ONLY, True),
                  ("axis", P.KEYWORD_ONLY, 1), ("out", P.KEYWORD_ONLY, None)],
+    "batch_stats": [("x", P.POSITIONAL_OR_KEYWORD, P.empty), ("axis", P.KEYWORD_ONLY, 1)],
+    "merge_stats": [("counts", P.POSITIONAL_OR_KEYWORD, P.empty), ("means", P.POSITIONAL_OR_KEYWORD, P.empty),
+                    ("m2s", P.POSITIONAL_OR_KEYWORD, P.empty)],
+    "normalize": [("x", P.POSITIONAL_OR_KEYWORD, P.empty), ("mean", P.POSITIONAL_OR_KEYWORD, P.empty),
+                  ("invstd", P.POSITIONAL_OR_KEYWORD, P.empty), ("gamma", P.POSITIONAL_OR_KEYWORD, None),
+                  ("beta", P.POSITIONAL_OR_KEYWORD, None), ("axis", P.KEYWORD_ONLY, 1),
+                  ("out", P.KEYWORD_ONLY, None)],
+    "backward_reduce": [("dy", P.POSITIONAL_OR_KEYWORD, P.empty), ("x", P.POSITIONAL_OR_KEYWORD, P.empty),
+                        ("mean", P.POSITIONAL_OR_KEYWORD, P.empty), ("axis", P.KEYWORD_ONLY, 1)],
+    "backward_apply": [(n, P.POSITIONAL_OR_KEYWORD, P.empty)
+                       for n in ("dy", "x", "mean", "invstd", "gamma", "sum_dy", "sum_dy_xmu", "count")]
+                      + [("axis", P.KEYWORD_ONLY, 1), ("out", P.KEYWORD_ONLY, None)],
+    "update_running_stats": [(n, P.POSITIONAL_OR_KEYWORD, P.empty)
+                             for n in ("running_mean", "running_var", "mean", "m2", "count")]
+                            + [("momentum", P.KEYWORD_ONLY, 0.1)],
     "set_num_threads": [("n", None, P.empty)],
     "get_num_threads": [],
 }

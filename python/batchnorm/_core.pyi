@@ -1,6 +1,8 @@
 """Type stubs for the C extension batchnorm._core (the kernels re-exported by the batchnorm package)."""
 
-from typing import Optional, Tuple, TypedDict
+from typing import Optional, Tuple, TypedDict, Union
+
+from numpy.typing import DTypeLike
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -23,6 +25,7 @@ def forward_train(
     eps: float = 1e-05,
     axis: int = 1,
     out: Optional[NDArray[np.floating]] = None,
+    stats_dtype: DTypeLike = None,
 ) -> Tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]:
     """Training forward pass: returns ``(y, mean, invstd)``; updates the running statistics in place."""
     ...
@@ -53,6 +56,63 @@ def backward(
     out: Optional[NDArray[np.floating]] = None,
 ) -> Tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]:
     """Backward pass: returns ``(dx, dgamma, dbeta)``."""
+    ...
+
+def batch_stats(x: ArrayLike, *, axis: int = 1) -> Tuple[int, NDArray[np.float64], NDArray[np.float64]]:
+    """Statistics phase: ``(count, mean, m2)`` per channel, float64."""
+    ...
+
+def merge_stats(
+    counts: ArrayLike, means: ArrayLike, m2s: ArrayLike
+) -> Tuple[int, NDArray[np.float64], NDArray[np.float64]]:
+    """Merge phase: the parts' ``(count, mean, m2)`` combined in order (Chan's formula)."""
+    ...
+
+def normalize(
+    x: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: Optional[ArrayLike] = None,
+    beta: Optional[ArrayLike] = None,
+    *,
+    axis: int = 1,
+    out: Optional[NDArray[np.floating]] = None,
+) -> NDArray[np.floating]:
+    """Normalize phase: ``y = gamma * (x - mean) * invstd + beta``."""
+    ...
+
+def backward_reduce(
+    dy: ArrayLike, x: ArrayLike, mean: ArrayLike, *, axis: int = 1
+) -> Tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Backward reduce phase: ``(sum_dy, sum_dy_xmu)`` per channel, float64."""
+    ...
+
+def backward_apply(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    gamma: Optional[ArrayLike],
+    sum_dy: ArrayLike,
+    sum_dy_xmu: ArrayLike,
+    count: Union[int, float],
+    *,
+    axis: int = 1,
+    out: Optional[NDArray[np.floating]] = None,
+) -> NDArray[np.floating]:
+    """Backward apply phase: the training-mode dx from (global) sums and count."""
+    ...
+
+def update_running_stats(
+    running_mean: Optional[NDArray[np.floating]],
+    running_var: Optional[NDArray[np.floating]],
+    mean: ArrayLike,
+    m2: ArrayLike,
+    count: Union[int, float],
+    *,
+    momentum: float = 0.1,
+) -> None:
+    """Update running statistics in place (PyTorch's rule, unbiased variance m2 / (count - 1))."""
     ...
 
 def set_num_threads(n: int) -> None:

@@ -17,9 +17,7 @@ import numpy as np
 
 from ._core import backward as _backward
 from ._core import forward_infer as _forward_infer
-# mean and invstd in float64 whatever x's type: backward from float32 statistics loses digits when the
-# data's mean is large against its spread (5e-5 of dx at mean = 1e5 std)
-from ._core import _forward_train_stats64 as _forward_train
+from ._core import forward_train as _forward_train
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "StateDictError"]
 
@@ -164,7 +162,10 @@ class BatchNorm:
                 x, self.weight, self.bias,
                 running_mean=self.running_mean if update else None,
                 running_var=self.running_var if update else None,
-                momentum=momentum if update else 0.0, eps=self.eps, axis=self.axis)
+                momentum=momentum if update else 0.0, eps=self.eps, axis=self.axis,
+                # float64 whatever x's type: backward from float32 statistics loses digits when the
+                # data's mean is large against its spread (5e-5 of dx at mean = 1e5 std)
+                stats_dtype=np.float64)
             if update:
                 self.num_batches_tracked += 1
         else:

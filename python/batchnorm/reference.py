@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["forward_train", "forward_infer", "backward"]
+__all__ = ["forward_train", "forward_infer", "backward", "batch_stats", "merge_stats", "normalize",
+           "backward_reduce", "backward_apply", "update_running_stats"]
 
 
 def _layout(x, axis):
@@ -42,7 +43,7 @@ def _param(p, C, default):
 
 
 def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1,
-                  eps=1e-5, axis=1, out=None):
+                  eps=1e-5, axis=1, out=None, stats_dtype=None):
     """Training forward: normalize with batch statistics; returns (y, mean, invstd).
 
     Updates ``running_mean``/``running_var`` in place when given, with the unbiased batch variance.
@@ -64,7 +65,8 @@ def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=No
     if out is not None:
         out[...] = y
         y = out
-    return y, mean.astype(dt), invstd.astype(dt)
+    sdt = dt if stats_dtype is None else np.dtype(stats_dtype)
+    return y, mean.astype(sdt), invstd.astype(sdt)
 
 
 def forward_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5, axis=1, out=None):
@@ -107,3 +109,101 @@ def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None
         out[...] = dx
         dx = out
     return dx, dgamma.astype(dt), dbeta.astype(dt)
+
+
+# --------------------------------------------------------------------------------------------------
+# The phases: statistics -> merge -> normalize forward, reduce -> apply backward. Over the K parts of a
+# batch (one per process), each part runs batch_stats and backward_reduce on its own rows, the parts'
+# results are merged (merge_stats) or added, and every part normalizes and differentiates its own rows
+# with the whole batch's numbers.
+# --------------------------------------------------------------------------------------------------
+
+
+def batch_stats(x, *, axis=1):
+    """Per channel: count (values per channel), mean and m2 = sum((x - mean)**2), float64.
+
+    An empty x gives count 0 and zeros.
+    """
+    flat, _, _ = _layout(x, axis)
+    M, C = flat.shape
+    if M == 0:
+        return 0, np.zeros(C), np.zeros(C)
+    mean = flat.mean(axis=0)
+    return M, mean, ((flat - mean) ** 2).sum(axis=0)
+
+
+def merge_stats(counts, means, m2s):
+    """Merge parts k = 0..K-1 in order with Chan's pairwise formula; parts with count 0 are skipped.
+
+    For parts a and b with n = n_a + n_b and delta = mean_b - mean_a:
+        mean = mean_a + delta * n_b / n,    m2 = m2_a + m2_b + delta**2 * n_a * n_b / n
+    """
+    counts = np.asarray(counts)
+    means = np.asarray(means, np.float64)
+    m2s = np.asarray(m2s, np.float64)
+    C = means.shape[1]
+    n, mean, m2 = 0, np.zeros(C), np.zeros(C)
+    for k in range(len(counts)):
+        nb = int(counts[k])
+        if nb == 0:
+            continue
+        if n == 0:
+            n, mean, m2 = nb, means[k].copy(), m2s[k].copy()
+            continue
+        total = n + nb
+        delta = means[k] - mean
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2s[k] + delta * delta * n * (nb / total)
+        n = total
+    return n, mean, m2
+
+
+def normalize(x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None):
+    """y = gamma * (x - mean) * invstd + beta with given statistics."""
+    flat, moved_shape, axis = _layout(x, axis)
+    C = flat.shape[1]
+    mean = np.asarray(mean, np.float64).reshape(C)
+    invstd = np.asarray(invstd, np.float64).reshape(C)
+    y = (flat - mean) * invstd * _param(gamma, C, 1.0) + _param(beta, C, 0.0)
+    y = _restore(y, moved_shape, axis).astype(_result_dtype(x))
+    if out is not None:
+        out[...] = y
+        y = out
+    return y
+
+
+def backward_reduce(dy, x, mean, *, axis=1):
+    """Per channel: sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)), float64."""
+    flat, _, _ = _layout(x, axis)
+    dflat, _, _ = _layout(dy, axis)
+    mean = np.asarray(mean, np.float64).reshape(flat.shape[1])
+    return dflat.sum(axis=0), (dflat * (flat - mean)).sum(axis=0)
+
+
+def backward_apply(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, *, axis=1, out=None):
+    """The training gradient of x's rows given sums over a whole batch of `count` values per channel:
+        dx = gamma * invstd * (dy - sum_dy / count - (x - mean) * invstd**2 * sum_dy_xmu / count)
+    """
+    flat, moved_shape, axis = _layout(x, axis)
+    dflat, _, _ = _layout(dy, axis)
+    C = flat.shape[1]
+    mean = np.asarray(mean, np.float64).reshape(C)
+    invstd = np.asarray(invstd, np.float64).reshape(C)
+    sum_dy = np.asarray(sum_dy, np.float64).reshape(C)
+    sum_dy_xmu = np.asarray(sum_dy_xmu, np.float64).reshape(C)
+    g = _param(gamma, C, 1.0)
+    dx = g * invstd * (dflat - sum_dy / count - (flat - mean) * invstd ** 2 * (sum_dy_xmu / count))
+    dx = _restore(dx, moved_shape, axis).astype(_result_dtype(x))
+    if out is not None:
+        out[...] = dx
+        dx = out
+    return dx
+
+
+def update_running_stats(running_mean, running_var, mean, m2, count, *, momentum=0.1):
+    """In place: r = (1 - momentum) * r + momentum * batch, with the unbiased m2 / (count - 1) for the
+    variance (PyTorch's rule)."""
+    if running_mean is not None:
+        running_mean[...] = (1 - momentum) * running_mean + momentum * np.asarray(mean, np.float64)
+    if running_var is not None:
+        running_var[...] = (1 - momentum) * running_var + momentum * (np.asarray(m2, np.float64) / (count - 1))

@@ -1,0 +1,273 @@
+/* _args.c - the binding's argument steps: numbers, axis, counts, dtypes, per-channel vectors and running
+ * statistics. Each raises TypeError/ValueError naming the argument and returns -1, or returns 0. */
+#include <math.h>
+#include <string.h>
+#include "_binding.h"
+
+void bn_shape_str(char *buf, size_t cap, int ndim, const npy_intp *shape)
+{
+    size_t used = 0;
+    used += (size_t)snprintf(buf + used, cap - used, "(");
+    for (int i = 0; i < ndim && used < cap; i++)
+        used += (size_t)snprintf(buf + used, cap - used, i ? ", %ld" : "%ld", (long)shape[i]);
+    if (used < cap) used += (size_t)snprintf(buf + used, cap - used, ndim == 1 ? ",)" : ")");
+}
+
+int bn_parse_real(PyObject *obj, const char *name, double *out)
+{
+    if (obj == NULL) return 0;
+    /* numpy.complex64 scalars and complex arrays are not PyComplex, but would convert with a warning */
+    if (PyComplex_Check(obj) || PyArray_IsScalar(obj, ComplexFloating) ||
+        (PyArray_Check(obj) && PyArray_ISCOMPLEX((PyArrayObject *)obj)) ||
+        !(PyFloat_Check(obj) || PyLong_Check(obj) || PyNumber_Check(obj))) {
+        PyErr_Format(PyExc_TypeError, "%s must be a real number, got %.200s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    double v = PyFloat_AsDouble(obj);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a real number, got %.200s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int bn_parse_eps(PyObject *obj, double *eps)
+{
+    if (bn_parse_real(obj, "eps", eps) < 0) return -1;
+    if (!(*eps >= 0)) { /* also rejects NaN */
+        PyObject *v = PyFloat_FromDouble(*eps);
+        if (v) PyErr_Format(PyExc_ValueError, "eps must be a non-negative number, got %R", v);
+        Py_XDECREF(v);
+        return -1;
+    }
+    return 0;
+}
+
+int bn_parse_momentum(PyObject *obj, double *momentum)
+{
+    if (bn_parse_real(obj, "momentum", momentum) < 0) return -1;
+    if (!(*momentum >= 0 && *momentum <= 1)) {
+        PyErr_Format(PyExc_ValueError, "momentum must be in [0, 1], got %R", obj);
+        return -1;
+    }
+    return 0;
+}
+
+int bn_parse_axis(PyObject *obj, int ndim, int *axis)
+{
+    if (obj == NULL) { *axis = 1; return 0; }
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "axis must be an integer, got %.200s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    Py_ssize_t a = PyNumber_AsSsize_t(obj, NULL); /* clips huge values, which are out of bounds anyway */
+    if (a == -1 && PyErr_Occurred()) return -1;
+    if (a < -ndim || a >= ndim) {
+        PyErr_Format(PyExc_ValueError, "axis %.100S is out of bounds for an array of dimension %d", obj, ndim);
+        return -1;
+    }
+    *axis = (int)(a < 0 ? a + ndim : a);
+    return 0;
+}
+
+int bn_parse_count(PyObject *obj, const char *name, int64_t least, int64_t *out)
+{
+    if (obj == Py_None || PyBool_Check(obj)) goto type_error;
+    if (PyIndex_Check(obj)) {
+        long long v = PyLong_AsLongLong(obj);
+        if (v == -1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "%s is too large: %R", name, obj);
+            return -1;
+        }
+        *out = (int64_t)v;
+    } else {
+        double v;
+        if (PyComplex_Check(obj) || PyArray_IsScalar(obj, ComplexFloating) || !PyNumber_Check(obj)) goto type_error;
+        v = PyFloat_AsDouble(obj);
+        if (v == -1.0 && PyErr_Occurred()) { PyErr_Clear(); goto type_error; }
+        if (!(v == floor(v)) || fabs(v) > 9.0e15) {
+            PyErr_Format(PyExc_ValueError, "%s must be a whole number of values, got %R", name, obj);
+            return -1;
+        }
+        *out = (int64_t)v;
+    }
+    if (*out < least) {
+        PyErr_Format(PyExc_ValueError, "%s must be at least %lld, got %R", name, (long long)least, obj);
+        return -1;
+    }
+    return 0;
+type_error:
+    PyErr_Format(PyExc_TypeError, "%s must be an integer, got %.200s", name, Py_TYPE(obj)->tp_name);
+    return -1;
+}
+
+int bn_classify_dtype(PyArray_Descr *descr, const char *name, int *work, int *result)
+{
+    switch (descr->kind) {
+    case 'f':
+        if (descr->type_num == NPY_HALF) { *work = NPY_FLOAT; *result = NPY_HALF; return 0; }
+        if (descr->type_num == NPY_FLOAT) { *work = NPY_FLOAT; *result = NPY_FLOAT; return 0; }
+        if (descr->type_num == NPY_DOUBLE) { *work = NPY_DOUBLE; *result = NPY_DOUBLE; return 0; }
+        break;
+    case 'b': case 'i': case 'u':
+        *work = NPY_DOUBLE; *result = NPY_DOUBLE;
+        return 0;
+    }
+    PyObject *r = PyObject_Repr((PyObject *)descr);
+    PyErr_Format(PyExc_TypeError,
+                 "%s has unsupported dtype %S: batchnorm takes real floating-point arrays (float16, float32, "
+                 "float64), integers or bool", name, r ? r : Py_None);
+    Py_XDECREF(r);
+    return -1;
+}
+
+PyArrayObject *bn_as_array(PyObject *obj, const char *name)
+{
+    if (obj == Py_None) {
+        PyErr_Format(PyExc_TypeError, "%s must be an array, got None", name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)PyArray_FromAny(obj, NULL, 0, 0, 0, NULL);
+    if (a == NULL && PyErr_ExceptionMatches(PyExc_ValueError)) {
+        /* ragged nested sequences and the like */
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s could not be converted to an array (%.200s)", name, Py_TYPE(obj)->tp_name);
+    }
+    return a;
+}
+
+PyArrayObject *bn_to_work(PyArrayObject *a, int work)
+{
+    return (PyArrayObject *)PyArray_FromArray(a, PyArray_DescrFromType(work),
+                                              NPY_ARRAY_ALIGNED | NPY_ARRAY_NOTSWAPPED | NPY_ARRAY_FORCECAST);
+}
+
+int bn_check_length(PyArrayObject *a, const char *name, npy_intp C, const char *of)
+{
+    char b1[200];
+    if (PyArray_NDIM(a) == 1 && PyArray_DIM(a, 0) == C) return 0;
+    SHAPE_OF(b1, a);
+    PyErr_Format(PyExc_ValueError, "%s has shape %s, expected (%ld,): %s", name, b1, (long)C, of);
+    return -1;
+}
+
+int bn_channel_vector(PyObject *obj, const char *name, npy_intp C, const char *of, PyArrayObject **out)
+{
+    int w, r;
+    *out = NULL;
+    if (obj == NULL || obj == Py_None) return 0;
+    PyArrayObject *a = bn_as_array(obj, name);
+    if (a == NULL) return -1;
+    if (bn_classify_dtype(PyArray_DESCR(a), name, &w, &r) < 0 || bn_check_length(a, name, C, of) < 0) {
+        Py_DECREF(a);
+        return -1;
+    }
+    *out = (PyArrayObject *)PyArray_FromArray(a, PyArray_DescrFromType(NPY_DOUBLE),
+                                              NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+    Py_DECREF(a);
+    return *out ? 0 : -1;
+}
+
+int bn_running_stat(PyObject *obj, const char *name, npy_intp C, const char *of, PyArrayObject **out)
+{
+    *out = NULL;
+    if (obj == NULL || obj == Py_None) return 0;
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray of float32 or float64 (it is updated in "
+                     "place), got %.200s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != NPY_FLOAT && PyArray_TYPE(a) != NPY_DOUBLE) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype float32 or float64, got %S", name,
+                     (PyObject *)PyArray_DESCR(a));
+        return -1;
+    }
+    if (bn_check_length(a, name, C, of) < 0) return -1;
+    if (!PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError, "%s is read-only, but it is updated in place", name);
+        return -1;
+    }
+    Py_INCREF(a);
+    *out = a;
+    return 0;
+}
+
+/* Portable byte reversal (no compiler builtins), for running statistics in non-native byte order. */
+static void reverse_bytes(unsigned char *p, size_t n)
+{
+    for (size_t i = 0; i < n / 2; i++) {
+        unsigned char t = p[i];
+        p[i] = p[n - 1 - i];
+        p[n - 1 - i] = t;
+    }
+}
+
+void bn_update_running(PyArrayObject *r, const double *batch, double divisor, double momentum)
+{
+    npy_intp C = PyArray_DIM(r, 0), stride = PyArray_STRIDE(r, 0);
+    char *p = PyArray_BYTES(r);
+    const int swap = !PyArray_ISNOTSWAPPED(r), single = PyArray_TYPE(r) == NPY_FLOAT;
+    for (npy_intp c = 0; c < C; c++, p += stride) {
+        const double b = batch[c] / divisor;
+        if (single) {
+            float v;
+            memcpy(&v, p, sizeof v);
+            if (swap) reverse_bytes((unsigned char *)&v, sizeof v);
+            v = (float)((1.0 - momentum) * (double)v + momentum * b);
+            if (swap) reverse_bytes((unsigned char *)&v, sizeof v);
+            memcpy(p, &v, sizeof v);
+        } else {
+            double v;
+            memcpy(&v, p, sizeof v);
+            if (swap) reverse_bytes((unsigned char *)&v, sizeof v);
+            v = (1.0 - momentum) * v + momentum * b;
+            if (swap) reverse_bytes((unsigned char *)&v, sizeof v);
+            memcpy(p, &v, sizeof v);
+        }
+    }
+}
+
+int bn_parse_stats_dtype(PyObject *obj, int deflt, int *typenum)
+{
+    PyArray_Descr *d = NULL;
+    *typenum = deflt;
+    if (obj == NULL || obj == Py_None) return 0;
+    if (!PyArray_DescrConverter2(obj, &d) || d == NULL) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "stats_dtype must be None or a floating-point dtype, got %.200R", obj);
+        return -1;
+    }
+    int t = d->type_num;
+    Py_DECREF(d);
+    if (t != NPY_HALF && t != NPY_FLOAT && t != NPY_DOUBLE) {
+        PyErr_Format(PyExc_TypeError, "stats_dtype must be None, float16, float32 or float64, got %.200R", obj);
+        return -1;
+    }
+    *typenum = t;
+    return 0;
+}
+
+PyObject *bn_cast_vector(PyArrayObject *v, int typenum)
+{
+    if (PyArray_TYPE(v) == typenum) {
+        Py_INCREF(v);
+        return (PyObject *)v;
+    }
+    return PyArray_CastToType(v, PyArray_DescrFromType(typenum), 0);
+}
+
+PyArrayObject *bn_new_vector(npy_intp C)
+{
+    return (PyArrayObject *)PyArray_ZEROS(1, &C, NPY_DOUBLE, 0);
+}
+
+PyObject *bn_kernel_failed(int status)
+{
+    (void)status; /* BN_ENOMEM is the only failure */
+    return PyErr_NoMemory();
+}
