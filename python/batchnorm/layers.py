@@ -150,19 +150,33 @@ class BatchNorm:
                              f"got input of shape {x.shape}")
         return x
 
+    def _momentum_now(self):
+        """The weight of this batch in the running statistics (None: cumulative moving average)."""
+        return 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+
+    def _frozen_stats(self):
+        """The running statistics as the constants an eval-mode forward normalizes with, in float64,
+        saved as used: a later change of the running stats must not alter the gradient of this forward."""
+        mean = self.running_mean.astype(np.float64)
+        invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        return mean, invstd
+
+    def _remember(self, x, mean, invstd, batch_stats, count=None):
+        weight = None if self.weight is None else np.array(self.weight, copy=True)
+        self._cache = (x, mean, invstd, batch_stats, weight, count)
+
     def forward(self, x):
         """Normalize x; in training mode also update the running statistics. Returns y."""
         x = self._check_input(x)
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
             update = self.training and self.track_running_stats
-            if update:
-                momentum = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+            momentum = self._momentum_now() if update else 0.0
             y, mean, invstd = _forward_train(
                 x, self.weight, self.bias,
                 running_mean=self.running_mean if update else None,
                 running_var=self.running_var if update else None,
-                momentum=momentum if update else 0.0, eps=self.eps, axis=self.axis,
+                momentum=momentum, eps=self.eps, axis=self.axis,
                 # float64 whatever x's type: backward from float32 statistics loses digits when the
                 # data's mean is large against its spread (5e-5 of dx at mean = 1e5 std)
                 stats_dtype=np.float64)
@@ -171,15 +185,27 @@ class BatchNorm:
         else:
             y = _forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                                eps=self.eps, axis=self.axis)
-            # Frozen statistics, saved as used: a later change of the running stats must not alter
-            # the gradient of this forward.
-            mean = self.running_mean.astype(np.float64)
-            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-        self._cache = (x, mean, invstd, use_batch_stats,
-                       None if self.weight is None else np.array(self.weight, copy=True))
+            mean, invstd = self._frozen_stats()
+        self._remember(x, mean, invstd, use_batch_stats)
         return y
 
     __call__ = forward
+
+    def _cached(self, dy):
+        """The last forward's saved values, and dy checked against its input."""
+        if self._cache is None:
+            raise RuntimeError("backward() called before forward(): there is no forward pass to differentiate")
+        x = self._cache[0]
+        dy = np.asarray(dy)
+        if dy.shape != x.shape:
+            raise ValueError(f"dy has shape {dy.shape}, expected {x.shape} (the shape of the last forward's input)")
+        return (dy,) + self._cache
+
+    def _set_gradients(self, dgamma, dbeta):
+        if self.affine:
+            # In place, so that an optimizer holding layer.gradients() sees the new values.
+            np.copyto(self.grad_weight, dgamma, casting="unsafe")
+            np.copyto(self.grad_bias, dbeta, casting="unsafe")
 
     def backward(self, dy):
         """Gradient of the loss with respect to the last forward's input, given dy = dL/dy.
@@ -188,17 +214,9 @@ class BatchNorm:
         forward the gradient flows through the batch statistics; after an eval-mode forward the running
         statistics are constants (frozen BN).
         """
-        if self._cache is None:
-            raise RuntimeError("backward() called before forward(): there is no forward pass to differentiate")
-        x, mean, invstd, batch_stats, weight = self._cache
-        dy = np.asarray(dy)
-        if dy.shape != x.shape:
-            raise ValueError(f"dy has shape {dy.shape}, expected {x.shape} (the shape of the last forward's input)")
+        dy, x, mean, invstd, batch_stats, weight, _ = self._cached(dy)
         dx, dgamma, dbeta = _backward(dy, x, mean, invstd, weight, training=batch_stats, axis=self.axis)
-        if self.affine:
-            # In place, so that an optimizer holding layer.gradients() sees the new values.
-            np.copyto(self.grad_weight, dgamma, casting="unsafe")
-            np.copyto(self.grad_bias, dbeta, casting="unsafe")
+        self._set_gradients(dgamma, dbeta)
         return dx
 
     # -- parameters and state ------------------------------------------------------------------------

@@ -1,0 +1,247 @@
+"""Synchronized Batch Normalization across processes, over MPI (mpi4py).
+
+When a batch is spread over several processes (data-parallel training), :class:`SyncBatchNorm`
+normalizes with the statistics of the *whole* batch, the union of every process's part, instead of each
+process's few samples. It is PyTorch's ``SyncBatchNorm`` (GPU only there) on the CPU, for NumPy:
+
+- training forward: each process computes its part's ``(count, mean, m2)`` (:func:`batchnorm.batch_stats`),
+  one ``Allgather`` shares them, and every process merges the parts in rank order
+  (:func:`batchnorm.merge_stats`), so all hold bit-identical statistics and running statistics;
+- training backward: one ``Allgather`` of each part's ``(sum_dy, sum_dy_xmu)``
+  (:func:`batchnorm.backward_reduce`), summed in rank order on every process (deterministic, not left to
+  the MPI library's reduction order), then :func:`batchnorm.backward_apply` with the global sums;
+- eval mode communicates nothing: it normalizes with the running statistics like :class:`BatchNorm`.
+
+Two collectives per training step, each of ``processes x (2 C + 2)`` float64 values. ``dx`` on each
+process is that process's rows of the gradient of single-process BN over the concatenated batch.
+``grad_weight`` and ``grad_bias`` are this process's *contributions* (summed over processes they are the
+single-process gradients), as in PyTorch: reduce them together with the other parameters' gradients
+(sum, or average when the loss is averaged over processes).
+
+A process whose input is invalid does not leave the others waiting in a collective: it still joins the
+collective, flagged as failed; then it raises its own error and every other process raises
+:class:`SyncBatchNormError` naming the failing rank(s). No state changes on any process.
+
+``import batchnorm`` never imports mpi4py; this module imports it the first time a communicator is needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._core import (
+    backward_apply,
+    backward_reduce,
+    batch_stats,
+    merge_stats,
+    normalize,
+    update_running_stats,
+)
+from .layers import BatchNorm
+
+__all__ = ["SyncBatchNorm", "SyncBatchNormError", "world"]
+
+
+def _result_dtype(x):
+    """The kernels' result dtype for x: float16/32/64 keep theirs, the rest compute in float64."""
+    return x.dtype if x.dtype.kind == "f" and x.dtype.itemsize in (2, 4, 8) else np.dtype(np.float64)
+
+
+class SyncBatchNormError(RuntimeError):
+    """Raised on the processes whose own input was fine when another process's failed.
+
+    ``ranks`` lists the failing ranks (in the communicator), ``messages`` their errors.
+    """
+
+    def __init__(self, message, ranks=(), messages=()):
+        super().__init__(message)
+        self.ranks = list(ranks)
+        self.messages = list(messages)
+
+
+def world():
+    """``mpi4py.MPI.COMM_WORLD``, importing mpi4py (and so initializing MPI) on first use."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("batchnorm.distributed needs mpi4py and an MPI library: "
+                          "pip install 'batchnorm[mpi]'") from exc
+    return MPI.COMM_WORLD
+
+
+def _check_comm(comm):
+    for attr in ("Allgather", "allgather", "Get_rank", "Get_size"):
+        if not hasattr(comm, attr):
+            raise TypeError(f"comm must be an mpi4py communicator (with {attr}), got {type(comm).__name__}")
+    return comm
+
+
+def _copy_state(src, dst):
+    """Parameters, running statistics, counter and mode of src into dst (a layer of the same options)."""
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        value = getattr(src, name)
+        if value is not None:
+            getattr(dst, name)[...] = value
+    dst.num_batches_tracked = src.num_batches_tracked
+    dst.training = src.training
+
+
+class SyncBatchNorm(BatchNorm):
+    """Batch Normalization with statistics over the batches of every process in ``comm``.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    comm : mpi4py communicator, optional
+        The processes that share statistics (any intracommunicator, e.g. one from ``comm.Split``).
+        None means ``MPI.COMM_WORLD``, looked up when first needed.
+    eps, momentum, affine, track_running_stats, axis, dtype
+        As :class:`batchnorm.BatchNorm`.
+
+    Notes
+    -----
+    Every process in ``comm`` must call the layer (forward, and backward after a training forward)
+    the same number of times in the same order, as with any collective operation; a process with no
+    samples passes an empty batch (N = 0), joins the collectives and gets an empty dx. Input of any
+    layout (channel axis ``axis``) and ndim >= 2 is accepted; the processes may split the batch unevenly.
+    The communicator is not pickled or copied into ``state_dict``: an unpickled layer uses ``MPI.COMM_WORLD``
+    until ``layer.comm`` is set.
+    """
+
+    def __init__(self, num_features, *, comm=None, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, axis=1, dtype=np.float32):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, axis=axis, dtype=dtype)
+        self.comm = None if comm is None else _check_comm(comm)
+        self._layer_class = BatchNorm
+
+    # -- conversion ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_layer(cls, layer, comm=None):
+        """A SyncBatchNorm with ``layer``'s options, parameters, running statistics and mode (copies)."""
+        if not isinstance(layer, BatchNorm):
+            raise TypeError(f"layer must be a batchnorm.BatchNorm, got {type(layer).__name__}")
+        new = cls(layer.num_features, comm=comm, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
+                  track_running_stats=layer.track_running_stats, axis=layer.axis, dtype=layer.dtype)
+        _copy_state(layer, new)
+        new._layer_class = layer._layer_class if isinstance(layer, SyncBatchNorm) else type(layer)
+        return new
+
+    def to_layer(self):
+        """A local layer (the class this one was converted from, else BatchNorm) with this one's options,
+        parameters, running statistics and mode (copies)."""
+        cls = self._layer_class
+        new = cls(self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
+                  track_running_stats=self.track_running_stats, axis=self.axis, dtype=self.dtype)
+        _copy_state(self, new)
+        return new
+
+    # -- communication ---------------------------------------------------------------------------
+
+    def _communicator(self):
+        if self.comm is None:
+            self.comm = world()
+        return self.comm
+
+    def _gather(self, comm, local, ok, error, what):
+        """Allgather one float64 row per process, flag in column 0; raise everywhere if any failed."""
+        row = np.empty(local.size + 1, np.float64)
+        row[0] = 1.0 if ok else 0.0
+        row[1:] = local
+        table = np.empty((comm.Get_size(), row.size), np.float64)
+        comm.Allgather(row, table)
+        failed = [r for r in range(table.shape[0]) if table[r, 0] != 1.0]
+        if failed:
+            # Every process saw the same flags, so every process joins this second collective.
+            messages = comm.allgather(None if ok else f"{type(error).__name__}: {error}")
+            if not ok:
+                raise error
+            detail = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
+            raise SyncBatchNormError(
+                f"SyncBatchNorm {what} failed on rank{'s' if len(failed) > 1 else ''} "
+                f"{', '.join(map(str, failed))} of {table.shape[0]} ({detail}); no state was changed",
+                failed, [messages[r] for r in failed])
+        return table[:, 1:]
+
+    # -- forward / backward ----------------------------------------------------------------------
+
+    def _check_params(self):
+        for name in ("weight", "bias"):
+            value = getattr(self, name)
+            if value is not None and np.shape(value) != (self.num_features,):
+                raise ValueError(f"{name} has shape {np.shape(value)}, expected ({self.num_features},)")
+
+    def forward(self, x):
+        """Normalize x with the statistics of every process's batch (training mode, collective) or
+        with the running statistics (eval mode, local). Returns y."""
+        if not self.training:
+            if np.size(x) == 0:  # a process with no samples in eval mode: an empty y, nothing to compute
+                x = self._check_input(x)
+                mean, invstd = self._frozen_stats() if self.track_running_stats else (None, None)
+                y = np.empty(x.shape, _result_dtype(x))
+                self._remember(x, mean, invstd, not self.track_running_stats)
+                return y
+            return super().forward(x)
+        comm = self._communicator()
+        C = self.num_features
+        local = np.zeros(1 + 2 * C)
+        error = None
+        try:
+            x = self._check_input(x)
+            self._check_params()
+            count, mean, m2 = batch_stats(x, axis=self.axis)
+            local[0], local[1:C + 1], local[C + 1:] = count, mean, m2
+        except Exception as exc:  # joins the collective as failed, re-raised there
+            error = exc
+        table = self._gather(comm, local, error is None, error, "forward")
+        counts = table[:, 0].astype(np.int64)
+        count, mean, m2 = merge_stats(counts, table[:, 1:C + 1], table[:, C + 1:])
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {count} over the "
+                             f"{len(counts)} processes of the communicator (input of shape {x.shape} here)")
+        invstd = 1.0 / np.sqrt(m2 / count + self.eps)
+        y = normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis)
+        if self.track_running_stats:
+            update_running_stats(self.running_mean, self.running_var, mean, m2, count,
+                                 momentum=self._momentum_now())
+            self.num_batches_tracked += 1
+        self._remember(x, mean, invstd, True, count)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """dx for this process's rows; ``grad_weight``/``grad_bias`` get this process's contributions.
+        Collective after a training-mode forward, local after an eval-mode one."""
+        if self._cache is None or self._cache[5] is None:
+            if self._cache is not None and self._cache[0].size == 0:
+                dy, x = self._cached(dy)[:2]
+                self._set_gradients(0.0, 0.0)
+                return np.empty(x.shape, _result_dtype(x))
+            return super().backward(dy)
+        comm = self._communicator()
+        C = self.num_features
+        local = np.zeros(2 * C)
+        error = None
+        try:
+            dy, x, mean, invstd, _, weight, count = self._cached(dy)
+            sum_dy, sum_dy_xmu = backward_reduce(dy, x, mean, axis=self.axis)
+            local[:C], local[C:] = sum_dy, sum_dy_xmu
+        except Exception as exc:
+            error = exc
+        table = self._gather(comm, local, error is None, error, "backward")
+        total = table[0].copy()
+        for r in range(1, table.shape[0]):  # rank order, on every process alike
+            total += table[r]
+        dx = backward_apply(dy, x, mean, invstd, weight, total[:C], total[C:], count, axis=self.axis)
+        self._set_gradients(invstd * sum_dy_xmu, sum_dy)
+        return dx
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["comm"] = None  # a communicator belongs to the running processes, not to the layer's state
+        return state
