@@ -1,8 +1,8 @@
 /* _args.c - the binding's argument steps: numbers, axis, counts, dtypes, per-channel vectors and running
  * statistics. Each raises TypeError/ValueError naming the argument and returns -1, or returns 0. */
+#include "_binding.h" /* Python.h first, as Python requires */
 #include <math.h>
 #include <string.h>
-#include "_binding.h"
 
 void bn_shape_str(char *buf, size_t cap, int ndim, const npy_intp *shape)
 {
@@ -72,9 +72,9 @@ int bn_parse_axis(PyObject *obj, int ndim, int *axis)
     return 0;
 }
 
-int bn_parse_count(PyObject *obj, const char *name, int64_t least, int64_t *out)
+static int parse_count_scalar(PyObject *obj, const char *name, int64_t least, int64_t *out)
 {
-    if (obj == Py_None || PyBool_Check(obj)) goto type_error;
+    if (obj == Py_None || PyBool_Check(obj) || PyArray_IsScalar(obj, Bool)) goto type_error;
     if (PyIndex_Check(obj)) {
         long long v = PyLong_AsLongLong(obj);
         if (v == -1 && PyErr_Occurred()) {
@@ -103,6 +103,25 @@ int bn_parse_count(PyObject *obj, const char *name, int64_t least, int64_t *out)
 type_error:
     PyErr_Format(PyExc_TypeError, "%s must be an integer, got %.200s", name, Py_TYPE(obj)->tp_name);
     return -1;
+}
+
+int bn_parse_count(PyObject *obj, const char *name, int64_t least, int64_t *out)
+{
+    if (!PyArray_Check(obj)) return parse_count_scalar(obj, name, least, out);
+    /* a 0-d array counts as its scalar; anything bigger is not a count */
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_NDIM(a) != 0) {
+        char b1[200];
+        SHAPE_OF(b1, a);
+        PyErr_Format(PyExc_TypeError, "%s must be a single integer, got an array of shape %s", name, b1);
+        return -1;
+    }
+    Py_INCREF(obj);
+    PyObject *scalar = PyArray_Return(a); /* steals the reference */
+    if (scalar == NULL) return -1;
+    int r = parse_count_scalar(scalar, name, least, out);
+    Py_DECREF(scalar);
+    return r;
 }
 
 int bn_classify_dtype(PyArray_Descr *descr, const char *name, int *work, int *result)

@@ -65,7 +65,7 @@ typedef struct {
     PyArrayObject *arr;   /* aligned, native order, of the work type; owned */
     bn_layout L;
     int work, result, axis;
-    char of[160];         /* "one value per channel of x (shape ..., channel axis ...)" for messages */
+    char of[288];         /* "one value per channel of x (shape ..., channel axis ...)" for messages */
 } bn_input;
 
 enum { BN_NONEMPTY = 0, BN_ALLOW_EMPTY = 1 };

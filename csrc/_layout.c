@@ -5,8 +5,8 @@
  * ...) is read in place: in memory order it is (N, C, S) for some N and S. Anything else (slices, negative
  * strides, broadcasts) is copied once into C order. Results are allocated in the layout the kernel worked
  * in, which is x's own layout in the first case. */
+#include "_binding.h" /* Python.h first, as Python requires */
 #include <string.h>
-#include "_binding.h"
 
 /* Fill L for array a (channel axis `axis`) if its strides are a permutation of a C-contiguous array's. */
 static int find_layout(PyArrayObject *a, int axis, bn_layout *L)

@@ -6,8 +6,8 @@
  * then writes results the caller can see (out, running statistics).
  */
 #define BN_BINDING_MAIN
+#include "_binding.h" /* Python.h first, as Python requires */
 #include <math.h>
-#include "_binding.h"
 
 /* One kernel call on x's work type; the data pointers are void * from PyArray_DATA. */
 #define BN_KERNEL(work, fn, ...) ((work) == NPY_FLOAT ? fn##_f32(__VA_ARGS__) : fn##_f64(__VA_ARGS__))
