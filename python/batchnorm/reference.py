@@ -38,6 +38,15 @@ def _result_dtype(x):
     return x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float64)
 
 
+def _finish(flat, moved_shape, axis, x, out):
+    """flat (M, C) back to x's shape, in the result dtype, written into out when given."""
+    res = _restore(flat, moved_shape, axis).astype(_result_dtype(x))
+    if out is not None:
+        out[...] = res
+        res = out
+    return res
+
+
 def _param(p, C, default):
     return np.full(C, default, np.float64) if p is None else np.asarray(p, np.float64).reshape(C)
 
@@ -60,27 +69,15 @@ def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=No
     if running_var is not None:
         unbiased = var * M / (M - 1)
         running_var[...] = (1 - momentum) * running_var + momentum * unbiased
-    dt = _result_dtype(x)
-    y = _restore(y, moved_shape, axis).astype(dt)
-    if out is not None:
-        out[...] = y
-        y = out
-    sdt = dt if stats_dtype is None else np.dtype(stats_dtype)
+    y = _finish(y, moved_shape, axis, x, out)
+    sdt = _result_dtype(x) if stats_dtype is None else np.dtype(stats_dtype)
     return y, mean.astype(sdt), invstd.astype(sdt)
 
 
 def forward_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5, axis=1, out=None):
     """Inference forward: normalize with the given (running) statistics; returns y."""
-    flat, moved_shape, axis = _layout(x, axis)
-    C = flat.shape[1]
-    mean = np.asarray(running_mean, np.float64).reshape(C)
-    invstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64).reshape(C) + eps)
-    y = (flat - mean) * invstd * _param(gamma, C, 1.0) + _param(beta, C, 0.0)
-    y = _restore(y, moved_shape, axis).astype(_result_dtype(x))
-    if out is not None:
-        out[...] = y
-        y = out
-    return y
+    invstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
+    return normalize(x, running_mean, invstd, gamma, beta, axis=axis, out=out)
 
 
 def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None):
@@ -104,11 +101,7 @@ def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None
     else:
         dx = g * invstd * dflat
     dt = _result_dtype(x)
-    dx = _restore(dx, moved_shape, axis).astype(dt)
-    if out is not None:
-        out[...] = dx
-        dx = out
-    return dx, dgamma.astype(dt), dbeta.astype(dt)
+    return _finish(dx, moved_shape, axis, x, out), dgamma.astype(dt), dbeta.astype(dt)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,11 +158,7 @@ def normalize(x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None):
     mean = np.asarray(mean, np.float64).reshape(C)
     invstd = np.asarray(invstd, np.float64).reshape(C)
     y = (flat - mean) * invstd * _param(gamma, C, 1.0) + _param(beta, C, 0.0)
-    y = _restore(y, moved_shape, axis).astype(_result_dtype(x))
-    if out is not None:
-        out[...] = y
-        y = out
-    return y
+    return _finish(y, moved_shape, axis, x, out)
 
 
 def backward_reduce(dy, x, mean, *, axis=1):
@@ -193,11 +182,7 @@ def backward_apply(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, *, axi
     sum_dy_xmu = np.asarray(sum_dy_xmu, np.float64).reshape(C)
     g = _param(gamma, C, 1.0)
     dx = g * invstd * (dflat - sum_dy / count - (flat - mean) * invstd ** 2 * (sum_dy_xmu / count))
-    dx = _restore(dx, moved_shape, axis).astype(_result_dtype(x))
-    if out is not None:
-        out[...] = dx
-        dx = out
-    return dx
+    return _finish(dx, moved_shape, axis, x, out)
 
 
 def update_running_stats(running_mean, running_var, mean, m2, count, *, momentum=0.1):
