@@ -1,4 +1,4 @@
-/* bn_avx2.c - the same kernels as bn_forward.c and bn_backward.c, compiled for AVX2.
+/* bn_avx2.c - the kernels of bn_forward.tmpl.h and bn_backward.tmpl.h again, compiled for AVX2.
  *
  * Only the vector width changes: the code has no reassociation for the compiler to exploit and no
  * fused multiply-adds (ISO C mode keeps -ffp-contract=off), so every build gives the same bits. */

@@ -1,8 +1,9 @@
-/* bn_avx512.c - the same kernels again, compiled for AVX-512 (512-bit vectors).
+/* bn_avx512.c - the kernels of bn_forward.tmpl.h and bn_backward.tmpl.h again, compiled for AVX-512 with
+ * 512-bit vectors.
  *
- * Same bits as the AVX2 and baseline builds, for the reasons given in bn_avx2.c. Measured with
- * kernel_bench on a Zen 4 core: in-cache (128, 1024) and (64, 512) float32 15-25% faster than AVX2,
- * NCHW in cache up to 5%; out-of-cache tensors are bound by memory either way. */
+ * Same bits as the AVX2 and baseline builds, for the reasons given in bn_avx2.c. Wider vectors pay off
+ * where the data sits in cache and the loops are bound by arithmetic (small tensors); out of cache every
+ * build waits on memory alike (README, "Performance", has the measurements). */
 #include "bn_internal.h"
 
 #if BN_HAVE_AVX512

@@ -1,6 +1,7 @@
 /*
- * bn_backward.tmpl.h - the backward pass, written once for every element type.
- * Included by bn_backward.c with BN_T and BN_NAME(f), as bn_forward.tmpl.h is.
+ * bn_backward.tmpl.h - the backward direction, written once for every element type and instruction set:
+ * the reduce step (two sums per channel), the apply step (dx), and the kernels made of them
+ * (backward_reduce, backward_apply, backward). Included as bn_forward.tmpl.h is.
  *
  * Derivation (per channel, M = N * S values, xhat = (x - mean) * invstd, y = gamma * xhat + beta):
  *   dbeta  = sum(dy)
@@ -16,7 +17,7 @@
  * separate loops: GCC vectorizes each (BN_LANES independent lanes, no reassociation) but not the fused
  * form, which ran 1.5x slower. */
 static bn_sums BN_NAME(runs_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, ptrdiff_t runs,
-                                          ptrdiff_t stride, double m)
+                                  ptrdiff_t stride, double m)
 {
     double a[BN_LANES] = {0}, b[BN_LANES] = {0}, ta = 0, tb = 0;
     const ptrdiff_t body = len - len % BN_LANES;

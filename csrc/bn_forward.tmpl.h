@@ -1,6 +1,8 @@
 /*
- * bn_forward.tmpl.h - training and inference forward, written once for every element type.
- * Included by bn_forward.c with BN_T (the element type) and BN_NAME(f) (f with the type's suffix).
+ * bn_forward.tmpl.h - the forward direction, written once for every element type and instruction set:
+ * the statistics step (per-item moments), the normalize step, and the kernels made of them
+ * (batch_stats, normalize, forward_train). Included by bn_forward.c, bn_avx2.c and bn_avx512.c with BN_T
+ * (the element type) and BN_NAME(f) (f with the type's and instruction set's suffix).
  *
  * Algebra: with alpha = invstd * gamma, y = (x - mean) * alpha + beta, evaluated in double.
  *  - float64: the subtraction happens first, so a mean that is 1e5 times the spread costs no digits of y
