@@ -44,13 +44,14 @@ def _mpi_missing():
 needs_mpi = pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
 
 
-def run_mpi(nprocs, scenario, timeout=TIMEOUT):
+def launch(nprocs, args, timeout=TIMEOUT):
+    """Run `mpiexec -n nprocs python *args`; (exit code, output). A hang past timeout fails the test."""
     exe = _mpiexec()
     cmd = [exe]
     version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60).stdout
     if "Open MPI" in version or "OpenRTE" in version:
         cmd += ["--oversubscribe"]  # more processes than cores
-    cmd += ["-n", str(nprocs), sys.executable, WORKER, scenario]
+    cmd += ["-n", str(nprocs), sys.executable] + list(args)
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -60,9 +61,15 @@ def run_mpi(nprocs, scenario, timeout=TIMEOUT):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"mpiexec -n {nprocs} {scenario} hung for {timeout} s:\n{out[-4000:]}")
+        pytest.fail(f"mpiexec -n {nprocs} {' '.join(args)} hung for {timeout} s:\n{out[-4000:]}")
+    return proc.returncode, out
+
+
+def run_mpi(nprocs, scenario):
+    """One scenario of mpi_worker.py; every rank must report OK."""
+    returncode, out = launch(nprocs, [WORKER, scenario])
     oks = [line for line in out.splitlines() if line.startswith(f"OK {scenario} rank ")]
-    assert proc.returncode == 0 and len(oks) == nprocs, f"exit {proc.returncode}:\n{out[-6000:]}"
+    assert returncode == 0 and len(oks) == nprocs, f"exit {returncode}:\n{out[-6000:]}"
 
 
 @needs_mpi
@@ -96,6 +103,17 @@ def test_bad_input_on_one_rank_raises_everywhere(nprocs):
 @needs_mpi
 def test_sub_communicators():
     run_mpi(4, "subcomm")
+
+
+@needs_mpi
+def test_example_sync_digits_tracks_the_single_process_run():
+    """examples/sync_digits.py, shortened: SyncBN on 4 x 8 samples follows one process on 32."""
+    pytest.importorskip("sklearn")
+    script = os.path.join(os.path.dirname(HERE), "examples", "sync_digits.py")
+    returncode, out = launch(4, [script, "--steps", "40"])
+    assert returncode == 0, out[-4000:]
+    assert "running statistics identical on all 4 ranks: True" in out, out[-4000:]
+    assert "SyncBN tracks the 1-process run: True" in out, out[-4000:]
 
 
 # --------------------------------------------------------------------------------------------------
