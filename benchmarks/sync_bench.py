@@ -6,7 +6,7 @@ of the bytes it communicates per step.
                                                              #   --oversubscribe for more ranks than cores)
     python benchmarks/sync_bench.py                          # P = 1, no mpiexec needed
     python benchmarks/sync_bench.py --all                    # launches mpiexec for P = 1, 2, 4 itself and
-                                                             #   prints one combined table (~2-3 minutes)
+                                                             #   prints one combined table (~1 minute)
     python benchmarks/sync_bench.py --all --quick            # the same, < 30 s: fewer repeats
     ... --json out.json                                      # also write every number as JSON
 
@@ -22,15 +22,16 @@ images and a 2-D (N, C) case). One *step* is a training-mode forward and its bac
             gathered rows in rank order;
   * 2xAG    the two bare ``comm.Allgather`` calls of a step alone (float64 rows of 2C+2 and 2C+1
             values): the communication latency, without the BN arithmetic.
-Each repeat runs local, sync and 2xAG once each, round-robin (the first one rotating), each as a batch of
-k back-to-back steps (k, the same on every rank, makes a batch last >= ~20 ms, 5 ms with --quick: long
-against the OS scheduler's time slice, so that ranks sharing a core are time-sliced within a batch and
-the local times of oversubscribed runs include that sharing). Before every timed batch all ranks meet
-in ``comm.Barrier()``; every rank times its own batch, and a repeat's time is the *largest* over the
-ranks (a data-parallel step is as slow as its slowest process). Reported: the median over repeats of batch time / k (p25 and p75 in the JSON), after
-warm-up steps, with garbage collection off while timing. ``sync/local`` is the ratio of the medians
-and ``sync-local`` their difference: what synchronizing costs per step (communication + merge + the
-ranks waiting for each other).
+Each repeat runs local, sync and 2xAG once each, round-robin (the first one rotating), each as a
+batch of k back-to-back steps (k, the same on every rank, makes a batch last >= ~20 ms, 5 ms with
+--quick: long against the OS scheduler's time slice, so that ranks sharing a core are time-sliced
+within a batch and the local times of oversubscribed runs include that sharing). Before every timed
+batch all ranks meet in ``comm.Barrier()``; every rank times its own batch, and a repeat's time is
+the *largest* over the ranks (a data-parallel step is as slow as its slowest process). Reported: the
+median over repeats of batch time / k (p25 and p75 in the JSON), after warm-up steps, with garbage
+collection off while timing. ``sync/local`` is the ratio of the medians and ``sync-local`` their
+difference: what synchronizing costs per step (communication, merges, the split kernels and Python
+glue of SyncBatchNorm, and the ranks waiting for each other).
 
 Bytes. Computed from python/batchnorm/distributed.py's protocol: per step each process sends
 8 * ((2C+2) + (2C+1)) = 8 * (4C+3) bytes, and its receive buffers hold P times that (its own row
@@ -44,14 +45,16 @@ Threads. Every process runs the kernels on one thread (``batchnorm.set_num_threa
 and up to 4 processes more threads would only oversubscribe further; P = 1 uses 1 thread too, so that
 the rows compare the same per-process work.
 
-What the numbers mean. On one machine the processes talk through shared memory, so the collectives
-are cheap next to a network; and on a 2-core machine 4 processes oversubscribe the cores (two ranks
-share a core, and the OS time-slices them), so local step times grow with P too, and a collective
-waits for descheduled ranks (Open MPI turns on mpi_yield_when_idle when oversubscribed: a waiting rank
-still polls, yielding the core between polls). So this measures the communication and merge overhead of SyncBatchNorm on
-one node, and how it compares with the BN arithmetic; it is not a prediction for a real cluster, where
-the Allgather latency is that of the interconnect (typically 2-20 us per collective on InfiniBand,
-more over Ethernet) and grows with P.
+What the numbers mean. On one machine the processes talk through shared memory, so the
+collectives are cheap next to a network; and on a 2-core machine 4 processes oversubscribe the cores
+(two ranks share a core and the OS time-slices them), so local step times grow with P too, and a
+collective waits for descheduled ranks (Open MPI turns on mpi_yield_when_idle when oversubscribed: a
+waiting rank still polls, yielding the core between polls). So this measures the communication and
+merge overhead of SyncBatchNorm on one node and compares it with the BN arithmetic; it is not a
+prediction for a real cluster, where the Allgather latency is that of the interconnect and grows
+with P. Run it on an idle machine: with P <= cores Open MPI busy-polls without yielding, and any other
+busy process can stall a collective by whole scheduler time slices (milliseconds). The ``others``
+column says how many other runnable tasks there were while timing.
 
 Before timing, each shape is checked once: rank 0's rows of y and dx and the running statistics of a
 fresh SyncBatchNorm are compared with a local BatchNorm over the concatenation of every rank's batch.

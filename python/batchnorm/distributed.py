@@ -10,7 +10,8 @@ process's few samples. It is PyTorch's ``SyncBatchNorm`` (GPU only there) on the
 - training backward: one ``Allgather`` of each part's ``(sum_dy, sum_dy_xmu)``
   (:func:`batchnorm.backward_reduce`), summed in rank order on every process (deterministic, not left to
   the MPI library's reduction order), then :func:`batchnorm.backward_apply` with the global sums;
-- eval mode communicates nothing: it normalizes with the running statistics like :class:`BatchNorm`.
+- eval mode communicates nothing: it normalizes with the running statistics like :class:`BatchNorm`;
+  neither does a communicator of one process, where the layer is :class:`BatchNorm` (same bits).
 
 Two collectives per training step, each of ``processes x (2 C + 2)`` float64 values. ``dx`` on each
 process is that process's rows of the gradient of single-process BN over the concatenated batch.
@@ -185,6 +186,10 @@ class SyncBatchNorm(BatchNorm):
                 return y
             return super().forward(x)
         comm = self._communicator()
+        if comm.Get_size() == 1:
+            # Nothing to share: the fused kernels give the phases' bits (running statistics included)
+            # and save a pass of glue; backward then takes BatchNorm's path too.
+            return super().forward(x)
         C = self.num_features
         local = np.zeros(1 + 2 * C)
         error = None
