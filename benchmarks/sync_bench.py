@@ -35,7 +35,8 @@ glue of SyncBatchNorm, and the ranks waiting for each other).
 
 Bytes. Computed from python/batchnorm/distributed.py's protocol: per step each process sends
 8 * ((2C+2) + (2C+1)) = 8 * (4C+3) bytes, and its receive buffers hold P times that (its own row
-included; (P-1) * 8 * (4C+3) bytes come from the other processes). The volume depends on C only, not
+included; (P-1) * 8 * (4C+3) bytes come from the other processes); with P = 1 nothing is sent (a one-process
+communicator takes BatchNorm's path). The volume depends on C only, not
 on the batch. The script also *measures* it: a few steps run with the communicator wrapped in a proxy
 that counts the calls and the bytes of the buffers passed to Allgather/allgather (SyncBatchNorm takes
 any object with Allgather, allgather, Get_rank, Get_size), and both values are printed; the timings use
@@ -121,10 +122,11 @@ PROFILES = {
 
 
 def formula_bytes(C, P):
-    """Bytes per training step per process, from distributed.py's protocol (float64 rows, flag first)."""
+    """Bytes per training step per process, from distributed.py's protocol (float64 rows, flag first).
+    A one-process communicator communicates nothing (the layer takes BatchNorm's fused path)."""
     fwd, bwd = 2 * C + 2, 2 * C + 1
-    row = 8 * (fwd + bwd)
-    return dict(allgathers=2, sent=row, recv_buffer=P * row, recv_from_others=(P - 1) * row,
+    row = 8 * (fwd + bwd) if P > 1 else 0
+    return dict(allgathers=2 if P > 1 else 0, sent=row, recv_buffer=P * row, recv_from_others=(P - 1) * row,
                 fwd_values=fwd, bwd_values=bwd)
 
 
