@@ -333,3 +333,16 @@ def test_type_information_is_shipped():
     exec(compile(text, stub, "exec"), ns)
     for name, params in SIGNATURES.items():
         assert [p for p in inspect.signature(ns[name]).parameters] == [n for n, _, _ in params], name
+
+
+@pytest.mark.parametrize("name", ["forward_train", "batch_stats", "merge_stats", "normalize"])
+def test_docstring_examples_run(name):
+    """The Examples sections of the C functions' docstrings are true (run as doctests)."""
+    import doctest
+
+    func = getattr(batchnorm, name)
+    assert ">>>" in func.__doc__
+    test = doctest.DocTestParser().get_doctest(func.__doc__, {}, name, None, 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
