@@ -7,6 +7,7 @@ fails the test instead of blocking the suite."""
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import shutil
@@ -187,6 +188,11 @@ def test_pickles_without_its_communicator():
     assert clone.comm is None and sync.comm is not None
     for key, value in sync.state_dict().items():
         np.testing.assert_array_equal(clone.state_dict()[key], value)
+    # deepcopy: the same processes, so the communicator is shared; the arrays are copies
+    twin = copy.deepcopy(sync)
+    assert twin.comm is sync.comm and twin.running_mean is not sync.running_mean
+    for key, value in sync.state_dict().items():
+        np.testing.assert_array_equal(twin.state_dict()[key], value)
 
 
 def test_empty_batch_in_eval_mode_is_local_and_empty():

@@ -28,6 +28,8 @@ collective, flagged as failed; then it raises its own error and every other proc
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from ._core import (
@@ -106,8 +108,8 @@ class SyncBatchNorm(BatchNorm):
     the same number of times in the same order, as with any collective operation; a process with no
     samples passes an empty batch (N = 0), joins the collectives and gets an empty dx. Input of any
     layout (channel axis ``axis``) and ndim >= 2 is accepted; the processes may split the batch unevenly.
-    The communicator is not pickled or copied into ``state_dict``: an unpickled layer uses ``MPI.COMM_WORLD``
-    until ``layer.comm`` is set.
+    The communicator is not pickled or put into ``state_dict``: an unpickled layer uses ``MPI.COMM_WORLD``
+    until ``layer.comm`` is set; ``copy.deepcopy`` shares it with the original.
     """
 
     def __init__(self, num_features, *, comm=None, eps=1e-5, momentum=0.1, affine=True,
@@ -250,3 +252,13 @@ class SyncBatchNorm(BatchNorm):
         state = super().__getstate__()
         state["comm"] = None  # a communicator belongs to the running processes, not to the layer's state
         return state
+
+    def __deepcopy__(self, memo):
+        # A copy in the same processes shares the communicator (it is not data); the rest is copied, and
+        # like a pickled layer the copy needs a forward before backward.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__getstate__().items():
+            setattr(new, key, copy.deepcopy(value, memo))
+        new.comm = self.comm
+        return new
