@@ -159,6 +159,19 @@ def test_from_layer_and_back_keeps_everything():
         SyncBatchNorm.from_layer("not a layer")
 
 
+def test_convert_sync_batchnorm_replaces_layers_in_a_container():
+    from batchnorm.examples import Linear, ReLU, Sequential
+
+    rng = np.random.default_rng(0)
+    local = _trained()
+    model = Sequential(Linear(3, 4, rng=rng), bn.BatchNorm1d(4), ReLU(), Sequential(bn.BatchNorm1d(4)))
+    inner = model.layers[3]
+    assert SyncBatchNorm.convert_sync_batchnorm(model) is model
+    assert isinstance(model.layers[1], SyncBatchNorm) and isinstance(model.layers[0], Linear)
+    assert model.layers[3] is inner and isinstance(inner.layers[0], SyncBatchNorm)
+    assert isinstance(SyncBatchNorm.convert_sync_batchnorm(local), SyncBatchNorm)
+
+
 def test_options_and_state_dict_like_batchnorm():
     sync = SyncBatchNorm(6, eps=1e-3, momentum=None, affine=False, track_running_stats=True, axis=-1,
                          dtype=np.float64)

@@ -132,6 +132,18 @@ class SyncBatchNorm(BatchNorm):
         new._layer_class = layer._layer_class if isinstance(layer, SyncBatchNorm) else type(layer)
         return new
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module, comm=None):
+        """PyTorch's converter: a BatchNorm layer becomes a SyncBatchNorm (:meth:`from_layer`); a container
+        with a ``layers`` list (e.g. ``batchnorm.examples.Sequential``) has its BatchNorm layers replaced,
+        recursively, in place, and is returned. Anything else is returned as it is."""
+        if isinstance(module, BatchNorm) and not isinstance(module, SyncBatchNorm):
+            return cls.from_layer(module, comm)
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, list):
+            layers[:] = [cls.convert_sync_batchnorm(layer, comm) for layer in layers]
+        return module
+
     def to_layer(self):
         """A local layer (the class this one was converted from, else BatchNorm) with this one's options,
         parameters, running statistics and mode (copies)."""
