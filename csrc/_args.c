@@ -25,8 +25,12 @@ int bn_parse_real(PyObject *obj, const char *name, double *out)
     }
     double v = PyFloat_AsDouble(obj);
     if (v == -1.0 && PyErr_Occurred()) {
+        int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must be a real number, got %.200s", name, Py_TYPE(obj)->tp_name);
+        if (overflow)
+            PyErr_Format(PyExc_ValueError, "%s is out of range for a float: %.100R", name, obj);
+        else
+            PyErr_Format(PyExc_TypeError, "%s must be a real number, got %.200s", name, Py_TYPE(obj)->tp_name);
         return -1;
     }
     *out = v;
@@ -63,7 +67,12 @@ int bn_parse_axis(PyObject *obj, int ndim, int *axis)
         return -1;
     }
     Py_ssize_t a = PyNumber_AsSsize_t(obj, NULL); /* clips huge values, which are out of bounds anyway */
-    if (a == -1 && PyErr_Occurred()) return -1;
+    if (a == -1 && PyErr_Occurred()) {
+        /* e.g. a 1-element array, or an __index__ that misbehaves: say which argument it was */
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "axis must be an integer, got %.200s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
     if (a < -ndim || a >= ndim) {
         PyErr_Format(PyExc_ValueError, "axis %.100S is out of bounds for an array of dimension %d", obj, ndim);
         return -1;
@@ -76,11 +85,14 @@ static int parse_count_scalar(PyObject *obj, const char *name, int64_t least, in
 {
     if (obj == Py_None || PyBool_Check(obj) || PyArray_IsScalar(obj, Bool)) goto type_error;
     if (PyIndex_Check(obj)) {
-        long long v = PyLong_AsLongLong(obj);
+        PyObject *as_int = PyNumber_Index(obj);
+        long long v = as_int ? PyLong_AsLongLong(as_int) : -1;
+        Py_XDECREF(as_int);
         if (v == -1 && PyErr_Occurred()) {
-            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+            int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
             PyErr_Clear();
-            PyErr_Format(PyExc_ValueError, "%s is too large: %R", name, obj);
+            if (!overflow) goto type_error;
+            PyErr_Format(PyExc_ValueError, "%s is out of range: %.100R", name, obj);
             return -1;
         }
         *out = (int64_t)v;
@@ -89,8 +101,12 @@ static int parse_count_scalar(PyObject *obj, const char *name, int64_t least, in
         if (PyComplex_Check(obj) || PyArray_IsScalar(obj, ComplexFloating) || !PyNumber_Check(obj)) goto type_error;
         v = PyFloat_AsDouble(obj);
         if (v == -1.0 && PyErr_Occurred()) { PyErr_Clear(); goto type_error; }
-        if (!(v == floor(v)) || fabs(v) > 9.0e15) {
+        if (!(v == floor(v))) {
             PyErr_Format(PyExc_ValueError, "%s must be a whole number of values, got %R", name, obj);
+            return -1;
+        }
+        if (fabs(v) > 9.0e15) {
+            PyErr_Format(PyExc_ValueError, "%s is out of range (at most 2**53 values): %R", name, obj);
             return -1;
         }
         *out = (int64_t)v;
@@ -271,13 +287,49 @@ int bn_parse_stats_dtype(PyObject *obj, int deflt, int *typenum)
     return 0;
 }
 
+PyObject *bn_quiet_begin(void)
+{
+    PyObject *np = PyImport_ImportModule("numpy"), *errstate = NULL, *kw = NULL, *noargs = NULL, *ctx = NULL;
+    if (np == NULL) return NULL;
+    if ((errstate = PyObject_GetAttrString(np, "errstate")) && (kw = Py_BuildValue("{s:s}", "all", "ignore")) &&
+        (noargs = PyTuple_New(0)))
+        ctx = PyObject_Call(errstate, noargs, kw);
+    Py_DECREF(np); Py_XDECREF(errstate); Py_XDECREF(kw); Py_XDECREF(noargs);
+    if (ctx == NULL) return NULL;
+    PyObject *entered = PyObject_CallMethod(ctx, "__enter__", NULL);
+    if (entered == NULL) { Py_DECREF(ctx); return NULL; }
+    Py_DECREF(entered);
+    return ctx;
+}
+
+int bn_quiet_end(PyObject *ctx)
+{
+    if (ctx == NULL) return 0;
+    /* keep an error already set by the guarded work */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethod(ctx, "__exit__", "OOO", Py_None, Py_None, Py_None);
+    Py_DECREF(ctx);
+    if (type) { Py_XDECREF(r); PyErr_Restore(type, value, tb); return -1; }
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 PyObject *bn_cast_vector(PyArrayObject *v, int typenum)
 {
     if (PyArray_TYPE(v) == typenum) {
         Py_INCREF(v);
         return (PyObject *)v;
     }
-    return PyArray_CastToType(v, PyArray_DescrFromType(typenum), 0);
+    /* float64 statistics or gradients narrowed: values out of range become +-inf, as in any IEEE cast,
+     * without NumPy's overflow warning (which `-W error` would turn into an exception after `out` was
+     * already written) */
+    PyObject *quiet = bn_quiet_begin();
+    if (quiet == NULL) return NULL;
+    PyObject *r = PyArray_CastToType(v, PyArray_DescrFromType(typenum), 0);
+    if (bn_quiet_end(quiet) < 0) Py_CLEAR(r);
+    return r;
 }
 
 PyArrayObject *bn_new_vector(npy_intp C)

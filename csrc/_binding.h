@@ -46,7 +46,11 @@ int bn_running_stat(PyObject *obj, const char *name, npy_intp C, const char *of,
 void bn_update_running(PyArrayObject *r, const double *batch, double divisor, double momentum);
 /* Optional stats dtype: None (NULL) keeps `deflt`; else a float dtype. */
 int bn_parse_stats_dtype(PyObject *obj, int deflt, int *typenum);
-PyObject *bn_cast_vector(PyArrayObject *v, int typenum);
+PyObject *bn_cast_vector(PyArrayObject *v, int typenum);  /* narrowing without NumPy's warnings */
+/* numpy.errstate(all="ignore") entered (a new reference to exit with bn_quiet_end), or NULL with an error;
+ * bn_quiet_end keeps an error set in between and returns -1 then. */
+PyObject *bn_quiet_begin(void);
+int bn_quiet_end(PyObject *ctx);
 PyArrayObject *bn_new_vector(npy_intp C);  /* float64 (C,) of zeros */
 PyObject *bn_kernel_failed(int status);
 

@@ -238,7 +238,14 @@ int bn_prepare_output(PyObject *out_obj, const bn_input *in, PyArrayObject *in1,
 
 int bn_finish_output(PyArrayObject *result, PyArrayObject *target)
 {
-    return result == target ? 0 : PyArray_CopyInto(result, target);
+    if (result == target) return 0;
+    if (PyArray_TYPE(result) == PyArray_TYPE(target)) return PyArray_CopyInto(result, target);
+    /* a narrowing cast (float32 work, float16 result): out-of-range values become +-inf without NumPy's
+     * overflow warning, which `-W error` would raise half-way through writing out */
+    PyObject *quiet = bn_quiet_begin();
+    if (quiet == NULL) return -1;
+    int r = PyArray_CopyInto(result, target);
+    return bn_quiet_end(quiet) < 0 ? -1 : r;
 }
 
 /* The kernels read the per-channel vectors (gamma, beta, mean, ...) while they write target: a vector that

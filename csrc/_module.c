@@ -291,13 +291,20 @@ static PyArrayObject *parse_counts(PyObject *obj)
     for (npy_intp k = 0; k < PyArray_DIM(f, 0); k++)
         if (!(v[k] >= 0) || v[k] != floor(v[k]) || v[k] > 9.0e15) {
             PyObject *bad = PyFloat_FromDouble(v[k]);
-            if (bad) PyErr_Format(PyExc_ValueError, "counts must be non-negative whole numbers, got %R at "
-                                  "index %ld", bad, (long)k);
+            if (bad) PyErr_Format(PyExc_ValueError, "counts must be non-negative whole numbers below 2**53, "
+                                  "got %R at index %ld", bad, (long)k);
             Py_XDECREF(bad);
             Py_DECREF(f);
             goto done;
         }
+    double total = 0;
+    for (npy_intp k = 0; k < PyArray_DIM(f, 0); k++) total += v[k];
     Py_DECREF(f);
+    if (total > 9.0e15) {
+        PyErr_Format(PyExc_ValueError, "counts add up to more than 2**53 values (%.17g): the merged count would "
+                     "not be exact", total);
+        goto done;
+    }
     r = (PyArrayObject *)PyArray_FromArray(a, PyArray_DescrFromType(NPY_INT64),
                                            NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
 done:
@@ -397,7 +404,7 @@ static PyObject *py_update_running_stats(PyObject *self, PyObject *args, PyObjec
     PyObject *robjs[] = {mean_obj, m2_obj};
     if (required(robjs, rnames, 2, "") < 0) return NULL;
     if (bn_parse_momentum(mom_obj, &momentum) < 0) return NULL;
-    if (bn_parse_count(count_obj, "count", 0, &count) < 0) return NULL;
+    if (bn_parse_count(count_obj, "count", INT64_MIN, &count) < 0) return NULL;
     if (count <= 1) {
         PyErr_Format(PyExc_ValueError, "Expected more than 1 value per channel when training, got count %lld "
                      "(the unbiased variance divides by count - 1)", (long long)count);
@@ -416,6 +423,9 @@ static PyObject *py_update_running_stats(PyObject *self, PyObject *args, PyObjec
         bn_running_stat(rm_obj, "running_mean", C, of, &rm) < 0 ||
         bn_running_stat(rv_obj, "running_var", C, of, &rv) < 0)
         goto fail;
+    /* the batch statistics must be read as given even when they share memory with what is updated */
+    if (rm && (bn_detach_from(&mean, rm) < 0 || bn_detach_from(&m2, rm) < 0)) goto fail;
+    if (rv && (bn_detach_from(&mean, rv) < 0 || bn_detach_from(&m2, rv) < 0)) goto fail;
     if (rm) bn_update_running(rm, DDATA(mean), 1.0, momentum);
     if (rv) bn_update_running(rv, DDATA(m2), (double)(count - 1), momentum);
     Py_INCREF(Py_None);
@@ -754,10 +764,12 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|O$OOO:backward", kwlist, &dy_obj, &x_obj, &v[0], &v[1],
                                      &v[2], &training_obj, &axis_obj, &out_obj))
         return NULL;
-    if (training_obj != NULL && (training = PyObject_IsTrue(training_obj)) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "training must be True or False, got %.200R", training_obj);
-        return NULL;
+    if (training_obj != NULL) {
+        if (!PyBool_Check(training_obj) && !PyArray_IsScalar(training_obj, Bool)) {
+            PyErr_Format(PyExc_TypeError, "training must be True or False, got %.200R", training_obj);
+            return NULL;
+        }
+        training = PyObject_IsTrue(training_obj);
     }
     if (v[0] == Py_None || v[1] == Py_None) {
         PyErr_SetString(PyExc_TypeError, "mean and invstd are required, got None");

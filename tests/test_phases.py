@@ -1194,3 +1194,73 @@ def test_phases_bit_identical_for_1_and_2_threads(rng, shape, axis, dtype):
              "backward_apply", "running_mean", "running_var"]
     for name, a, b in zip(names, one, two):
         assert_bits(b, a, f"{name}: 2 threads vs 1")
+
+
+# --------------------------------------------------------------------------------------------------
+# regressions found by fuzzing the binding
+# --------------------------------------------------------------------------------------------------
+
+
+def test_merge_stats_refuses_a_total_count_beyond_exact_integers():
+    with pytest.raises(ValueError, match=r"\bcounts\b"):
+        bn.merge_stats([9e15] * 3, np.zeros((3, 1)), np.zeros((3, 1)))
+
+
+@pytest.mark.filterwarnings("error")
+def test_narrowing_casts_do_not_warn_after_writing_out():
+    """float16 results and narrowed statistics overflow to inf silently (IEEE), so warnings-as-errors
+    cannot raise half-way through a call that already wrote out."""
+    x16 = np.array([[0, 0], [1e3, 1e3]], np.float16)
+    o16 = np.zeros_like(x16)
+    y = bn.normalize(x16, [0.0, 0.0], [100.0, 100.0], out=o16)
+    assert y is o16 and np.isinf(o16[1]).all()
+    x = np.array([[1e5, 1.0], [2e5, 2.0]], np.float32)
+    out = np.empty_like(x)
+    y, mean, invstd = bn.forward_train(x, out=out, stats_dtype=np.float16)
+    assert y is out and mean.dtype == np.float16 and np.isinf(mean[0])
+
+
+@pytest.mark.parametrize("axis", [np.array([1]), np.array(1.0), np.array([[1]]), 1.0, "1"])
+def test_axis_that_is_not_an_integer_is_named(axis):
+    with pytest.raises(TypeError, match=r"\baxis\b"):
+        bn.batch_stats(np.ones((3, 2)), axis=axis)
+
+
+def test_axis_as_0d_integer_array_works():
+    assert bn.batch_stats(np.ones((3, 2)), axis=np.array(-1))[1].shape == (2,)
+
+
+def test_update_running_stats_reads_statistics_that_alias_the_running_ones():
+    mean, m2 = np.array([1.0, 2.0]), np.array([3.0, 4.0])
+    want_m, want_v = np.zeros(2), np.ones(2)
+    bn.update_running_stats(want_m, want_v, mean.copy(), m2.copy(), 4, momentum=0.5)
+    rm, rv = m2.copy(), np.ones(2)  # running_mean is the very array passed as m2
+    bn.update_running_stats(rm, rv, mean, rm, 4, momentum=0.5)
+    np.testing.assert_array_equal(rv, (1 - 0.5) * 1 + 0.5 * m2 / 3)
+    np.testing.assert_array_equal(rm, 0.5 * m2 + 0.5 * mean)
+
+
+@pytest.mark.parametrize("count, exc", [(-3, r"more than 1"), (2 ** 70, r"out of range"), (1e16, r"out of range"),
+                                        (2.5, r"whole number")])
+def test_update_running_stats_count_messages(count, exc):
+    with pytest.raises(ValueError, match=exc):
+        bn.update_running_stats(np.zeros(2), np.ones(2), np.zeros(2), np.ones(2), count)
+
+
+@pytest.mark.parametrize("training", [None, "no", 1, np.array([True])])
+def test_backward_training_must_be_a_bool(training):
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    with pytest.raises(TypeError, match=r"\btraining\b"):
+        bn.backward(x, x, np.zeros(3), np.ones(3), training=training)
+
+
+def test_backward_training_accepts_numpy_bool():
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    a = bn.backward(x, x, np.zeros(3), np.ones(3), training=np.False_)[0]
+    np.testing.assert_array_equal(a, bn.backward(x, x, np.zeros(3), np.ones(3), training=False)[0])
+
+
+@pytest.mark.parametrize("name", ["eps", "momentum"])
+def test_out_of_range_floats_are_value_errors(name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        bn.forward_train(np.ones((3, 2)), **{name: 10 ** 400})
