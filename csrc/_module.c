@@ -814,8 +814,11 @@ PyDoc_STRVAR(set_num_threads_doc,
 "None\n\n"
 "Notes\n"
 "-----\n"
-"Results do not depend on the thread count. Small inputs run on one thread regardless.\n"
-"Without OpenMP (a serial build) this is accepted and has no effect.\n");
+"Results do not depend on the thread count. Small inputs run on one thread regardless, and a call\n"
+"never starts more than twice as many threads as the processors OpenMP may use. In a child process\n"
+"forked after a parallel call the kernels run on one thread (GNU libgomp's threads do not survive\n"
+"fork) until this function is called there. Without OpenMP (a serial build) this is accepted and has\n"
+"no effect.\n");
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *args, PyObject *kwds)
 {
@@ -848,7 +851,8 @@ PyDoc_STRVAR(get_num_threads_doc,
 "Returns\n"
 "-------\n"
 "int\n"
-"    By default the number of cores, or ``OMP_NUM_THREADS`` when set; 1 in a build without OpenMP.\n");
+"    By default the number of cores, or ``OMP_NUM_THREADS`` when set; 1 in a build without OpenMP,\n"
+"    and in a child forked after a parallel call (until :func:`set_num_threads` is called there).\n");
 
 static PyObject *py_get_num_threads(PyObject *self, PyObject *unused)
 {

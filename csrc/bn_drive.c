@@ -14,6 +14,7 @@ int bn_drive(const bn_job *job)
         free(scratch);
         return BN_ENOMEM;
     }
+    if (p->nthreads > 1) bn_note_parallel();
     /* Reusing x from cache needs a whole channel block in one item (one row group). */
     const int fused = job->reduce && job->apply && p->fused;
 

@@ -37,6 +37,7 @@
 #define BN_COL_GROUP_ELEMS 262144 /* column mode: elements per item when rows are split into groups */
 #define BN_ROW_GROUP_ELEMS 1024  /* row mode: least values of a channel in one work item */
 #define BN_CACHE_ITEM_BYTES (768 * 1024)  /* an item this small stays in L2 between two passes */
+#define BN_MAX_GROUPS 256        /* most row groups: bounds the partials' memory to O(C) */
 
 typedef struct {
     ptrdiff_t N, C, S, W;        /* W = C * S, the length of one n-row */
@@ -49,6 +50,10 @@ typedef struct {
 } bn_plan;
 
 void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads);
+
+/* A kernel is about to run on several threads: from now on a fork()ed child runs single-threaded
+ * (bn_plan.c says why). */
+void bn_note_parallel(void);
 
 /* Work item `it` of a plan: channels [c0, c1) x rows [n0, n1). Items run group-major (memory order). */
 typedef struct {

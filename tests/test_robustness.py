@@ -1,0 +1,166 @@
+"""What a long-running process does to the kernels: fork after a parallel call, absurd thread counts, and
+memory (the extra memory of a call is a constant per thread plus O(C), so huge tensors work in place).
+
+Each scenario runs in a child Python started in its own process group, killed whole on timeout: a hang
+(the failure these tests exist for) fails the test instead of blocking the suite."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import batchnorm as bn
+
+HAS_OPENMP = bn._core._build_info()["openmp"]
+posix_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+
+
+def run_child(code, timeout=120, env=None):
+    """Run `code` in a fresh Python in its own session; return its stdout; fail on error or timeout."""
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, **(env or {})))
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"child hung for {timeout} s:\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+PARALLEL_CALL = """
+    import os, sys
+    import numpy as np
+    import batchnorm as bn
+    bn.set_num_threads(2)
+    x = np.random.default_rng(0).random((64, 16, 1024)).astype(np.float32)   # 1 Mi elements: parallel
+    want = bn.forward_train(x)[0]
+"""
+
+
+@posix_only
+def test_os_fork_after_a_parallel_call_runs_single_threaded_in_the_child():
+    out = run_child(PARALLEL_CALL + """
+    pid = os.fork()
+    if pid == 0:
+        ok = np.array_equal(bn.forward_train(x)[0], want) and bn.get_num_threads() == 1
+        bn.set_num_threads(3)   # the user's own choice counts again
+        ok = ok and bn.get_num_threads() == 3
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    print("child", os.WEXITSTATUS(status), "parent threads", bn.get_num_threads())
+    """, timeout=60)
+    assert "child 0" in out
+    if HAS_OPENMP:
+        assert "parent threads 2" in out
+
+
+@posix_only
+def test_multiprocessing_fork_pool_after_a_parallel_call():
+    out = run_child(PARALLEL_CALL + """
+    import multiprocessing as mp
+
+    def work(i):
+        return float(bn.forward_train(x * (i + 1))[1].sum()), bn.get_num_threads()
+
+    if __name__ == "__main__":
+        with mp.get_context("fork").Pool(2) as pool:
+            results = pool.map(work, range(4))
+        print("threads in children", sorted({t for _, t in results}))
+    """, timeout=90)
+    assert "threads in children [1]" in out
+
+
+@pytest.mark.skipif(not HAS_OPENMP, reason="serial build: one thread everywhere")
+def test_spawned_processes_keep_full_parallelism():
+    out = run_child(PARALLEL_CALL + """
+    import multiprocessing as mp
+
+    if __name__ == "__main__":
+        with mp.get_context("spawn").Pool(1) as pool:
+            print("spawned child threads", pool.apply(bn.get_num_threads))
+    """, timeout=120, env={"OMP_NUM_THREADS": "2"})
+    assert "spawned child threads 2" in out
+
+
+@pytest.mark.skipif(not HAS_OPENMP, reason="serial build")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_absurd_thread_counts_are_capped():
+    out = run_child("""
+    import os
+    import numpy as np
+    import batchnorm as bn
+    bn.set_num_threads(100000)
+    x = np.random.default_rng(0).random((32, 128, 256)).astype(np.float32)   # 1024 work items
+    y, mean, invstd = bn.forward_train(x)
+    dx = bn.backward(x, x, mean, invstd)[0]
+    print("threads", len(os.listdir("/proc/self/task")), "cpus", os.cpu_count())
+    """, timeout=120)
+    threads, cpus = (int(w) for w in out.split()[1::2])
+    assert threads <= 2 * cpus + 8, out  # the cap (2 x the processors) plus Python's own threads
+
+
+def _mem_available():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS semantics are Linux's")
+def test_huge_row_in_place_under_an_address_space_limit():
+    """(1, 1, 2**27) float32 (512 MiB) in place under a 3 GiB address-space limit: every kernel's extra
+    memory must not grow with the row (it once took 4 * S doubles, 4 GiB, of scratch per thread)."""
+    out = run_child("""
+    import resource
+    import numpy as np
+    import batchnorm as bn
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+    S = 1 << 27
+    x = np.empty((1, 1, S), np.float32)
+    x[..., 0::2] = 1.0
+    x[..., 1::2] = 3.0
+    dy = np.ones((1, 1, S), np.float32)
+    count, mean, m2 = bn.batch_stats(x)
+    s1, s2 = bn.backward_reduce(dy, x, mean)
+    dx = bn.backward_apply(dy, x, mean, np.ones(1), None, s1, s2, count, out=dy)
+    y, mean_t, invstd = bn.forward_train(x, out=x, eps=0.0)
+    assert mean[0] == 2.0 and m2[0] == S and mean_t[0] == 2.0, (mean, m2, mean_t)
+    assert x[0, 0, 0] == -1.0 and x[0, 0, 1] == 1.0 and np.all(dy == 0.0)
+    bn.normalize(x, [0.0], [2.0], out=x)
+    bn.forward_infer(x, [0.0], [0.25], eps=0.0, out=x)
+    assert x[0, 0, 0] == -4.0, x[0, 0, :2]
+    print("ok")
+    """, timeout=300)
+    assert "ok" in out
+
+
+@pytest.mark.skipif(_mem_available() < (14 << 30), reason="needs ~9 GiB for a > 2**31-element array")
+def test_more_than_2_31_elements_in_place():
+    out = run_child("""
+    import numpy as np
+    import batchnorm as bn
+    S = (1 << 30) + 3
+    x = np.empty((2, 1, S), np.float32)      # 2**31 + 6 elements, 8 GiB
+    x[:, :, 0::2] = 1.0
+    x[:, :, 1::2] = 3.0
+    x[1, 0, -1] = 2.0
+    y, mean, invstd = bn.forward_train(x, out=x, eps=0.0)
+    assert y is x
+    assert abs(mean[0] - (4 * S - 1) / (2 * S)) < 1e-14, mean   # rows sum to 2S - 1 and 2S
+    assert x[0, 0, 0] < -0.99 and x[0, 0, 1] > 0.99 and abs(x[1, 0, -1]) < 1e-6 and x[1, 0, -2] > 0.99, (
+        x[0, 0, :2], x[1, 0, -2:])
+    print("ok")
+    """, timeout=600)
+    assert "ok" in out
