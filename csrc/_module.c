@@ -46,10 +46,11 @@ static int required(PyObject *const *objs, const char *const *names, int n, cons
     return 0;
 }
 
+/* One value per channel has no variance to normalize by (an empty batch is fine: nothing to normalize). */
 static int check_training_count(const bn_input *in)
 {
     char b1[200];
-    if ((double)in->L.dims.N * (double)in->L.dims.S > 1) return 0;
+    if ((double)in->L.dims.N * (double)in->L.dims.S != 1 || in->L.dims.C == 0) return 0;
     SHAPE_OF(b1, in->arr);
     PyErr_Format(PyExc_ValueError, "Expected more than 1 value per channel when training, got input of "
                  "shape %s with channel axis %d", b1, in->axis);
@@ -108,13 +109,14 @@ PyDoc_STRVAR(forward_train_doc,
 "TypeError\n"
 "    For an unsupported dtype or a non-array argument.\n"
 "ValueError\n"
-"    For wrong shapes, a bad axis, an empty batch, a single value per channel, eps < 0, momentum\n"
-"    outside [0, 1], a read-only ``out`` or running statistic. Nothing is modified when it raises.\n\n"
+"    For wrong shapes, a bad axis, a single value per channel, eps < 0, momentum outside [0, 1], a\n"
+"    read-only ``out`` or running statistic. Nothing is modified when it raises.\n\n"
 "Notes\n"
 "-----\n"
 "Statistics are accumulated in float64 with a two-pass (then pairwise-merged) variance, and the\n"
 "work is cut independently of the thread count, so results are bit-identical for any number of\n"
-"threads.\n\n"
+"threads. An empty batch (N = 0) is accepted, as PyTorch does: y is empty, mean and invstd are\n"
+"zeros, and the running statistics are left as they are.\n\n"
 "Examples\n"
 "--------\n"
 ">>> import numpy as np, batchnorm as bn\n"
@@ -146,7 +148,7 @@ static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds
                                      &sd_obj))
         return NULL;
     if (bn_parse_momentum(mom_obj, &momentum) < 0 || bn_parse_eps(eps_obj, &eps) < 0) return NULL;
-    if (bn_prepare_input(x_obj, axis_obj, BN_NONEMPTY, &in) < 0) return NULL;
+    if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
     const npy_intp C = in.L.dims.C;
     const double count = (double)in.L.dims.N * (double)in.L.dims.S;
     if (check_training_count(&in) < 0 || bn_parse_stats_dtype(sd_obj, in.result, &stats_type) < 0 ||
@@ -156,16 +158,19 @@ static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds
         bn_prepare_output(out_obj, &in, in.arr, NULL, &result, &target) < 0 || detach_all(2, vec, target) < 0)
         goto fail;
     if (!(mean = bn_new_vector(C)) || !(m2 = bn_new_vector(C)) || !(invstd = bn_new_vector(C))) goto fail;
-    Py_BEGIN_ALLOW_THREADS
-    status = BN_KERNEL(in.work, bn_forward_train, DATA(in.arr), DATA(target), in.L.dims, DDATA(vec[0]),
-                       DDATA(vec[1]), eps, DATA(mean), DATA(m2), DATA(invstd), bn_get_num_threads());
-    Py_END_ALLOW_THREADS
+    status = BN_OK;
+    if (nonempty(&in)) {
+        Py_BEGIN_ALLOW_THREADS
+        status = BN_KERNEL(in.work, bn_forward_train, DATA(in.arr), DATA(target), in.L.dims, DDATA(vec[0]),
+                           DDATA(vec[1]), eps, DATA(mean), DATA(m2), DATA(invstd), bn_get_num_threads());
+        Py_END_ALLOW_THREADS
+    }
     if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
     if (!(mean_r = bn_cast_vector(mean, stats_type)) || !(invstd_r = bn_cast_vector(invstd, stats_type))) goto fail;
     if (bn_finish_output(result, target) < 0) goto fail;
     /* Nothing below can fail: the running statistics change only when the call succeeds. */
-    if (rm) bn_update_running(rm, DDATA(mean), 1.0, momentum);
-    if (rv) bn_update_running(rv, DDATA(m2), count - 1, momentum);
+    if (rm && count > 0) bn_update_running(rm, DDATA(mean), 1.0, momentum);
+    if (rv && count > 0) bn_update_running(rv, DDATA(m2), count - 1, momentum);
     ret = Py_BuildValue("(OOO)", result, mean_r, invstd_r);
 fail:
     bn_input_clear(&in);
@@ -570,7 +575,7 @@ static PyObject *py_forward_infer(PyObject *self, PyObject *args, PyObject *kwds
         PyErr_SetString(PyExc_TypeError, "running_mean and running_var are required for inference, got None");
         return NULL;
     }
-    return normalize_impl(x_obj, v, vnames, eps, axis_obj, out_obj, BN_NONEMPTY);
+    return normalize_impl(x_obj, v, vnames, eps, axis_obj, out_obj, BN_ALLOW_EMPTY);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -741,9 +746,10 @@ PyDoc_STRVAR(backward_doc,
 "dx : ndarray\n"
 "    Gradient with respect to x.\n"
 "dgamma : ndarray of shape (C,)\n"
-"    ``sum(dy * xhat)`` per channel, with ``xhat = (x - mean) * invstd``.\n"
+"    ``sum(dy * xhat)`` per channel, with ``xhat = (x - mean) * invstd``; in the result's dtype, but\n"
+"    float32 for float16 input (a sum over the batch overflows float16 easily).\n"
 "dbeta : ndarray of shape (C,)\n"
-"    ``sum(dy)`` per channel.\n\n"
+"    ``sum(dy)`` per channel, the same dtype.\n\n"
 "Raises\n"
 "------\n"
 "TypeError, ValueError\n"
@@ -775,18 +781,24 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "mean and invstd are required, got None");
         return NULL;
     }
-    if (bn_prepare_input(x_obj, axis_obj, BN_NONEMPTY, &in) < 0) return NULL;
+    if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
     if (bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 || channel_vectors(&in, 3, vnames, v, vec) < 0 ||
         bn_prepare_output(out_obj, &in, in.arr, dy, &result, &target) < 0 || detach_all(3, vec, target) < 0)
         goto fail;
     const npy_intp C = in.L.dims.C;
     if (!(dgamma = bn_new_vector(C)) || !(dbeta = bn_new_vector(C))) goto fail;
-    Py_BEGIN_ALLOW_THREADS
-    status = BN_KERNEL(in.work, bn_backward, DATA(dy), DATA(in.arr), DATA(target), in.L.dims, DDATA(vec[0]),
-                       DDATA(vec[1]), DDATA(vec[2]), training, DATA(dgamma), DATA(dbeta), bn_get_num_threads());
-    Py_END_ALLOW_THREADS
+    status = BN_OK;
+    if (nonempty(&in)) {
+        Py_BEGIN_ALLOW_THREADS
+        status = BN_KERNEL(in.work, bn_backward, DATA(dy), DATA(in.arr), DATA(target), in.L.dims,
+                           DDATA(vec[0]), DDATA(vec[1]), DDATA(vec[2]), training, DATA(dgamma), DATA(dbeta),
+                           bn_get_num_threads());
+        Py_END_ALLOW_THREADS
+    }
     if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
-    if (!(dgamma_r = bn_cast_vector(dgamma, in.result)) || !(dbeta_r = bn_cast_vector(dbeta, in.result))) goto fail;
+    /* sums over a whole batch overflow float16 easily: those of float16 input come back in float32 */
+    const int grad_type = in.result == NPY_HALF ? NPY_FLOAT : in.result;
+    if (!(dgamma_r = bn_cast_vector(dgamma, grad_type)) || !(dbeta_r = bn_cast_vector(dbeta, grad_type))) goto fail;
     if (bn_finish_output(result, target) < 0) goto fail;
     ret = Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
 fail:

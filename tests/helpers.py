@@ -31,6 +31,13 @@ def result_dtype(dtype) -> np.dtype:
     return F64
 
 
+def grad_dtype(dtype) -> np.dtype:
+    """dtype of backward's dgamma/dbeta for input of ``dtype``: the result dtype, but float32 for float16
+    (a sum over a batch overflows float16)."""
+    dt = result_dtype(dtype)
+    return F32 if dt == F16 else dt
+
+
 def tol_for(*dtypes) -> float:
     """The loosest tolerance among the result dtypes of ``dtypes`` (used e.g. for float32 running
     statistics updated from float64 data)."""

@@ -12,6 +12,7 @@ memory on every step): do not overwrite that array in place before calling ``bac
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,7 +20,24 @@ from ._core import backward as _backward
 from ._core import forward_infer as _forward_infer
 from ._core import forward_train as _forward_train
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "StateDictError"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "StateDictError", "IncompatibleKeys"]
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :meth:`BatchNorm.load_state_dict` found missing or unexpected (PyTorch's result type)."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+
+def _batch_count(value):
+    """num_batches_tracked from a checkpoint: a single non-negative integer (an integral float is taken)."""
+    if value.size != 1 or value.dtype.kind not in "iuf":
+        raise StateDictError(f"num_batches_tracked must be a single integer, got {value!r}")
+    v = value.reshape(()).item()
+    if not (v >= 0 and float(v).is_integer()):
+        raise StateDictError(f"num_batches_tracked must be a non-negative integer, got {v!r}")
+    return int(v)
 
 
 class StateDictError(ValueError, KeyError, RuntimeError):
@@ -51,53 +69,76 @@ class BatchNorm:
         Keep ``running_mean`` (init 0) and ``running_var`` (init 1), updated in training mode with the
         unbiased batch variance, and used in eval mode. When False, batch statistics are used in both
         modes and ``running_mean``/``running_var`` are None.
-    axis : int, default 1
-        The channel axis of the input; -1 for channels-last data.
+    device : None or "cpu"
+        Accepted for PyTorch's positional order; NumPy arrays live in host memory.
     dtype : float32 or float64, default float32
-        dtype of the parameters and statistics. Input of either float dtype is accepted and the result
-        has the input's dtype.
+        dtype of the parameters, their gradients and the statistics, whatever the input's dtype (the
+        result has the input's dtype).
+    bias : bool, default True (keyword only)
+        With ``affine``, also learn the shift; ``bias=False`` learns ``weight`` alone (``bias`` is None).
+    axis : int, default 1 (keyword only)
+        The channel axis of the input; -1 for channels-last data.
+
+    The first five arguments may be given positionally, in PyTorch's order:
+    ``BatchNorm1d(10, 1e-3, 0.3, False, True)``.
 
     Notes
     -----
     Follows ``torch.nn.BatchNorm*d`` step for step: training mode normalizes with the batch statistics
     (biased variance) and updates the running ones; eval mode normalizes with the running statistics;
     ``num_batches_tracked`` counts training batches. A call that raises leaves the layer unchanged.
+    An empty batch (N = 0) gives an empty result and changes nothing (no statistics, no count; zero
+    parameter gradients in backward). Where it differs from PyTorch on purpose, the README's
+    "Differences from PyTorch" says so.
     """
 
     _valid_ndims: tuple[int, ...] | None = None  # None: any ndim >= 2
     _expected: str = "at least 2D"
 
-    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 axis=1, dtype=np.float32):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=np.float32, *, bias=True, axis=1):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
         if num_features < 1:
             raise ValueError(f"num_features must be at least 1, got {num_features}")
-        if not isinstance(eps, numbers.Real) or not eps >= 0:
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+        if not eps >= 0:
             raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-        if momentum is not None and (not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1):
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)):
+            raise TypeError(f"momentum must be None or a real number, got {type(momentum).__name__}")
+        if momentum is not None and not 0 <= momentum <= 1:
             raise ValueError(f"momentum must be None or in [0, 1], got {momentum!r}")
+        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats), ("bias", bias)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if device is not None and str(device) != "cpu":
+            raise ValueError(f"device must be None or 'cpu' (NumPy arrays live in host memory), got {device!r}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
-        dtype = np.dtype(dtype)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError as exc:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from exc
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
         self.affine = bool(affine)
+        self.has_bias = bool(bias)
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = dtype
         self.training = True
         C = self.num_features
+        self.weight = self.bias = self.grad_weight = self.grad_bias = None
         if self.affine:
             self.weight = np.ones(C, dtype)
-            self.bias = np.zeros(C, dtype)
             self.grad_weight = np.zeros(C, dtype)
-            self.grad_bias = np.zeros(C, dtype)
-        else:
-            self.weight = self.bias = self.grad_weight = self.grad_bias = None
+            if self.has_bias:
+                self.bias = np.zeros(C, dtype)
+                self.grad_bias = np.zeros(C, dtype)
         if self.track_running_stats:
             self.running_mean = np.zeros(C, dtype)
             self.running_var = np.ones(C, dtype)
@@ -106,6 +147,21 @@ class BatchNorm:
             self.running_mean = self.running_var = None
             self.num_batches_tracked = None
         self._cache = None
+
+    def reset_running_stats(self):
+        """Running mean 0, running variance 1, ``num_batches_tracked`` 0 (in place), as PyTorch's."""
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self):
+        """:meth:`reset_running_stats`, and weight 1, bias 0 (in place), as PyTorch's."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            self.weight[...] = 1
+        if self.bias is not None:
+            self.bias[...] = 0
 
     # gamma/beta are the paper's names for weight/bias.
     @property
@@ -180,7 +236,7 @@ class BatchNorm:
                 # float64 whatever x's type: backward from float32 statistics loses digits when the
                 # data's mean is large against its spread (5e-5 of dx at mean = 1e5 std)
                 stats_dtype=np.float64)
-            if update:
+            if update and x.size:  # an empty batch is no batch: PyTorch's checkpoints count alike
                 self.num_batches_tracked += 1
         else:
             y = _forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
@@ -202,9 +258,11 @@ class BatchNorm:
         return (dy,) + self._cache
 
     def _set_gradients(self, dgamma, dbeta):
-        if self.affine:
-            # In place, so that an optimizer holding layer.gradients() sees the new values.
+        # In place, so that an optimizer holding layer.gradients() sees the new values; in the layer's
+        # dtype whatever the input's (a float16 batch's gradients are accumulated in float64).
+        if self.grad_weight is not None:
             np.copyto(self.grad_weight, dgamma, casting="unsafe")
+        if self.grad_bias is not None:
             np.copyto(self.grad_bias, dbeta, casting="unsafe")
 
     def backward(self, dy):
@@ -222,17 +280,20 @@ class BatchNorm:
     # -- parameters and state ------------------------------------------------------------------------
 
     def parameters(self):
-        """The learnable arrays, [weight, bias] (empty when not affine); SGD updates them in place."""
-        return [self.weight, self.bias] if self.affine else []
+        """The learnable arrays, [weight, bias] ([weight] with ``bias=False``, empty when not affine);
+        SGD updates them in place."""
+        return [p for p in (self.weight, self.bias) if p is not None]
 
     def gradients(self):
         """The gradients of :meth:`parameters`, in the same order."""
-        return [self.grad_weight, self.grad_bias] if self.affine else []
+        return [g for g in (self.grad_weight, self.grad_bias) if g is not None]
 
     def _state_keys(self):
         keys = []
-        if self.affine:
-            keys += ["weight", "bias"]
+        if self.weight is not None:
+            keys.append("weight")
+        if self.bias is not None:
+            keys.append("bias")
         if self.track_running_stats:
             keys += ["running_mean", "running_var", "num_batches_tracked"]
         return keys
@@ -247,25 +308,41 @@ class BatchNorm:
                 state[key] = getattr(self, key).copy()
         return state
 
-    def load_state_dict(self, state_dict):
-        """Load a state dict with PyTorch's keys (strict): missing or unexpected keys and wrong shapes
-        raise, and then nothing is changed. Values may be anything ``np.asarray`` takes."""
+    def load_state_dict(self, state_dict, strict=True):
+        """Load a state dict with PyTorch's keys; values may be anything ``np.asarray`` takes (torch
+        tensors too).
+
+        As PyTorch's: with ``strict=True`` missing or unexpected keys raise :class:`StateDictError`; with
+        ``strict=False`` they are reported, and the layer keeps its own values for the missing ones. A
+        checkpoint without ``num_batches_tracked`` (older PyTorch, plain dicts) loads and keeps the
+        layer's count. Wrong shapes, non-numeric values and a ``num_batches_tracked`` that is not a
+        non-negative integer always raise, and then nothing is changed.
+
+        Returns
+        -------
+        IncompatibleKeys
+            A named tuple ``(missing_keys, unexpected_keys)``, like PyTorch's result.
+        """
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         expected = self._state_keys()
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict if k not in expected]
-        if missing or unexpected:
-            raise StateDictError(f"error loading state_dict into {type(self).__name__}: missing keys {missing}, "
-                           f"unexpected keys {unexpected}")
+        # older checkpoints have no counter; PyTorch loads them and keeps the module's
+        hard_missing = [k for k in missing if k != "num_batches_tracked"]
+        if strict and (hard_missing or unexpected):
+            raise StateDictError(f"error loading state_dict into {type(self).__name__}: missing keys "
+                                 f"{hard_missing}, unexpected keys {unexpected}")
         new = {}
         for key in expected:
+            if key not in state_dict:
+                continue
             value = state_dict[key]
             if hasattr(value, "detach"):  # a torch tensor straight from a torch state dict
                 value = value.detach().cpu().numpy()
             value = np.asarray(value)
             if key == "num_batches_tracked":
-                if value.size != 1 or value.dtype.kind not in "iuf":
-                    raise StateDictError(f"num_batches_tracked must be a single integer, got {value!r}")
-                new[key] = int(value.reshape(()))
+                new[key] = _batch_count(value)
                 continue
             if value.shape != (self.num_features,):
                 raise StateDictError(f"{key} has shape {value.shape}, expected ({self.num_features},)")
@@ -277,7 +354,11 @@ class BatchNorm:
                 self.num_batches_tracked = value
             else:  # in place: arrays handed out by parameters() stay the layer's arrays
                 getattr(self, key)[...] = value
-        return self
+        return IncompatibleKeys(missing, unexpected)
+
+    def __setstate__(self, state):
+        state.setdefault("has_bias", state.get("bias") is not None or not state.get("affine", True))
+        self.__dict__.update(state)
 
     def __getstate__(self):
         # The cached forward (which holds the last input batch) is not part of the layer's state, as
@@ -287,8 +368,11 @@ class BatchNorm:
         return state
 
     def extra_repr(self):
-        s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-             f"track_running_stats={self.track_running_stats}")
+        # PyTorch's form; bias only when it is off, as the common case reads like older PyTorch's repr
+        s = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+        if not self.has_bias:
+            s += "bias=False, "
+        s += f"track_running_stats={self.track_running_stats}"
         if self.axis != 1:
             s += f", axis={self.axis}"
         if self.dtype != np.float32:

@@ -34,8 +34,12 @@ def _restore(flat, moved_shape, axis):
 
 
 def _result_dtype(x):
-    x = np.asarray(x)
-    return x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    """The kernels' result dtype: float16/32/64 keep their precision (in native byte order), integers
+    and bool give float64."""
+    dt = np.asarray(x).dtype
+    if dt.kind == "f" and dt.itemsize in (2, 4, 8):
+        return np.dtype(dt.type)
+    return np.dtype(np.float64)
 
 
 def _finish(flat, moved_shape, axis, x, out):
@@ -56,9 +60,13 @@ def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=No
     """Training forward: normalize with batch statistics; returns (y, mean, invstd).
 
     Updates ``running_mean``/``running_var`` in place when given, with the unbiased batch variance.
+    An empty batch gives an empty y, zero mean and invstd, and leaves the running statistics alone.
     """
     flat, moved_shape, axis = _layout(x, axis)
     M, C = flat.shape
+    if M == 0:
+        sdt = _result_dtype(x) if stats_dtype is None else np.dtype(stats_dtype)
+        return _finish(flat, moved_shape, axis, x, out), np.zeros(C, sdt), np.zeros(C, sdt)
     mean = flat.mean(axis=0)
     # Two-pass variance: subtract the mean first so that a large mean cannot cancel the variance away.
     var = ((flat - mean) ** 2).mean(axis=0)
@@ -97,11 +105,13 @@ def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None
     dbeta = dflat.sum(axis=0)
     dgamma = (dflat * xhat).sum(axis=0)
     if training:
+        M = max(M, 1)  # an empty batch: empty dx, no 0/0
         dx = g * invstd * (dflat - dbeta / M - xhat * (dgamma / M))
     else:
         dx = g * invstd * dflat
     dt = _result_dtype(x)
-    return _finish(dx, moved_shape, axis, x, out), dgamma.astype(dt), dbeta.astype(dt)
+    gdt = np.dtype(np.float32) if dt == np.float16 else dt  # sums overflow float16: float32 at least
+    return _finish(dx, moved_shape, axis, x, out), dgamma.astype(gdt), dbeta.astype(gdt)
 
 
 # --------------------------------------------------------------------------------------------------
