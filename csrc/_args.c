@@ -167,10 +167,27 @@ PyArrayObject *bn_as_array(PyObject *obj, const char *name)
         return NULL;
     }
     PyArrayObject *a = (PyArrayObject *)PyArray_FromAny(obj, NULL, 0, 0, 0, NULL);
-    if (a == NULL && PyErr_ExceptionMatches(PyExc_ValueError)) {
-        /* ragged nested sequences and the like */
-        PyErr_Clear();
+    if (a == NULL && (PyList_Check(obj) || PyTuple_Check(obj)) && PyErr_ExceptionMatches(PyExc_ValueError)) {
+        /* a ragged nested sequence: name the argument, keep NumPy's reason as the cause. Anything else
+         * (an __array__ that raised, say) propagates as it was raised. */
+        PyObject *type, *cause, *tb;
+        PyErr_Fetch(&type, &cause, &tb);
+        PyErr_NormalizeException(&type, &cause, &tb);
+        if (tb && cause) PyException_SetTraceback(cause, tb);
         PyErr_Format(PyExc_TypeError, "%s could not be converted to an array (%.200s)", name, Py_TYPE(obj)->tp_name);
+        if (cause) {
+            PyObject *t2, *v2, *tb2;
+            PyErr_Fetch(&t2, &v2, &tb2);
+            PyErr_NormalizeException(&t2, &v2, &tb2);
+            if (v2) {
+                Py_INCREF(cause);
+                PyException_SetContext(v2, cause); /* steals */
+                PyException_SetCause(v2, cause);   /* steals */
+                cause = NULL;
+            }
+            PyErr_Restore(t2, v2, tb2);
+        }
+        Py_XDECREF(type); Py_XDECREF(cause); Py_XDECREF(tb);
     }
     return a;
 }

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 import batchnorm as bn
@@ -164,3 +165,48 @@ def test_more_than_2_31_elements_in_place():
     print("ok")
     """, timeout=600)
     assert "ok" in out
+
+
+def test_unknown_simd_setting_warns_once_naming_the_choices():
+    out = run_child("""
+    import warnings
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        import batchnorm
+        import batchnorm.layers
+    msgs = [str(w.message) for w in caught if "BATCHNORM_SIMD" in str(w.message)]
+    print(len(msgs), msgs[0] if msgs else "")
+    """, env={"BATCHNORM_SIMD": "sse9"})
+    assert out.startswith("1 ") and "'baseline'" in out and "'avx2'" in out and "sse9" in out, out
+    quiet = run_child("""
+    import warnings
+    warnings.simplefilter("error")
+    import batchnorm
+    print("ok")
+    """, env={"BATCHNORM_SIMD": "avx2"})
+    assert "ok" in quiet
+
+
+class _Boom:
+    def __array__(self, dtype=None, copy=None):
+        raise KeyError("no array here")
+
+
+class _BadValue:
+    def __array__(self, dtype=None, copy=None):
+        raise ValueError("my own message")
+
+
+def test_an_exception_inside_array_keeps_its_type_and_message():
+    with pytest.raises(KeyError, match="no array here"):
+        bn.forward_train(_Boom())
+    with pytest.raises(ValueError, match="my own message"):
+        bn.batch_stats(_BadValue())
+    with pytest.raises(ValueError, match="my own message"):
+        bn.forward_train(np.ones((3, 2)), gamma=_BadValue())
+
+
+def test_a_ragged_list_names_the_argument_and_chains_numpys_reason():
+    with pytest.raises(TypeError, match=r"\bx\b") as info:
+        bn.forward_train([[1.0, 2.0], [3.0]])
+    assert isinstance(info.value.__cause__, ValueError)

@@ -25,8 +25,10 @@ from ._core import (
 )
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, StateDictError
 from ._fold import fold_into
-from ._config import show_config
+from ._config import check_simd_env as _check_simd_env, show_config
 from . import reference
+
+_check_simd_env()
 
 __version__ = "0.1.0"
 

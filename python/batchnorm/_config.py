@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
+import warnings
 
-__all__ = ["show_config", "openmp_spec_version"]
+__all__ = ["show_config", "openmp_spec_version", "check_simd_env"]
+
+# Values of BATCHNORM_SIMD the kernels understand (csrc/bn_dispatch.c): a cap on the instruction set.
+SIMD_CHOICES = ("baseline", "avx2", "avx512")
+
+
+def check_simd_env(value=None):
+    """Warn (once, at import) when BATCHNORM_SIMD holds a value the kernels ignore."""
+    value = os.environ.get("BATCHNORM_SIMD") if value is None else value
+    if value and value not in SIMD_CHOICES:
+        warnings.warn(f"BATCHNORM_SIMD={value!r} is not one of {', '.join(map(repr, SIMD_CHOICES))} and is "
+                      "ignored: the best instruction set the CPU has is used", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 # The _OPENMP macro is the date (yyyymm) of the specification the compiler implements.
 _OPENMP_SPECS = {
