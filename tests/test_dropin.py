@@ -260,3 +260,19 @@ def test_integral_float_num_batches_tracked_is_accepted():
     sd["num_batches_tracked"] = 12.0
     layer.load_state_dict(sd)
     assert layer.num_batches_tracked == 12 and isinstance(layer.num_batches_tracked, int)
+
+
+@pytest.mark.parametrize("dtype", [">f4", "<f4", ">f8", np.float16, ">f2", np.int32, np.bool_])
+def test_reference_returns_the_kernels_dtypes(dtype):
+    from batchnorm import reference as ref
+
+    x = (np.arange(24).reshape(4, 3, 2) % 5).astype(dtype)
+    dy = np.ones((4, 3, 2), dtype)
+    got, want = bn.forward_train(x), ref.forward_train(x)
+    assert [a.dtype for a in got] == [a.dtype for a in want]
+    assert bn.forward_infer(x, np.zeros(3), np.ones(3)).dtype == ref.forward_infer(x, np.zeros(3), np.ones(3)).dtype
+    assert bn.normalize(x, np.zeros(3), np.ones(3)).dtype == ref.normalize(x, np.zeros(3), np.ones(3)).dtype
+    g1 = bn.backward(dy, x, got[1], got[2])
+    g2 = ref.backward(dy, x, got[1], got[2])
+    assert [a.dtype for a in g1] == [a.dtype for a in g2]
+    assert not got[0].dtype.byteorder == ">"
