@@ -172,6 +172,13 @@ def test_convert_sync_batchnorm_replaces_layers_in_a_container():
     assert isinstance(SyncBatchNorm.convert_sync_batchnorm(local), SyncBatchNorm)
 
 
+def test_bias_false_survives_conversion():
+    local = bn.BatchNorm1d(3, bias=False)
+    sync = SyncBatchNorm.from_layer(local)
+    assert sync.bias is None and sorted(sync.state_dict()) == sorted(local.state_dict())
+    assert sync.to_layer().bias is None
+
+
 def test_options_and_state_dict_like_batchnorm():
     sync = SyncBatchNorm(6, eps=1e-3, momentum=None, affine=False, track_running_stats=True, axis=-1,
                          dtype=np.float64)

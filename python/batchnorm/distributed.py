@@ -99,7 +99,7 @@ class SyncBatchNorm(BatchNorm):
     comm : mpi4py communicator, optional
         The processes that share statistics (any intracommunicator, e.g. one from ``comm.Split``).
         None means ``MPI.COMM_WORLD``, looked up when first needed.
-    eps, momentum, affine, track_running_stats, axis, dtype
+    eps, momentum, affine, track_running_stats, axis, dtype, bias
         As :class:`batchnorm.BatchNorm`.
 
     Notes
@@ -113,9 +113,9 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features, *, comm=None, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32):
+                 track_running_stats=True, axis=1, dtype=np.float32, bias=True):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats, axis=axis, dtype=dtype)
+                         track_running_stats=track_running_stats, axis=axis, dtype=dtype, bias=bias)
         self.comm = None if comm is None else _check_comm(comm)
         self._layer_class = BatchNorm
 
@@ -127,7 +127,8 @@ class SyncBatchNorm(BatchNorm):
         if not isinstance(layer, BatchNorm):
             raise TypeError(f"layer must be a batchnorm.BatchNorm, got {type(layer).__name__}")
         new = cls(layer.num_features, comm=comm, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
-                  track_running_stats=layer.track_running_stats, axis=layer.axis, dtype=layer.dtype)
+                  track_running_stats=layer.track_running_stats, axis=layer.axis, dtype=layer.dtype,
+                  bias=layer.has_bias)
         _copy_state(layer, new)
         new._layer_class = layer._layer_class if isinstance(layer, SyncBatchNorm) else type(layer)
         return new
@@ -149,7 +150,8 @@ class SyncBatchNorm(BatchNorm):
         parameters, running statistics and mode (copies)."""
         cls = self._layer_class
         new = cls(self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
-                  track_running_stats=self.track_running_stats, axis=self.axis, dtype=self.dtype)
+                  track_running_stats=self.track_running_stats, axis=self.axis, dtype=self.dtype,
+                  bias=self.has_bias)
         _copy_state(self, new)
         return new
 
