@@ -80,22 +80,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-
-
-def _import_batchnorm():
-    """Import batchnorm: the one Python finds (installed, or PYTHONPATH=python), else the source tree's."""
-    try:
-        import batchnorm
-        return batchnorm
-    except ImportError:
-        for name in [m for m in sys.modules if m == "batchnorm" or m.startswith("batchnorm.")]:
-            del sys.modules[name]
-    src = os.path.join(REPO, "python")
-    if src not in sys.path:
-        sys.path.insert(0, src)
-    import batchnorm
-    return batchnorm
-
+sys.path.insert(0, HERE)
+from bench import _import_batchnorm, cpu_name  # noqa: E402  (the side-by-side benchmark's helpers)
 
 bn = _import_batchnorm()
 
@@ -335,17 +321,6 @@ def bench_shape(comm, name, shape, axis, prof, log):
     log(f"  {name} P={P}: local {res['local']['median'] * 1e3:.3f} ms  sync {res['sync']['median'] * 1e3:.3f}"
         f" ms  2xAG {res['2xAG']['median'] * 1e6:.1f} us  ({R} repeats)")
     return res
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def ncpus():

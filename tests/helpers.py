@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import subprocess
 
 import numpy as np
 
@@ -317,3 +319,24 @@ def numeric_grad(f, arr, h):
         arr[idx] = old
         g[idx] = (fp - fm) / (2 * h)
     return g
+
+
+# --------------------------------------------------------------------------------------------------
+# child processes that must not hang the suite
+# --------------------------------------------------------------------------------------------------
+
+
+def run_killable(cmd, timeout, env=None):
+    """Run cmd in its own session; return (exit code, output). On timeout the whole process group is
+    killed and the test fails with what the child printed: a hang fails instead of blocking the suite."""
+    import pytest
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))[:200]} hung for {timeout} s:\n{out[-4000:]}")
+    return proc.returncode, out

@@ -11,7 +11,6 @@ import copy
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ import pytest
 
 import batchnorm as bn
 from batchnorm.distributed import SyncBatchNorm, SyncBatchNormError
+from helpers import run_killable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "mpi_worker.py")
@@ -55,15 +55,7 @@ def launch(nprocs, args, timeout=TIMEOUT):
     cmd += ["-n", str(nprocs), sys.executable] + list(args)
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"mpiexec -n {nprocs} {' '.join(args)} hung for {timeout} s:\n{out[-4000:]}")
-    return proc.returncode, out
+    return run_killable(cmd, timeout, env)
 
 
 def run_mpi(nprocs, scenario):

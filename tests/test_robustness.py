@@ -7,8 +7,6 @@ Each scenario runs in a child Python started in its own process group, killed wh
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 
@@ -16,23 +14,17 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
+from helpers import run_killable
 
 HAS_OPENMP = bn._core._build_info()["openmp"]
 posix_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 
 
 def run_child(code, timeout=120, env=None):
-    """Run `code` in a fresh Python in its own session; return its stdout; fail on error or timeout."""
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=dict(os.environ, **(env or {})))
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"child hung for {timeout} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
+    """Run `code` in a fresh Python in its own session; return its output; fail on error or timeout."""
+    returncode, out = run_killable([sys.executable, "-c", textwrap.dedent(code)], timeout,
+                                   dict(os.environ, **(env or {})))
+    assert returncode == 0, out[-3000:]
     return out
 
 
