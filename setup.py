@@ -2,7 +2,8 @@
 
 OpenMP is probed by compiling and running a tiny program with the flag for this compiler (the way
 astropy's extension-helpers does); when that fails the package is built serially, with a warning.
-Set BATCHNORM_NO_OPENMP=1 to force a serial build, BATCHNORM_CFLAGS to add compiler flags.
+Set BATCHNORM_NO_OPENMP=1 to force a serial build, BATCHNORM_CFLAGS to add compiler flags and
+BATCHNORM_LDFLAGS to add linker flags (e.g. both ``-fsanitize=address,undefined``: see .ci/asan.sh).
 """
 
 import os
@@ -86,6 +87,7 @@ class BuildExt(build_ext):
                 ext.extra_compile_args += flags[0]
                 ext.extra_link_args += flags[1]
             ext.extra_compile_args += os.environ.get("BATCHNORM_CFLAGS", "").split()
+            ext.extra_link_args += os.environ.get("BATCHNORM_LDFLAGS", "").split()
         super().build_extensions()
 
 
