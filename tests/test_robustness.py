@@ -112,6 +112,8 @@ def _mem_available():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS semantics are Linux's")
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="AddressSanitizer reserves terabytes of address space for its shadow memory")
 def test_huge_row_in_place_under_an_address_space_limit():
     """(1, 1, 2**27) float32 (512 MiB) in place under a 3 GiB address-space limit: every kernel's extra
     memory must not grow with the row (it once took 4 * S doubles, 4 GiB, of scratch per thread)."""
