@@ -3,7 +3,8 @@
  *   - every kernel (float32 and float64, row and column mode) against a naive double computation;
  *   - the phases composed (stats -> merge -> normalize, reduce -> apply) give the fused kernels' bits,
  *     and over a split of the batch agree with the whole batch;
- *   - bit-identical results for 1, 2 and 3 threads. */
+ *   - bit-identical results for 1, 2 and 3 threads;
+ *   - statistics at a mean 1e8 (float64) / 1e5 (float32) times the spread against exact values. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -253,6 +254,43 @@ static void run_case(tinfo t, bn_dims d, double offset)
     free(x); free(dy); free(tmp); free(v);
 }
 
+/* ---- statistics at a mean far above the spread --------------------------------------------- */
+
+/* x = offset + d, |d| <= 4 a multiple of a quantum that offset + d holds exactly (float64 at 1e8: 2^-20,
+ * its ulp there being 2^-26; float32 at 1e5: 2^-7, its ulp there): the exact mean and m2 are offset +
+ * mean(d) and those of d, which a plain two-pass over d (values near 1) gets to ~1e-16. Merging partial
+ * means rounded at 2^-53 of the offset gave m2 to only ~1e-9 (float64, column mode). */
+static void large_mean_case(int f32, bn_dims d)
+{
+    const ptrdiff_t total = d.N * d.C * d.S, C = d.C;
+    const double offset = f32 ? 1e5 : 1e8, quantum = f32 ? 1.0 / 128 : 1.0 / (1 << 20);
+    void *x = malloc((f32 ? sizeof(float) : sizeof(double)) * (size_t)total);
+    double *dv = dalloc(total), *v = dalloc(6 * C);
+    double *mean = v, *m2 = v + C, *dm = v + 2 * C, *dq = v + 3 * C, *tm = v + 4 * C, *inv = v + 5 * C;
+    unsigned seed = 7;
+    for (ptrdiff_t i = 0; i < total; i++) {
+        dv[i] = floor(rnd(&seed) * 8 / quantum) * quantum; /* |d| <= 4 */
+        if (f32) ((float *)x)[i] = (float)(offset + dv[i]);
+        else ((double *)x)[i] = offset + dv[i];
+        CHECK(at(x, f32, i) == offset + dv[i], "large mean: x[%td] not exact", i);
+    }
+    naive_stats(dv, 0, d, dm, dq);
+    CHECK((f32 ? bn_batch_stats_f32(x, d, mean, m2, 2) : bn_batch_stats_f64(x, d, mean, m2, 2)) == BN_OK,
+          "large mean: stats failed");
+    for (ptrdiff_t c = 0; c < C; c++) {
+        CHECK(close_to(mean[c], offset + dm[c], 1e-16, 1), "large mean c=%td: mean %.17g vs %.17g", c, mean[c],
+              offset + dm[c]);
+        CHECK(close_to(m2[c], dq[c], 1e-13, 1e-300), "large mean c=%td: m2 %.17g vs %.17g", c, m2[c], dq[c]);
+    }
+    /* forward_train's statistics are batch_stats' */
+    void *y = malloc((f32 ? sizeof(float) : sizeof(double)) * (size_t)total);
+    CHECK((f32 ? bn_forward_train_f32(x, y, d, NULL, NULL, 1e-5, tm, dq, inv, 1)
+               : bn_forward_train_f64(x, y, d, NULL, NULL, 1e-5, tm, dq, inv, 1)) == BN_OK, "large mean: train");
+    CHECK(memcmp(tm, mean, sizeof(double) * C) == 0 && memcmp(dq, m2, sizeof(double) * C) == 0,
+          "large mean: forward_train's statistics differ from batch_stats'");
+    free(x); free(y); free(dv); free(v);
+}
+
 int main(void)
 {
     bn_dims cases[] = {{2, 3, 1}, {7, 5, 3}, {64, 8, 40}, {300, 4, 1}, {5000, 3, 1}, {3, 2, 70000},
@@ -270,6 +308,18 @@ int main(void)
             if (failures != before) {
                 fprintf(stderr, "  in case N=%td C=%td S=%td %s offset %g\n", cases[i / 2].N, cases[i / 2].C,
                         cases[i / 2].S, f32 ? "f32" : "f64", i % 2 ? 1e5 : 0.0);
+                failed++;
+            }
+            run++;
+        }
+    bn_dims large[] = {{5000, 3, 1}, {3000, 40, 1}, {300, 4, 7}, {300, 3, 40}, {2, 3, 5000}, {64, 3, 64}};
+    for (int f32 = 0; f32 < 2; f32++)
+        for (size_t i = 0; i < sizeof large / sizeof large[0]; i++) {
+            before = failures;
+            large_mean_case(f32, large[i]);
+            if (failures != before) {
+                fprintf(stderr, "  in large-mean case N=%td C=%td S=%td %s\n", large[i].N, large[i].C, large[i].S,
+                        f32 ? "f32" : "f64");
                 failed++;
             }
             run++;

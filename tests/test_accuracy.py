@@ -1,7 +1,7 @@
 """Accuracy: float32 within 1e-5 and float64 within 1e-10 (relative to max(1, max|ref|)) of a float64
-reference, also for data whose mean is 1e5 times its std; float64 data with mean 1e8 and std 1 gets
-its variance to 1e-6; long channels; NaN stays in its channel; one marked test with 2**25 values per
-channel."""
+reference, also for data whose mean is 1e5 times its std; float64 data with mean 1e8 and std 1 (float32:
+1e5) gets its mean and variance to 1e-13 in every layout; long channels; NaN stays in its channel; one
+marked test with 2**25 values per channel."""
 
 from __future__ import annotations
 
@@ -172,6 +172,41 @@ def test_float64_mean_1e8_std_1_variance(rng, shape, axis, layout):
     np.testing.assert_allclose(rv, evar * M / (M - 1), rtol=1e-6, err_msg="running_var (unbiased)")
     ey = exact_forward(x, np.ones(C), np.zeros(C), axis)[0]
     assert_close(y, ey, 1e-6, "y")
+
+
+# Every layout at a mean far above the spread: float64 at 1e8 std, float32 at 1e5 std. The kernels
+# accumulate each channel relative to one of its own values (its first), so the partial means merged
+# again and again (column mode: every 32 rows, every position, every row group) are of the size of the
+# spread and m2 keeps float64's precision, ~1e-16 relative; centring on the partial means themselves
+# gave 2e-9 (float64, column mode), 3e-10 (row mode with several row groups) and 6e-13 (float32).
+LARGE_MEAN_LAYOUTS = [
+    pytest.param((20000, 3), 1, id="NC"),
+    pytest.param((3000, 40), 1, id="NC-wide-groups"),
+    pytest.param((3000, 4, 7), 1, id="NCL-L7"),
+    pytest.param((300, 3, 40), 1, id="NCL-L40"),
+    pytest.param((64, 3, 8, 8), 1, id="NCHW"),
+    pytest.param((2, 3, 130, 130), 1, id="NCHW-long"),
+    pytest.param((16, 8, 8, 5), -1, id="NHWC"),
+    pytest.param((40, 8, 8, 48), -1, id="NHWC-groups"),
+]
+
+
+@pytest.mark.parametrize("dtype,loc", [pytest.param(np.float64, 1e8, id="f64-1e8"),
+                                       pytest.param(np.float32, 1e5, id="f32-1e5")])
+@pytest.mark.parametrize("shape,axis", LARGE_MEAN_LAYOUTS)
+def test_large_mean_statistics_exact_in_every_layout(rng, shape, axis, dtype, loc):
+    x = make_data(rng, shape, dtype, axis, loc=loc)
+    C = channels(shape, axis)
+    M = x.size // C
+    emean, evar = exact_stats(x, axis)
+    count, mean, m2 = bn.batch_stats(x, axis=axis)
+    assert count == M
+    np.testing.assert_allclose(mean, emean, rtol=1e-15, atol=0, err_msg="batch_stats mean")
+    np.testing.assert_allclose(m2, evar * M, rtol=1e-13, atol=0, err_msg="batch_stats m2")
+    eps = 1e-5
+    _, tmean, invstd = bn.forward_train(x, axis=axis, eps=eps, stats_dtype=np.float64)
+    assert np.array_equal(tmean, mean), "forward_train's mean differs from batch_stats'"
+    np.testing.assert_allclose(1 / invstd**2 - eps, evar, rtol=1e-13, atol=0, err_msg="variance from invstd")
 
 
 # --------------------------------------------------------------------------------------------------
