@@ -4,14 +4,13 @@
  * (batch_stats, normalize, forward_train). Included by bn_forward.c, bn_avx2.c and bn_avx512.c with BN_T
  * (the element type) and BN_NAME(f) (f with the type's and instruction set's suffix).
  *
- * Algebra: with alpha = invstd * gamma, y = (x - mean) * alpha + beta, evaluated in double.
- *  - float64: the subtraction happens first, so a mean that is 1e5 times the spread costs no digits of y
- *    (folding everything into y = x * alpha + (beta - mean * alpha) would cancel two large numbers).
- *  - float32 (BN_FOLD): y = x * alpha + (beta - mean * alpha), still in double. A 24-bit x times a 53-bit
- *    alpha rounds at 2^-53 of |x * alpha|, and the cancellation costs at most |mean| / std times that:
- *    1e-11 of y's spread at mean = 1e5 std, far under float32's half ulp, so y is as exact as before.
- *    It saves a subtraction per value and, in column mode, one of three per-position coefficient
- *    arrays, whose L1 footprint is what slowed (8192, 1024). */
+ * Algebra: with alpha = invstd * gamma, y = (x - centre) * alpha + offset, evaluated in double, where
+ *  - centre = mean, offset = beta: the subtraction happens first, so a mean that is 1e5 times the spread
+ *    costs no digits of y. float64 always; float32 where the fold below would not be exact.
+ *  - centre = +0.0, offset = beta - mean * alpha (BN_FOLD: float32 channels with |mean| * invstd <= 2^16,
+ *    bn_fold_exact in bn_internal.h derives the bound): y = x * alpha + offset, still in double, within
+ *    1/1000 of a float32 half ulp of the centred y. It saves a subtraction per value and, in column mode,
+ *    one of three per-position coefficient arrays, whose L1 footprint is what slowed (8192, 1024). */
 
 /*
  * The statistics step works relative to each channel's shift K (bn_stats_shift): a chunk's moments are
@@ -118,8 +117,9 @@ static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t
                                       ptrdiff_t n0, ptrdiff_t n1, double *scratch, bn_moments *out)
 {
     const ptrdiff_t wb = (c1 - c0) * p->S, W = p->W;
-    double *mean = scratch, *m2 = scratch + wb, *amean = scratch + 2 * wb, *am2 = scratch + 3 * wb;
-    double *shift = scratch + 4 * wb, *centre = scratch + 5 * wb;
+    double *mean = scratch, *m2 = scratch + wb, *amean = scratch + 2 * wb,
+           *am2 = scratch + 3 * wb, *shift = scratch + 4 * wb,
+           *centre = scratch + 5 * wb;
     const BN_T *base = x + c0 * p->S;
     double an = 0;
     if (p->S == 1)
@@ -177,20 +177,22 @@ static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t
                 m2[q] += dev * dev;
             }
         }
-        for (ptrdiff_t q = 0; q < wb; q++) {
-            double off = mean[q] - (centre[q] - shift[q]);
-            m2[q] -= cnt * off * off;
-        }
+        /* m2 less count * off^2 (see above), then merged into the running moments */
         if (an == 0) {
-            for (ptrdiff_t q = 0; q < wb; q++) { amean[q] = mean[q]; am2[q] = m2[q]; }
+            for (ptrdiff_t q = 0; q < wb; q++) {
+                const double off = mean[q] - (centre[q] - shift[q]);
+                amean[q] = mean[q];
+                am2[q] = m2[q] - cnt * off * off;
+            }
             an = cnt;
         } else {
             /* bn_moments_merge, one lane per position */
             double n = an + cnt, wnew = cnt / n, wcross = an * wnew;
             for (ptrdiff_t q = 0; q < wb; q++) {
+                const double off = mean[q] - (centre[q] - shift[q]), m2q = m2[q] - cnt * off * off;
                 double delta = mean[q] - amean[q];
                 amean[q] += delta * wnew;
-                am2[q] += m2[q] + delta * delta * wcross;
+                am2[q] += m2q + delta * delta * wcross;
             }
             an = n;
         }
@@ -209,24 +211,22 @@ static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t
 
 #define BN_FOLD (sizeof(BN_T) < sizeof(double))
 
-/* y over one contiguous run of a channel; offset is beta, or beta - mean * alpha under BN_FOLD. */
-static inline void BN_NAME(apply_run)(const BN_T *xr, BN_T *yr, ptrdiff_t len, double m, double a, double b)
+/* y over one contiguous run of a channel: (x - centre) * a + b, or x * a + b when centre is +0.0 (a
+ * folded float32 channel: the same bits, one subtraction fewer). */
+static inline void BN_NAME(apply_run)(const BN_T *xr, BN_T *yr, ptrdiff_t len, double centre, double a,
+                                      double b)
 {
-    if (BN_FOLD)
+    if (BN_FOLD && bn_is_plus_zero(centre))
         for (ptrdiff_t s = 0; s < len; s++) yr[s] = (BN_T)((double)xr[s] * a + b);
     else
-        for (ptrdiff_t s = 0; s < len; s++) yr[s] = (BN_T)(((double)xr[s] - m) * a + b);
+        for (ptrdiff_t s = 0; s < len; s++) yr[s] = (BN_T)(((double)xr[s] - centre) * a + b);
 }
 
-/* The offset apply_run adds: beta, or beta - mean * alpha under BN_FOLD. */
-static inline double BN_NAME(offset_of)(const double *beta, ptrdiff_t c, double mean, double alpha)
-{
-    return (beta ? beta[c] : 0.0) - (BN_FOLD ? mean * alpha : 0.0);
-}
-
-/* y over one item. Column mode needs 3 * (c1 - c0) * S doubles of scratch. */
+/* y over one item, from the per-channel centre, alpha and offset. In column mode an item whose channels
+ * are all folded runs the two-array loop; otherwise the folded channels' centre is +0.0 in the three-
+ * array loop, which gives them the same bits. Column mode needs 3 * (c1 - c0) * S doubles of scratch. */
 static void BN_NAME(apply_item)(const BN_T *x, BN_T *y, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
-                                ptrdiff_t n0, ptrdiff_t n1, const double *mean, const double *alpha,
+                                ptrdiff_t n0, ptrdiff_t n1, const double *centre, const double *alpha,
                                 const double *offset, double *scratch)
 {
     const ptrdiff_t S = p->S;
@@ -234,23 +234,26 @@ static void BN_NAME(apply_item)(const BN_T *x, BN_T *y, const bn_plan *p, ptrdif
         for (ptrdiff_t n = n0; n < n1; n++)
             for (ptrdiff_t c = c0; c < c1; c++) {
                 ptrdiff_t off = (n * p->C + c) * S;
-                BN_NAME(apply_run)(x + off, y + off, S, mean[c], alpha[c], offset[c]);
+                BN_NAME(apply_run)(x + off, y + off, S, centre[c], alpha[c], offset[c]);
             }
         return;
     }
+    const int folded = BN_FOLD && bn_all_plus_zero(centre, c0, c1);
     const ptrdiff_t wb = (c1 - c0) * S;
     double *em = scratch, *ea = scratch + wb, *eb = scratch + 2 * wb;
     for (ptrdiff_t k = 0; k < c1 - c0; k++)
         for (ptrdiff_t s = 0; s < S; s++) {
-            if (!BN_FOLD) em[k * S + s] = mean[c0 + k];
             ea[k * S + s] = alpha[c0 + k];
             eb[k * S + s] = offset[c0 + k];
         }
+    if (!folded)
+        for (ptrdiff_t k = 0; k < c1 - c0; k++)
+            for (ptrdiff_t s = 0; s < S; s++) em[k * S + s] = centre[c0 + k];
     for (ptrdiff_t n = n0; n < n1; n++) {
         ptrdiff_t off = n * p->W + c0 * S;
         const BN_T *xr = x + off;
         BN_T *yr = y + off;
-        if (BN_FOLD)
+        if (folded)
             for (ptrdiff_t q = 0; q < wb; q++) yr[q] = (BN_T)((double)xr[q] * ea[q] + eb[q]);
         else
             for (ptrdiff_t q = 0; q < wb; q++) yr[q] = (BN_T)(((double)xr[q] - em[q]) * ea[q] + eb[q]);
@@ -275,14 +278,16 @@ typedef struct {
     const double *gamma, *beta;   /* may be NULL */
     double eps;
     double *mean, *m2, *invstd;   /* statistics: written by batch_stats and forward_train */
-    const double *norm_mean;      /* the mean apply subtracts (given to normalize, computed by train) */
-    double *alpha, *offset;       /* per-channel coefficients of apply */
+    const double *norm_mean;      /* the mean normalize is given */
+    double *alpha, *offset, *centre; /* per-channel coefficients of apply */
 } BN_NAME(fwd_args);
 
-/* Column mode needs per-position scratch: 6 doubles a position for the statistics, 3 for apply. */
-static ptrdiff_t BN_NAME(fwd_scratch)(const bn_plan *p, int per_position)
+/* Column mode needs per-position scratch: 6 arrays for the statistics, 3 for apply, one after another
+ * (unpadded: a streaming loop that loads from one and stores to another never loads an element a cache
+ * line ahead of one it stored, which 4K aliasing would stall; see bn_padded_array). */
+static ptrdiff_t BN_NAME(fwd_scratch)(const bn_plan *p, int arrays)
 {
-    return p->colmode ? per_position * p->ch_per_block * p->S : 0;
+    return p->colmode ? arrays * p->ch_per_block * p->S : 0;
 }
 
 static void BN_NAME(stats_reduce)(const bn_job *job, bn_item w, double *scratch, void *out)
@@ -304,15 +309,17 @@ static inline bn_moments BN_NAME(merged_moments)(const bn_job *job, ptrdiff_t c,
     return m;
 }
 
-/* alpha and offset of channel c from its mean and invstd. */
+/* alpha, centre and offset of channel c from its mean and invstd (see the algebra at the top). */
 static inline void BN_NAME(normalize_coefs)(const BN_NAME(fwd_args) *a, ptrdiff_t c, double mean, double invstd)
 {
     const double alpha = a->gamma ? invstd * a->gamma[c] : invstd;
+    const int fold = BN_FOLD && bn_fold_exact(mean, invstd);
     a->alpha[c] = alpha;
-    a->offset[c] = BN_NAME(offset_of)(a->beta, c, mean, alpha);
+    a->centre[c] = fold ? 0.0 : mean;
+    a->offset[c] = (a->beta ? a->beta[c] : 0.0) - (fold ? mean * alpha : 0.0);
 }
 
-static void BN_NAME(stats_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+static inline void BN_NAME(stats_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
 {
     const BN_NAME(fwd_args) *a = job->args;
     const bn_moments m = BN_NAME(merged_moments)(job, c, parts);
@@ -320,7 +327,12 @@ static void BN_NAME(stats_finish)(const bn_job *job, ptrdiff_t c, const void *pa
     a->m2[c] = m.m2;
 }
 
-static void BN_NAME(train_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+static void BN_NAME(stats_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
+{
+    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(stats_finish_one)(job, c, parts);
+}
+
+static inline void BN_NAME(train_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
 {
     const BN_NAME(fwd_args) *a = job->args;
     const bn_moments m = BN_NAME(merged_moments)(job, c, parts);
@@ -331,17 +343,27 @@ static void BN_NAME(train_finish)(const bn_job *job, ptrdiff_t c, const void *pa
     BN_NAME(normalize_coefs)(a, c, m.mean, a->invstd[c]);
 }
 
-static void BN_NAME(normalize_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+static void BN_NAME(train_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
+{
+    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(train_finish_one)(job, c, parts);
+}
+
+static inline void BN_NAME(normalize_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
 {
     const BN_NAME(fwd_args) *a = job->args;
     (void)parts;
     BN_NAME(normalize_coefs)(a, c, a->norm_mean[c], a->invstd[c]);
 }
 
+static void BN_NAME(normalize_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
+{
+    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(normalize_finish_one)(job, c, parts);
+}
+
 static void BN_NAME(normalize_apply)(const bn_job *job, bn_item w, double *scratch)
 {
     const BN_NAME(fwd_args) *a = job->args;
-    BN_NAME(apply_item)(a->x, a->y, job->plan, w.c0, w.c1, w.n0, w.n1, a->norm_mean, a->alpha, a->offset,
+    BN_NAME(apply_item)(a->x, a->y, job->plan, w.c0, w.c1, w.n0, w.n1, a->centre, a->alpha, a->offset,
                         scratch);
 }
 
@@ -351,7 +373,7 @@ static void BN_NAME(normalize_rows)(const bn_job *job, ptrdiff_t r0, ptrdiff_t r
     const ptrdiff_t C = job->plan->C, S = job->plan->S;
     for (ptrdiff_t r = r0; r < r1; r++) {
         const ptrdiff_t c = r % C;
-        BN_NAME(apply_run)(a->x + r * S, a->y + r * S, S, a->norm_mean[c], a->alpha[c], a->offset[c]);
+        BN_NAME(apply_run)(a->x + r * S, a->y + r * S, S, a->centre[c], a->alpha[c], a->offset[c]);
     }
 }
 
@@ -359,7 +381,7 @@ int BN_NAME(bn_batch_stats)(const BN_T *x, bn_dims d, double *mean, double *m2, 
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads);
-    BN_NAME(fwd_args) a = {x, NULL, NULL, NULL, 0.0, mean, m2, NULL, NULL, NULL, NULL};
+    BN_NAME(fwd_args) a = {x, NULL, NULL, NULL, 0.0, mean, m2, NULL, NULL, NULL, NULL, NULL};
     bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(stats_finish), NULL, NULL, sizeof(bn_moments),
                   BN_NAME(fwd_scratch)(&p, 6), &a};
     return bn_drive(&job);
@@ -370,9 +392,10 @@ int BN_NAME(bn_normalize)(const BN_T *x, BN_T *y, bn_dims d, const double *mean,
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads);
-    double *coefs = malloc(sizeof(double) * 2 * (size_t)d.C);
+    double *coefs = malloc(sizeof(double) * bn_padded_size(d.C, 3));
     if (!coefs) return BN_ENOMEM;
-    BN_NAME(fwd_args) a = {x, y, gamma, beta, 0.0, NULL, NULL, (double *)invstd, mean, coefs, coefs + d.C};
+    BN_NAME(fwd_args) a = {x, y, gamma, beta, 0.0, NULL, NULL, (double *)invstd, mean, coefs,
+                           bn_padded_array(coefs, d.C, 1), bn_padded_array(coefs, d.C, 2)};
     bn_job job = {&p, NULL, BN_NAME(normalize_finish), BN_NAME(normalize_apply), BN_NAME(normalize_rows), 0,
                   BN_NAME(fwd_scratch)(&p, 3), &a};
     int status = bn_drive(&job);
@@ -385,9 +408,10 @@ int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *g
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads);
-    double *coefs = malloc(sizeof(double) * 2 * (size_t)d.C);
+    double *coefs = malloc(sizeof(double) * bn_padded_size(d.C, 3));
     if (!coefs) return BN_ENOMEM;
-    BN_NAME(fwd_args) a = {x, y, gamma, beta, eps, mean, m2, invstd, mean, coefs, coefs + d.C};
+    BN_NAME(fwd_args) a = {x, y, gamma, beta, eps, mean, m2, invstd, NULL, coefs, bn_padded_array(coefs, d.C, 1),
+                           bn_padded_array(coefs, d.C, 2)};
     bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(train_finish), BN_NAME(normalize_apply), NULL,
                   sizeof(bn_moments), BN_NAME(fwd_scratch)(&p, 6), &a};
     int status = bn_drive(&job);

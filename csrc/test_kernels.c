@@ -4,7 +4,8 @@
  *   - the phases composed (stats -> merge -> normalize, reduce -> apply) give the fused kernels' bits,
  *     and over a split of the batch agree with the whole batch;
  *   - bit-identical results for 1, 2 and 3 threads;
- *   - statistics at a mean 1e8 (float64) / 1e5 (float32) times the spread against exact values. */
+ *   - statistics at a mean 1e8 (float64) / 1e5 (float32) times the spread against exact values;
+ *   - a constant float32 channel at 1e12 normalizes to beta exactly. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -291,6 +292,46 @@ static void large_mean_case(int f32, bn_dims d)
     free(x); free(y); free(dv); free(v);
 }
 
+/* ---- float32 channels whose mean dwarfs their spread: centred, not folded ------------------- */
+
+/* A constant float32 channel at 1e12 has invstd = 1/sqrt(eps) and |mean| * invstd = 3e14: folded,
+ * y = x * alpha + (beta - mean * alpha) gave 0.125 for beta = 0.123456. Centred, y is beta exactly,
+ * in forward_train and normalize, row mode and column mode, beside a channel that keeps the fold. */
+static void huge_mean_f32_case(bn_dims d)
+{
+    const ptrdiff_t total = d.N * d.C * d.S;
+    float *x = malloc(sizeof(float) * (size_t)total), *y = malloc(sizeof(float) * (size_t)total);
+    double beta[2] = {0.123456, -0.3}, mean[2], m2[2], inv[2];
+    unsigned seed = 3;
+    for (ptrdiff_t n = 0; n < d.N; n++)
+        for (ptrdiff_t s = 0; s < d.S; s++) {
+            x[IDX(d, n, 0, s)] = 1e12f;
+            x[IDX(d, n, 1, s)] = (float)rnd(&seed);
+        }
+    for (int phase = 0; phase < 2; phase++) {
+        if (phase == 0) CHECK(bn_forward_train_f32(x, y, d, NULL, beta, 1e-5, mean, m2, inv, 2) == BN_OK, "train");
+        else CHECK(bn_normalize_f32(x, y, d, mean, inv, NULL, beta, 2) == BN_OK, "normalize");
+        int exact = 1;
+        for (ptrdiff_t n = 0; n < d.N; n++)
+            for (ptrdiff_t s = 0; s < d.S; s++) exact &= y[IDX(d, n, 0, s)] == (float)beta[0];
+        CHECK(exact, "huge mean: %s y of a constant channel at 1e12 is not beta", phase ? "normalize" : "train");
+    }
+    CHECK(mean[0] == (double)1e12f && m2[0] == 0, "huge mean: constant channel mean %.17g m2 %g", mean[0], m2[0]);
+    /* the folded channel beside it has the bits it has alone (column mode runs the centred loop for an
+     * item with any centred channel, centring folded channels on +0.0) */
+    const bn_dims d1 = {d.N, 1, d.S};
+    float *x1 = malloc(sizeof(float) * (size_t)(d.N * d.S)), *y1 = malloc(sizeof(float) * (size_t)(d.N * d.S));
+    for (ptrdiff_t n = 0; n < d.N; n++)
+        for (ptrdiff_t s = 0; s < d.S; s++) x1[IDX(d1, n, 0, s)] = x[IDX(d, n, 1, s)];
+    CHECK(bn_forward_train_f32(x, y, d, NULL, beta, 1e-5, mean, m2, inv, 2) == BN_OK, "train");
+    CHECK(bn_forward_train_f32(x1, y1, d1, NULL, beta + 1, 1e-5, mean, m2, inv, 2) == BN_OK, "train");
+    int same = 1;
+    for (ptrdiff_t n = 0; n < d.N; n++)
+        for (ptrdiff_t s = 0; s < d.S; s++) same &= memcmp(&y1[IDX(d1, n, 0, s)], &y[IDX(d, n, 1, s)], sizeof(float)) == 0;
+    CHECK(same, "huge mean: a folded channel's y differs beside a centred one");
+    free(x); free(y); free(x1); free(y1);
+}
+
 int main(void)
 {
     bn_dims cases[] = {{2, 3, 1}, {7, 5, 3}, {64, 8, 40}, {300, 4, 1}, {5000, 3, 1}, {3, 2, 70000},
@@ -312,6 +353,16 @@ int main(void)
             }
             run++;
         }
+    bn_dims huge[] = {{8, 2, 1}, {300, 2, 1}, {8, 2, 40}, {3, 2, 5000}};
+    for (size_t i = 0; i < sizeof huge / sizeof huge[0]; i++) {
+        before = failures;
+        huge_mean_f32_case(huge[i]);
+        if (failures != before) {
+            fprintf(stderr, "  in huge-mean case N=%td C=%td S=%td\n", huge[i].N, huge[i].C, huge[i].S);
+            failed++;
+        }
+        run++;
+    }
     bn_dims large[] = {{5000, 3, 1}, {3000, 40, 1}, {300, 4, 7}, {300, 3, 40}, {2, 3, 5000}, {64, 3, 64}};
     for (int f32 = 0; f32 < 2; f32++)
         for (size_t i = 0; i < sizeof large / sizeof large[0]; i++) {

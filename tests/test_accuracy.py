@@ -114,14 +114,16 @@ def _within_ulps(got, want, ulps, what):
     assert err.max() <= ulps, f"{what}: {err.max():.2f} float32 ulps from the float64 result"
 
 
-# The float32 kernels fold the mean into the offset (y = x * alpha + (beta - mean * alpha), in double).
-# That must stay as exact as centring first: within about one float32 ulp of the float64 result for
-# the same inputs, in row mode (NCHW) and column mode ((N, C), channels-last), up to mean = 1e6 std.
+# The float32 kernels fold the mean into the offset (y = x * alpha + (beta - mean * alpha), in double)
+# where |mean| * invstd <= 2^16, and centre the other channels. Both must be as exact as centring in
+# float64: within about one float32 ulp of the float64 result for the same inputs, in row mode (NCHW) and
+# column mode ((N, C), channels-last); at ratio 5e4 the channels' |mean| * invstd spans 2.5e4 to 1e5, so
+# folded and centred channels share work items.
 FOLD_CASES = [pytest.param((32, 4, 9, 9), 1, id="nchw"), pytest.param((3000, 5), 1, id="nc"),
               pytest.param((6, 7, 7, 12), -1, id="chlast")]
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1e3, 1e6])
+@pytest.mark.parametrize("ratio", [0.0, 1e3, 5e4, 1e6])
 @pytest.mark.parametrize("shape,axis", FOLD_CASES)
 def test_float32_within_an_ulp_of_float64(rng, shape, axis, ratio):
     C = channels(shape, axis)
@@ -138,6 +140,54 @@ def test_float32_within_an_ulp_of_float64(rng, shape, axis, ratio):
     got = bn.backward(dy, x, mean, invstd, gamma, axis=axis)
     want = ref.backward(dy.astype(np.float64), x64, mean, invstd, gamma, axis=axis)
     _within_ulps(got[0], want[0], 1.5, "dx")
+
+
+# The float32 fold cancels where |mean| * invstd is huge: a constant channel at 1e12 (invstd = 1/sqrt(eps))
+# gave y = 0.125 for beta = 0.123456 (4e5 ulps), one at 1.7e9 (a timestamp) 1440 ulps off, and a channel
+# at 1.7e9 with one value a float32 ulp (128) above the rest (|mean| * invstd = 3.4e9) was 350 ulps off
+# in y and 26 to 60 in dx. Such channels are normalized centred, (x - mean) * alpha + beta, forward and
+# backward; the others keep the fold.
+def _huge_mean_case(kind, layout, rng):
+    if kind == "1e12-constant":
+        flat = np.full((8 * 64, 2), 1e12, np.float32)
+    elif kind == "1.7e9-constant":
+        flat = np.full((8 * 64, 2), 1.7e9, np.float32)
+    else:  # "1.7e9-one-step": std 0.5, |mean| * invstd = 3.4e9
+        flat = np.full((65536, 2), 1.7e9, np.float32)
+        flat[12300, :] += np.float32(128)  # row 192, position 12: kept by every layout below
+    M = flat.shape[0]
+    if layout == "NC":
+        return flat, 1
+    if layout == "NCL40":  # row mode
+        return np.ascontiguousarray(flat.reshape(M // 64, 64, 2).transpose(0, 2, 1)[:, :, :40]), 1
+    return flat.reshape(M // 64, 8, 8, 2), -1  # NHWC, column mode
+
+
+@pytest.mark.parametrize("layout", ["NC", "NCL40", "NHWC"])
+@pytest.mark.parametrize("kind", ["1e12-constant", "1.7e9-constant", "1.7e9-one-step"])
+def test_float32_huge_mean_to_spread_keeps_beta(rng, kind, layout):
+    x, axis = _huge_mean_case(kind, layout, rng)
+    x64 = x.astype(np.float64)
+    gamma, beta = np.array([1.5, 0.5], np.float32), np.array([0.123456, -0.3], np.float32)
+    y, mean, invstd = bn.forward_train(x, gamma, beta, axis=axis)
+    ey, emean, einvstd, evar = exact_forward(x, gamma.astype(np.float64), beta.astype(np.float64), axis)
+    _within_ulps(y, ey, 1.0, "train y")
+    if kind.endswith("constant"):
+        assert np.all(np.moveaxis(y, axis, -1).reshape(-1, 2) == beta), "a constant channel's y is beta"
+    rm, rv = emean.astype(np.float32), evar.astype(np.float32)
+    _within_ulps(bn.forward_infer(x, rm, rv, gamma, beta, axis=axis),
+                 ref.forward_infer(x64, rm, rv, gamma, beta, axis=axis), 1.0, "infer y")
+    # dy along xhat: the centred term of dx is as large as it gets next to k1 * dy
+    xhat = exact_forward(x, np.ones(2), np.zeros(2), axis)[0]
+    dy = (xhat + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+    for training in (True, False):
+        got = bn.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
+        want = ref.backward(dy.astype(np.float64), x64, mean, invstd, gamma, training=training, axis=axis)
+        _within_ulps(got[0], want[0], 1.0, f"dx training={training}")
+    sdy, sdyxm = bn.backward_reduce(dy, x, mean, axis=axis)
+    dx = bn.backward_apply(dy, x, mean, invstd, gamma, sdy, sdyxm, x.size // 2, axis=axis)
+    _within_ulps(dx, ref.backward(dy.astype(np.float64), x64, mean, invstd, gamma, axis=axis)[0], 1.0,
+                 "backward_apply dx")
 
 
 @pytest.mark.parametrize("shape,axis", [pytest.param((16, 3, 8, 8), 1, id="16x3x8x8"),
