@@ -187,11 +187,11 @@ static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t
             an = cnt;
         } else {
             /* bn_moments_merge, one lane per position */
-            double n = an + cnt, wnew = cnt / n, wcross = an * wnew;
+            double n = an + cnt, wnew = cnt / n, wold = an / n, wcross = an * wnew;
             for (ptrdiff_t q = 0; q < wb; q++) {
                 const double off = mean[q] - (centre[q] - shift[q]), m2q = m2[q] - cnt * off * off;
                 double delta = mean[q] - amean[q];
-                amean[q] += delta * wnew;
+                amean[q] = bn_merged_mean(amean[q], mean[q], delta, wold, wnew);
                 am2[q] += m2q + delta * delta * wcross;
             }
             an = n;

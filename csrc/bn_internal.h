@@ -73,6 +73,17 @@ typedef struct {
     double n, mean, m2;
 } bn_moments;
 
+/* The mean of two parts, a's with weight wa = n_a / n and b's with wb = n_b / n: a + delta * wb, delta =
+ * b - a, while delta is finite. An infinite part mean makes delta infinite or NaN (inf - inf), and
+ * a + delta * wb then NaN where np.mean gives +-inf: there the weighted sum a * wa + b * wb, which is
+ * +-inf for one sign of infinity, NaN for both (as np.mean), NaN for NaN, and for finite means whose
+ * difference overflows the mean without overflow. The channel's m2 is NaN then anyway (the part with the
+ * inf has x - inf = NaN in it), as np.var's. */
+static inline double bn_merged_mean(double ma, double mb, double delta, double wa, double wb)
+{
+    return fabs(delta) <= DBL_MAX ? ma + delta * wb : ma * wa + mb * wb;
+}
+
 /* Chan, Golub & LeVeque's pairwise update: merge b into a. Exact algebra, no E[x^2] - E[x]^2. A part
  * with no values is skipped, and merging into an empty a copies b, so a single part keeps its bits. */
 static inline void bn_moments_merge(bn_moments *a, bn_moments b)
@@ -82,7 +93,7 @@ static inline void bn_moments_merge(bn_moments *a, bn_moments b)
     double n = a->n + b.n;
     double delta = b.mean - a->mean;
     double wb = b.n / n;
-    a->mean += delta * wb;
+    a->mean = bn_merged_mean(a->mean, b.mean, delta, a->n / n, wb);
     a->m2 += b.m2 + delta * delta * a->n * wb;
     a->n = n;
 }

@@ -5,7 +5,8 @@
  *     and over a split of the batch agree with the whole batch;
  *   - bit-identical results for 1, 2 and 3 threads;
  *   - statistics at a mean 1e8 (float64) / 1e5 (float32) times the spread against exact values;
- *   - a constant float32 channel at 1e12 normalizes to beta exactly. */
+ *   - a constant float32 channel at 1e12 normalizes to beta exactly;
+ *   - +-inf in a channel gives it mean +-inf (NaN for both) and m2 NaN, wherever it sits. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -332,6 +333,34 @@ static void huge_mean_f32_case(bn_dims d)
     free(x); free(y); free(x1); free(y1);
 }
 
+/* ---- +-inf: mean +-inf (NaN for both signs) wherever the inf sits, m2 NaN, other channels finite ---- */
+
+static void inf_case(int f32, bn_dims d, ptrdiff_t at_n, ptrdiff_t at_s, int both)
+{
+    const ptrdiff_t total = d.N * d.C * d.S;
+    const size_t es = f32 ? sizeof(float) : sizeof(double);
+    char *x = malloc(es * (size_t)total);
+    double *v = dalloc(3 * d.C), *mean = v, *m2 = v + d.C, *inv = v + 2 * d.C;
+    unsigned seed = 11;
+    for (ptrdiff_t i = 0; i < total; i++) {
+        double a = rnd(&seed);
+        if (f32) ((float *)x)[i] = (float)a;
+        else ((double *)x)[i] = a;
+    }
+    const ptrdiff_t i1 = IDX(d, at_n, 1, at_s), i2 = IDX(d, d.N - 1 - at_n, 1, d.S - 1 - at_s);
+    if (f32) { ((float *)x)[i1] = INFINITY; if (both) ((float *)x)[i2] = -INFINITY; }
+    else { ((double *)x)[i1] = INFINITY; if (both) ((double *)x)[i2] = -INFINITY; }
+    void *y = malloc(es * (size_t)total);
+    for (int nt = 1; nt <= 2; nt++) {
+        CHECK((f32 ? bn_forward_train_f32((float *)x, y, d, NULL, NULL, 1e-5, mean, m2, inv, nt)
+                   : bn_forward_train_f64((double *)x, y, d, NULL, NULL, 1e-5, mean, m2, inv, nt)) == BN_OK, "inf: train");
+        CHECK(both ? isnan(mean[1]) : mean[1] == INFINITY, "inf: mean %g (n=%td s=%td both=%d)", mean[1], at_n, at_s, both);
+        CHECK(isnan(m2[1]) && isnan(inv[1]), "inf: m2 %g invstd %g", m2[1], inv[1]);
+        CHECK(isfinite(mean[0]) && isfinite(m2[0]) && isfinite(mean[2]) && isfinite(m2[2]), "inf leaked");
+    }
+    free(x); free(y); free(v);
+}
+
 int main(void)
 {
     bn_dims cases[] = {{2, 3, 1}, {7, 5, 3}, {64, 8, 40}, {300, 4, 1}, {5000, 3, 1}, {3, 2, 70000},
@@ -353,6 +382,20 @@ int main(void)
             }
             run++;
         }
+    bn_dims infd[] = {{5000, 3, 1}, {300, 3, 7}, {40, 3, 1024}, {3, 3, 5000}};
+    for (int f32 = 0; f32 < 2; f32++)
+        for (size_t i = 0; i < sizeof infd / sizeof infd[0]; i++)
+            for (int k = 0; k < 4; k++) {
+                before = failures;
+                const ptrdiff_t at_n = k == 0 ? 0 : k == 1 ? infd[i].N / 2 : infd[i].N - 1;
+                inf_case(f32, infd[i], at_n, k == 0 ? 0 : infd[i].S / 2, k == 3);
+                if (failures != before) {
+                    fprintf(stderr, "  in inf case N=%td C=%td S=%td %s k=%d\n", infd[i].N, infd[i].C, infd[i].S,
+                            f32 ? "f32" : "f64", k);
+                    failed++;
+                }
+                run++;
+            }
     bn_dims huge[] = {{8, 2, 1}, {300, 2, 1}, {8, 2, 40}, {3, 2, 5000}};
     for (size_t i = 0; i < sizeof huge / sizeof huge[0]; i++) {
         before = failures;

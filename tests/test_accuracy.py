@@ -374,6 +374,77 @@ def test_nan_stays_in_its_channel(rng, restore_threads, shape, axis, nan_channel
 
 
 # --------------------------------------------------------------------------------------------------
+# +-inf: the mean is +-inf (NaN for both signs), as np.mean's, however the channel is cut into chunks
+# --------------------------------------------------------------------------------------------------
+
+INF_SHAPES = [
+    pytest.param((6, 4, 5), 1, id="6x4x5"),                     # column mode, one chunk
+    pytest.param((5000, 7), 1, id="5000x7"),                    # column mode, 157 chunks of 32 rows
+    pytest.param((64, 32, 32, 8), -1, id="64x32x32x8-chlast"),  # column mode, several row groups
+    pytest.param((16, 8, 32, 32), 1, id="16x8x32x32"),          # row mode, 16 row groups
+    pytest.param((3, 2, 70000), 1, id="3x2x70000"),             # row mode, rows cut into segments
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", INF_SHAPES)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("signs", ["+inf", "-inf", "both"])
+def test_inf_gives_an_infinite_mean(rng, restore_threads, shape, axis, where, signs, dtype):
+    """A merge of partial means computes mean_b - mean_a: inf - inf is NaN, so a channel holding +inf
+    came out NaN (np.mean: inf) unless the inf sat in the last chunk merged. Its variance is NaN
+    (np.var: inf - inf), so are invstd and y; the other channels keep their bits."""
+    nd = len(shape)
+    ax = axis % nd
+    C = shape[ax]
+    ch = C // 2
+    clean = make_data(rng, shape, dtype, axis)
+    x = clean.copy()
+    chan = np.moveaxis(x, ax, -1)[..., ch]  # a view of channel ch
+    flat_index = {"first": 0, "middle": chan.size // 2 + 3, "last": chan.size - 1}[where]
+    spot = np.unravel_index(flat_index, chan.shape)
+    other = np.unravel_index(chan.size - 1 - flat_index // 2, chan.shape)
+    chan[spot] = -np.inf if signs == "-inf" else np.inf
+    if signs == "both":
+        chan[other] = -np.inf
+    with np.errstate(invalid="ignore"):
+        want_mean = np.mean(chan.astype(np.float64))
+    assert np.isnan(want_mean) if signs == "both" else want_mean == chan[spot]
+    others = np.arange(C) != ch
+
+    def channel(a, keep):
+        return np.take(a, np.flatnonzero(keep), axis=ax)
+
+    results = []
+    for threads in (1, 2):
+        bn.set_num_threads(threads)
+        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        y, mean, invstd = bn.forward_train(x, running_mean=rm, running_var=rv, axis=axis, stats_dtype=np.float64)
+        count, bmean, m2 = bn.batch_stats(x, axis=axis)
+        if np.isnan(want_mean):
+            assert np.isnan(mean[ch]) and np.isnan(bmean[ch]) and np.isnan(rm[ch])
+        else:
+            assert mean[ch] == want_mean and bmean[ch] == want_mean and rm[ch] == want_mean
+        assert np.isnan(m2[ch]) and np.isnan(invstd[ch]) and np.isnan(rv[ch]), "np.var is NaN"
+        assert np.all(np.isnan(channel(y, ~others))), "np's y is NaN throughout the channel"
+        results.append((y, mean, invstd, bmean, m2))
+    for a, b in zip(*results):
+        assert np.array_equal(a, b, equal_nan=True), "1 and 2 threads differ"
+    # cut into two parts along the first axis, merged: the same (merge_stats and its reference)
+    cut = shape[0] // 2
+    parts = [bn.batch_stats(p, axis=axis) for p in (x[:cut], x[cut:])]
+    counts, means, m2s = (np.array([p[i] for p in parts]) for i in range(3))
+    for merged in (bn.merge_stats(counts, means, m2s), ref.merge_stats(counts, means, m2s)):
+        assert np.array_equal(merged[1][ch], want_mean, equal_nan=True) and np.isnan(merged[2][ch])
+        assert np.all(np.isfinite(merged[1][others])) and np.all(np.isfinite(merged[2][others]))
+    # the other channels: as without the inf, bit for bit
+    y0, mean0, invstd0 = bn.forward_train(clean, axis=axis, stats_dtype=np.float64)
+    y, mean, invstd = results[0][:3]
+    assert np.array_equal(channel(y, others), channel(y0, others))
+    assert np.array_equal(mean[others], mean0[others]) and np.array_equal(invstd[others], invstd0[others])
+
+
+# --------------------------------------------------------------------------------------------------
 # 2**25 values per channel: counters and sums that a float32 accumulator cannot hold
 # --------------------------------------------------------------------------------------------------
 
