@@ -51,8 +51,9 @@ int bn_batch_stats_f64(const double *x, bn_dims d, double *mean, double *m2, int
 int bn_merge_stats(ptrdiff_t K, ptrdiff_t C, const int64_t *counts, const double *means, const double *m2s,
                    int64_t *count, double *mean, double *m2);
 
-/* y = (x - mean) * (invstd * gamma) + beta with given per-channel mean and invstd (float32 data is
- * normalized as y = x * alpha + (beta - mean * alpha), in double; see bn_forward.tmpl.h). */
+/* y = (x - mean) * (invstd * gamma) + beta with given per-channel mean and invstd (float32 channels with
+ * |mean| * invstd <= 2^16 are normalized as y = x * alpha + (beta - mean * alpha), in double, which is
+ * as exact there; see bn_forward.tmpl.h and bn_internal.h). */
 int bn_normalize_f32(const float *x, float *y, bn_dims d, const double *mean, const double *invstd,
                      const double *gamma, const double *beta, int nthreads);
 int bn_normalize_f64(const double *x, double *y, bn_dims d, const double *mean, const double *invstd,

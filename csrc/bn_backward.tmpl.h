@@ -90,50 +90,65 @@ static void BN_NAME(item_sums)(const BN_T *dy, const BN_T *x, const bn_plan *p, 
 
 #define BN_FOLD (sizeof(BN_T) < sizeof(double))
 
-/* dx over one item, from per-channel k1, k2, k3 (training) or k1 alone. Under BN_FOLD (float32, see
- * bn_forward.tmpl.h for why that is exact enough) training uses dx = k1 * dy + (k3 * x + k2), the mean
- * folded into k2 and k3 by the caller. Column mode needs 4 * (c1 - c0) * S doubles of scratch. */
+/* dx over one item, from per-channel k1, k2, k3 and centre (training) or k1 alone (frozen).
+ *  - float64: dx = k1 * ((dy - k2) - (x - mean) * k3), centre = mean.
+ *  - float32 (BN_FOLD): dx = k1 * dy + ((x - centre) * k3 + k2), with grad_coefs' kx = -k1 * k3 in k3
+ *    and: a channel with |mean| * invstd <= 2^16 (bn_fold_exact, bn_internal.h) folded, centre = +0.0
+ *    and k2 = k1 * (mean * k3 - k2), so that dx = k1 * dy + (x * kx + k2), a subtraction fewer; any
+ *    other channel centred, centre = mean and k2 = -k1 * k2. The folded loops are the exact shortcut of
+ *    the centred ones (x - (+0.0) is x), so a column-mode item with any centred channel runs the centred
+ *    loop for all of them. Column mode needs 4 * (c1 - c0) * S doubles of scratch. */
 static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, BN_T *dx, const bn_plan *p, ptrdiff_t c0,
-                               ptrdiff_t c1, ptrdiff_t n0, ptrdiff_t n1, int training, const double *mean,
+                               ptrdiff_t c1, ptrdiff_t n0, ptrdiff_t n1, int training, const double *centre,
                                const double *k1, const double *k2, const double *k3, double *scratch)
 {
     const ptrdiff_t S = p->S;
     if (!p->colmode) {
         for (ptrdiff_t n = n0; n < n1; n++)
             for (ptrdiff_t c = c0; c < c1; c++) {
-                const double m = mean[c], a = k1[c], b = k2[c], e = k3[c];
+                const double m = centre[c], a = k1[c], b = k2[c], e = k3[c];
                 ptrdiff_t off = (n * p->C + c) * S;
                 const BN_T *dr = dy + off, *xr = x + off;
                 BN_T *out = dx + off;
                 if (!training)
                     for (ptrdiff_t s = 0; s < S; s++) out[s] = (BN_T)(a * (double)dr[s]);
-                else if (BN_FOLD)
+                else if (BN_FOLD && bn_is_plus_zero(m))
                     for (ptrdiff_t s = 0; s < S; s++)
                         out[s] = (BN_T)(a * (double)dr[s] + ((double)xr[s] * e + b));
+                else if (BN_FOLD)
+                    for (ptrdiff_t s = 0; s < S; s++)
+                        out[s] = (BN_T)(a * (double)dr[s] + (((double)xr[s] - m) * e + b));
                 else
                     for (ptrdiff_t s = 0; s < S; s++)
                         out[s] = (BN_T)(a * (((double)dr[s] - b) - ((double)xr[s] - m) * e));
             }
         return;
     }
+    const int folded = BN_FOLD && (!training || bn_all_plus_zero(centre, c0, c1));
     const ptrdiff_t wb = (c1 - c0) * S;
-    double *em = scratch, *ea = scratch + wb, *eb = scratch + 2 * wb, *ee = scratch + 3 * wb;
+    double *em = scratch, *ea = scratch + wb, *eb = scratch + 2 * wb,
+           *ee = scratch + 3 * wb;
     for (ptrdiff_t k = 0; k < c1 - c0; k++)
         for (ptrdiff_t s = 0; s < S; s++) {
-            if (!BN_FOLD) em[k * S + s] = mean[c0 + k];
             ea[k * S + s] = k1[c0 + k];
             eb[k * S + s] = k2[c0 + k];
             ee[k * S + s] = k3[c0 + k];
         }
+    if (!folded)
+        for (ptrdiff_t k = 0; k < c1 - c0; k++)
+            for (ptrdiff_t s = 0; s < S; s++) em[k * S + s] = centre[c0 + k];
     for (ptrdiff_t n = n0; n < n1; n++) {
         ptrdiff_t off = n * p->W + c0 * S;
         const BN_T *dr = dy + off, *xr = x + off;
         BN_T *out = dx + off;
         if (!training)
             for (ptrdiff_t q = 0; q < wb; q++) out[q] = (BN_T)(ea[q] * (double)dr[q]);
-        else if (BN_FOLD)
+        else if (folded)
             for (ptrdiff_t q = 0; q < wb; q++)
                 out[q] = (BN_T)(ea[q] * (double)dr[q] + ((double)xr[q] * ee[q] + eb[q]));
+        else if (BN_FOLD)
+            for (ptrdiff_t q = 0; q < wb; q++)
+                out[q] = (BN_T)(ea[q] * (double)dr[q] + (((double)xr[q] - em[q]) * ee[q] + eb[q]));
         else
             for (ptrdiff_t q = 0; q < wb; q++)
                 out[q] = (BN_T)(ea[q] * (((double)dr[q] - eb[q]) - ((double)xr[q] - em[q]) * ee[q]));
@@ -151,10 +166,11 @@ typedef struct {
     const double *sum_dy_in, *sum_dyxm_in; /* backward_apply: the (global) sums */
     double *sum_dy, *sum_dyxm;            /* backward_reduce: outputs */
     double *dgamma, *dbeta;               /* backward: outputs */
-    double *k1, *k2, *k3;                 /* per-channel coefficients of apply */
+    double *k1, *k2, *k3, *centre;        /* per-channel coefficients of apply */
 } BN_NAME(bwd_args);
 
-/* Column mode needs per-position scratch: 3 doubles a position for the sums, 4 for apply. */
+/* Column mode needs per-position scratch: 3 arrays for the sums, 4 for apply, one after another
+ * (unpadded, as fwd_scratch's). */
 static ptrdiff_t BN_NAME(bwd_scratch)(const bn_plan *p)
 {
     return p->colmode ? 4 * p->ch_per_block * p->S : 0;
@@ -179,25 +195,36 @@ static inline bn_sums BN_NAME(merged_sums)(const bn_job *job, ptrdiff_t c, const
     return s;
 }
 
-/* k1, k2, k3 of channel c from its sums (see the derivation at the top). Under BN_FOLD (float32, see
- * bn_forward.tmpl.h for why that is exact enough) the mean is folded in: dx = k1 * dy + (k3 * x + k2). */
-static inline void BN_NAME(grad_coefs)(const BN_NAME(bwd_args) *a, ptrdiff_t c, bn_sums s)
+/* k1, k2, k3 and centre of channel c from its sums (see the derivation at the top, and grad_item for
+ * float32's two forms), and with `outputs` dbeta and dgamma too. Every input is read before the first
+ * store: the per-channel arrays are often 4 KiB apart (C = 512), and a load after a store to an address
+ * with the same low 12 bits waits for it (this step ran 2.5x slower at (64, 512)). */
+static inline void BN_NAME(grad_coefs)(const BN_NAME(bwd_args) *a, ptrdiff_t c, bn_sums s, int outputs)
 {
-    const double invstd = a->invstd[c], dgamma = invstd * s.dyxm;
-    const double k1 = a->gamma ? a->gamma[c] * invstd : invstd;
+    const double mean = a->mean[c], invstd = a->invstd[c], gamma = a->gamma ? a->gamma[c] : 1.0;
+    const double dgamma = invstd * s.dyxm;
+    const double k1 = a->gamma ? gamma * invstd : invstd;
     double k2 = a->training ? s.dy / a->count : 0.0;
     double k3 = a->training ? invstd * dgamma / a->count : 0.0;
+    double centre = mean;
     if (BN_FOLD && a->training) {
-        const double kx = -k1 * k3;
-        k2 = k1 * (a->mean[c] * k3 - k2);
+        const int fold = bn_fold_exact(mean, invstd);
+        const double kx = -k1 * k3, k2_folded = k1 * (mean * k3 - k2), k2_centred = -k1 * k2;
+        k2 = fold ? k2_folded : k2_centred;
+        centre = fold ? 0.0 : mean;
         k3 = kx;
+    }
+    if (outputs) {
+        a->dbeta[c] = s.dy;
+        a->dgamma[c] = dgamma;
     }
     a->k1[c] = k1;
     a->k2[c] = k2;
     a->k3[c] = k3;
+    a->centre[c] = centre;
 }
 
-static void BN_NAME(reduce_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+static inline void BN_NAME(reduce_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
 {
     const BN_NAME(bwd_args) *a = job->args;
     const bn_sums s = BN_NAME(merged_sums)(job, c, parts);
@@ -205,27 +232,38 @@ static void BN_NAME(reduce_finish)(const bn_job *job, ptrdiff_t c, const void *p
     a->sum_dyxm[c] = s.dyxm;
 }
 
-static void BN_NAME(backward_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+static void BN_NAME(reduce_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
 {
-    const BN_NAME(bwd_args) *a = job->args;
-    const bn_sums s = BN_NAME(merged_sums)(job, c, parts);
-    a->dbeta[c] = s.dy;
-    a->dgamma[c] = a->invstd[c] * s.dyxm;
-    BN_NAME(grad_coefs)(a, c, s);
+    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(reduce_finish_one)(job, c, parts);
 }
 
-static void BN_NAME(apply_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+static inline void BN_NAME(backward_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
+{
+    BN_NAME(grad_coefs)(job->args, c, BN_NAME(merged_sums)(job, c, parts), 1);
+}
+
+static void BN_NAME(backward_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
+{
+    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(backward_finish_one)(job, c, parts);
+}
+
+static inline void BN_NAME(apply_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
 {
     const BN_NAME(bwd_args) *a = job->args;
     const bn_sums s = {a->sum_dy_in[c], a->sum_dyxm_in[c]};
     (void)parts;
-    BN_NAME(grad_coefs)(a, c, s);
+    BN_NAME(grad_coefs)(a, c, s, 0);
+}
+
+static void BN_NAME(apply_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
+{
+    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(apply_finish_one)(job, c, parts);
 }
 
 static void BN_NAME(grad_apply)(const bn_job *job, bn_item w, double *scratch)
 {
     const BN_NAME(bwd_args) *a = job->args;
-    BN_NAME(grad_item)(a->dy, a->x, a->dx, job->plan, w.c0, w.c1, w.n0, w.n1, a->training, a->mean, a->k1,
+    BN_NAME(grad_item)(a->dy, a->x, a->dx, job->plan, w.c0, w.c1, w.n0, w.n1, a->training, a->centre, a->k1,
                        a->k2, a->k3, scratch);
 }
 
@@ -242,7 +280,7 @@ int BN_NAME(bn_backward_reduce)(const BN_T *dy, const BN_T *x, bn_dims d, const 
     bn_plan p;
     BN_NAME(bwd_plan)(&p, d, nthreads);
     BN_NAME(bwd_args) a = {dy, x, NULL, mean, NULL, NULL, 1, 0.0, NULL, NULL, sum_dy, sum_dy_xmu,
-                           NULL, NULL, NULL, NULL, NULL};
+                           NULL, NULL, NULL, NULL, NULL, NULL};
     bn_job job = {&p, BN_NAME(sums_reduce), BN_NAME(reduce_finish), NULL, NULL, sizeof(bn_sums),
                   BN_NAME(bwd_scratch)(&p), &a};
     return bn_drive(&job);
@@ -254,10 +292,10 @@ int BN_NAME(bn_backward_apply)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims 
 {
     bn_plan p;
     BN_NAME(bwd_plan)(&p, d, nthreads);
-    double *k = malloc(sizeof(double) * 3 * (size_t)d.C);
+    double *k = malloc(sizeof(double) * bn_padded_size(d.C, 4));
     if (!k) return BN_ENOMEM;
-    BN_NAME(bwd_args) a = {dy, x, dx, mean, invstd, gamma, 1, count, sum_dy, sum_dy_xmu, NULL, NULL,
-                           NULL, NULL, k, k + d.C, k + 2 * d.C};
+    BN_NAME(bwd_args) a = {dy, x, dx, mean, invstd, gamma, 1, count, sum_dy, sum_dy_xmu, NULL, NULL, NULL, NULL,
+                           k, bn_padded_array(k, d.C, 1), bn_padded_array(k, d.C, 2), bn_padded_array(k, d.C, 3)};
     bn_job job = {&p, NULL, BN_NAME(apply_finish), BN_NAME(grad_apply), NULL, 0, BN_NAME(bwd_scratch)(&p), &a};
     int status = bn_drive(&job);
     free(k);
@@ -270,10 +308,11 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
 {
     bn_plan p;
     BN_NAME(bwd_plan)(&p, d, nthreads);
-    double *k = malloc(sizeof(double) * 3 * (size_t)d.C);
+    double *k = malloc(sizeof(double) * bn_padded_size(d.C, 4));
     if (!k) return BN_ENOMEM;
     BN_NAME(bwd_args) a = {dy, x, dx, mean, invstd, gamma, training, (double)d.N * (double)d.S, NULL, NULL,
-                           NULL, NULL, dgamma, dbeta, k, k + d.C, k + 2 * d.C};
+                           NULL, NULL, dgamma, dbeta, k, bn_padded_array(k, d.C, 1), bn_padded_array(k, d.C, 2),
+                           bn_padded_array(k, d.C, 3)};
     bn_job job = {&p, BN_NAME(sums_reduce), BN_NAME(backward_finish), BN_NAME(grad_apply), NULL,
                   sizeof(bn_sums), BN_NAME(bwd_scratch)(&p), &a};
     int status = bn_drive(&job);

@@ -26,7 +26,7 @@ int bn_drive(const bn_job *job)
             for (ptrdiff_t it = 0; it < p->nitems; it++) {
                 const bn_item w = bn_item_at(p, it);
                 job->reduce(job, w, scr, parts + pb * (size_t)w.c0);
-                for (ptrdiff_t c = w.c0; c < w.c1; c++) job->finish(job, c, parts);
+                job->finish(job, w.c0, w.c1, parts);
                 job->apply(job, w, scr);
             }
         } else {
@@ -39,8 +39,11 @@ int bn_drive(const bn_job *job)
                 }
             }
             if (job->finish) {
-                BN_PRAGMA(omp for schedule(static))
-                for (ptrdiff_t c = 0; c < C; c++) job->finish(job, c, parts);
+                /* schedule(static) by hand: one call per thread over a contiguous range of channels */
+                const ptrdiff_t nt = bn_team_size(), t = bn_thread_num(), chunk = (C + nt - 1) / nt;
+                const ptrdiff_t c0 = t * chunk, c1 = c0 + chunk < C ? c0 + chunk : C;
+                if (c0 < c1) job->finish(job, c0, c1, parts);
+                BN_PRAGMA(omp barrier)
             }
             if (job->apply_rows && !p->colmode) {
                 /* schedule(static) by hand: one call per thread over a contiguous range of rows */

@@ -4,107 +4,195 @@
  * (batch_stats, normalize, forward_train). Included by bn_forward.c, bn_avx2.c and bn_avx512.c with BN_T
  * (the element type) and BN_NAME(f) (f with the type's and instruction set's suffix).
  *
- * Algebra: with alpha = invstd * gamma, y = (x - mean) * alpha + beta, evaluated in double.
- *  - float64: the subtraction happens first, so a mean that is 1e5 times the spread costs no digits of y
- *    (folding everything into y = x * alpha + (beta - mean * alpha) would cancel two large numbers).
- *  - float32 (BN_FOLD): y = x * alpha + (beta - mean * alpha), still in double. A 24-bit x times a 53-bit
- *    alpha rounds at 2^-53 of |x * alpha|, and the cancellation costs at most |mean| / std times that:
- *    1e-11 of y's spread at mean = 1e5 std, far under float32's half ulp, so y is as exact as before.
- *    It saves a subtraction per value and, in column mode, one of three per-position coefficient
- *    arrays, whose L1 footprint is what slowed (8192, 1024). */
+ * Algebra: with alpha = invstd * gamma, y = (x - centre) * alpha + offset, evaluated in double, where
+ *  - centre = mean, offset = beta: the subtraction happens first, so a mean that is 1e5 times the spread
+ *    costs no digits of y. float64 always; float32 where the fold below would not be exact.
+ *  - centre = +0.0, offset = beta - mean * alpha (BN_FOLD: float32 channels with |mean| * invstd <= 2^16,
+ *    bn_fold_exact in bn_internal.h derives the bound): y = x * alpha + offset, still in double, within
+ *    1/1000 of a float32 half ulp of the centred y. It saves a subtraction per value and, in column mode,
+ *    one of three per-position coefficient arrays, whose L1 footprint is what slowed (8192, 1024). */
 
-/* Moments of `runs` runs of `len` contiguous values, `stride` apart, in two passes while they sit in L1
- * (callers keep runs * len <= BN_SEG). BN_LANES fixed accumulator lanes per run, then each run's tail,
- * fix the order of additions in the code itself, so the loops vectorize without reassociation; 16 lanes
- * are four AVX2 chains, enough to hide the add latency. */
-static bn_moments BN_NAME(runs_moments)(const BN_T *x, ptrdiff_t len, ptrdiff_t runs, ptrdiff_t stride)
+/*
+ * The statistics step works relative to each channel's shift K (bn_stats_shift): a chunk's moments are
+ * (count, mean - K, m2), so the partial means that the merges subtract from one another are of the size
+ * of the spread. A chunk is reduced in two passes over data still in cache:
+ *  1. sum = Sum (x - K). For float32 data (BN_RAW_SUMS) the values are summed as they are and count * K
+ *     taken off once: float32 values of a chunk are multiples of a common quantum q (the ulp of its
+ *     smallest magnitude), and while |sum| < 2^53 q no addition rounds, so the sum is exact whenever
+ *     the chunk's magnitudes are within a factor 2^17 of each other (2^17 = 2^53 / 2^24 significand /
+ *     2^12 values, for chunks of at most BN_SEG); count * K is exact (24 + 12 bits). Otherwise the sum
+ *     rounds as any double sum would. This keeps the pass at one conversion and one add per value,
+ *     as before the shift: the add pipes are what bound it (one more add cost 10-20%). float64 values
+ *     subtract K first: x - K is exact within a factor 2 of K (Sterbenz) and otherwise rounds at 2^-53
+ *     of |x - K|, so a partial mean is good to 2^-53 of |mean - K| (before the shift: of |mean|).
+ *  2. centre = K + mean rounded; m2 = Sum (x - centre)^2 - count * off^2, off = mean - (centre - K),
+ *     the rounding error of centre: Sum (x - centre)^2 = m2 + count * (true mean - centre)^2 exactly,
+ *     x - centre is exact near the mean (Sterbenz), and centre - K is exact (Sterbenz; or else the
+ *     spread dwarfs off). One subtraction per value, as centring on an absolute mean would need.
+ */
+#define BN_RAW_SUMS (sizeof(BN_T) < sizeof(double))
+
+/* Pass 1's term: x, or x - K for float64 (see above). */
+static inline double BN_NAME(pass1_term)(BN_T v, double shift)
+{
+    return BN_RAW_SUMS ? (double)v : (double)v - shift;
+}
+
+/* The mean - K of `count` values from pass 1's sum. */
+static inline double BN_NAME(pass1_mean)(double sum, double count, double shift)
+{
+    return (BN_RAW_SUMS ? sum - count * shift : sum) / count;
+}
+
+/* Moments of `runs` runs of `len` contiguous values, `stride` apart, relative to `shift`, in the two
+ * passes described above, while they sit in L1 (callers keep runs * len <= BN_SEG). BN_LANES fixed
+ * accumulator lanes per run, then each run's tail, fix the order of additions in the code itself, so
+ * the loops vectorize without reassociation; 16 lanes are four AVX2 chains, enough to hide the add
+ * latency. Not inlined (BN_NOINLINE): inlined into its caller, GCC spilled an accumulator. */
+BN_NOINLINE static bn_moments BN_NAME(runs_moments)(const BN_T *x, ptrdiff_t len, ptrdiff_t runs,
+                                                    ptrdiff_t stride, double shift)
 {
     double acc[BN_LANES] = {0}, tail = 0;
     const ptrdiff_t body = len - len % BN_LANES;
     for (ptrdiff_t r = 0; r < runs; r++) {
         const BN_T *v = x + r * stride;
         for (ptrdiff_t i = 0; i < body; i += BN_LANES)
-            for (int j = 0; j < BN_LANES; j++) acc[j] += (double)v[i + j];
-        for (ptrdiff_t i = body; i < len; i++) tail += (double)v[i];
+            for (int j = 0; j < BN_LANES; j++) acc[j] += BN_NAME(pass1_term)(v[i + j], shift);
+        for (ptrdiff_t i = body; i < len; i++) tail += BN_NAME(pass1_term)(v[i], shift);
     }
     const double count = (double)len * (double)runs;
-    double mean = (bn_lanes_sum(acc) + tail) / count;
+    const double mean = BN_NAME(pass1_mean)(bn_lanes_sum(acc) + tail, count, shift);
+    const double centre = shift + mean, off = mean - (centre - shift);
     for (int j = 0; j < BN_LANES; j++) acc[j] = 0;
     tail = 0;
     for (ptrdiff_t r = 0; r < runs; r++) {
         const BN_T *v = x + r * stride;
         for (ptrdiff_t i = 0; i < body; i += BN_LANES)
             for (int j = 0; j < BN_LANES; j++) {
-                double dev = (double)v[i + j] - mean;
+                double dev = (double)v[i + j] - centre;
                 acc[j] += dev * dev;
             }
         for (ptrdiff_t i = body; i < len; i++) {
-            double dev = (double)v[i] - mean;
+            double dev = (double)v[i] - centre;
             tail += dev * dev;
         }
     }
-    double m2 = bn_lanes_sum(acc) + tail;
+    double m2 = (bn_lanes_sum(acc) + tail) - count * off * off;
     bn_moments m = {count, mean, m2};
     return m;
 }
 
-/* Row mode: moments of channels [c0, c1) over rows [n0, n1) into out[0 .. c1-c0). Per channel, chunks
- * of up to BN_SEG values (several short rows, or a piece of a long one) are reduced in two passes and
- * merged in row order. */
+/* The shift of channel c: its first value x[0, c, 0], or 0 when that is not finite (bn_stats_shift). */
+static inline double BN_NAME(channel_shift)(const BN_T *x, const bn_plan *p, ptrdiff_t c)
+{
+    return bn_stats_shift((double)x[c * p->S]);
+}
+
+/* Row mode: moments of channels [c0, c1) over rows [n0, n1) into out[0 .. c1-c0), relative to each
+ * channel's shift. Per channel, chunks of up to BN_SEG values (several short rows, or a piece of a long
+ * one) are reduced in two passes and merged in row order. */
 static void BN_NAME(row_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
                                       ptrdiff_t n0, ptrdiff_t n1, bn_moments *out)
 {
     const ptrdiff_t S = p->S, stride = p->C * S, rows_per_chunk = S <= BN_SEG ? BN_SEG / S : 1;
     for (ptrdiff_t c = c0; c < c1; c++) {
+        const double shift = BN_NAME(channel_shift)(x, p, c);
         bn_moments acc = {0, 0, 0};
         for (ptrdiff_t r0 = n0; r0 < n1; r0 += rows_per_chunk) {
             ptrdiff_t runs = n1 - r0 < rows_per_chunk ? n1 - r0 : rows_per_chunk;
             for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
                 ptrdiff_t len = S - s0 < BN_SEG ? S - s0 : BN_SEG, off = (r0 * p->C + c) * S + s0;
-                bn_moments_merge(&acc, BN_NAME(runs_moments)(x + off, len, runs, stride));
+                bn_moments_merge(&acc, BN_NAME(runs_moments)(x + off, len, runs, stride, shift));
             }
         }
         out[c - c0] = acc;
     }
 }
 
-/* Column mode: moments of channels [c0, c1) over rows [n0, n1), written to out[0 .. c1-c0).
- * Per position, BN_COL_ROWS rows at a time are reduced in two passes (they are still in cache for the
- * second) and merged into running moments; then a channel's S positions are merged in order.
- * scratch: 4 * (c1 - c0) * S doubles. */
+/* Column mode: moments of channels [c0, c1) over rows [n0, n1), relative to each channel's shift,
+ * written to out[0 .. c1-c0). Per position, BN_COL_ROWS rows at a time are reduced in the two passes
+ * described above (the rows are still in cache for the second) and merged into running moments; then a
+ * channel's S positions are merged in order. scratch: 6 * (c1 - c0) * S doubles. */
 static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
                                       ptrdiff_t n0, ptrdiff_t n1, double *scratch, bn_moments *out)
 {
     const ptrdiff_t wb = (c1 - c0) * p->S, W = p->W;
-    double *mean = scratch, *m2 = scratch + wb, *amean = scratch + 2 * wb, *am2 = scratch + 3 * wb;
+    double *mean = scratch, *m2 = scratch + wb, *amean = scratch + 2 * wb,
+           *am2 = scratch + 3 * wb, *shift = scratch + 4 * wb,
+           *centre = scratch + 5 * wb;
     const BN_T *base = x + c0 * p->S;
     double an = 0;
+    if (p->S == 1)
+        for (ptrdiff_t q = 0; q < wb; q++) shift[q] = bn_stats_shift((double)base[q]);
+    else
+        for (ptrdiff_t k = 0; k < c1 - c0; k++) {
+            const double sk = BN_NAME(channel_shift)(x, p, c0 + k);
+            for (ptrdiff_t s = 0; s < p->S; s++) shift[k * p->S + s] = sk;
+        }
     for (ptrdiff_t r0 = n0; r0 < n1; r0 += BN_COL_ROWS) {
         ptrdiff_t r1 = n1 - r0 < BN_COL_ROWS ? n1 : r0 + BN_COL_ROWS;
         double cnt = (double)(r1 - r0);
         for (ptrdiff_t q = 0; q < wb; q++) mean[q] = 0;
-        for (ptrdiff_t r = r0; r < r1; r++) {
-            const BN_T *row = base + r * W;
-            for (ptrdiff_t q = 0; q < wb; q++) mean[q] += (double)row[q];
+        /* Four rows per sweep: each position adds its values in row order, as one row per sweep would,
+         * but loads and stores its running sum (and its shift) once per four values. */
+        ptrdiff_t r = r0;
+        for (; r + 4 <= r1; r += 4) {
+            const BN_T *ra = base + r * W, *rb = ra + W, *rc = rb + W, *rd = rc + W;
+            for (ptrdiff_t q = 0; q < wb; q++) {
+                const double sq = shift[q];
+                double acc = mean[q];
+                acc += BN_NAME(pass1_term)(ra[q], sq);
+                acc += BN_NAME(pass1_term)(rb[q], sq);
+                acc += BN_NAME(pass1_term)(rc[q], sq);
+                acc += BN_NAME(pass1_term)(rd[q], sq);
+                mean[q] = acc;
+            }
         }
-        for (ptrdiff_t q = 0; q < wb; q++) { mean[q] /= cnt; m2[q] = 0; }
-        for (ptrdiff_t r = r0; r < r1; r++) {
+        for (; r < r1; r++) {
+            const BN_T *row = base + r * W;
+            for (ptrdiff_t q = 0; q < wb; q++) mean[q] += BN_NAME(pass1_term)(row[q], shift[q]);
+        }
+        for (ptrdiff_t q = 0; q < wb; q++) {
+            mean[q] = BN_NAME(pass1_mean)(mean[q], cnt, shift[q]);
+            centre[q] = shift[q] + mean[q];
+            m2[q] = 0;
+        }
+        for (r = r0; r + 4 <= r1; r += 4) {
+            const BN_T *ra = base + r * W, *rb = ra + W, *rc = rb + W, *rd = rc + W;
+            for (ptrdiff_t q = 0; q < wb; q++) {
+                const double cq = centre[q];
+                double acc = m2[q], da = (double)ra[q] - cq, db = (double)rb[q] - cq, dc = (double)rc[q] - cq,
+                       dd = (double)rd[q] - cq;
+                acc += da * da;
+                acc += db * db;
+                acc += dc * dc;
+                acc += dd * dd;
+                m2[q] = acc;
+            }
+        }
+        for (; r < r1; r++) {
             const BN_T *row = base + r * W;
             for (ptrdiff_t q = 0; q < wb; q++) {
-                double dev = (double)row[q] - mean[q];
+                double dev = (double)row[q] - centre[q];
                 m2[q] += dev * dev;
             }
         }
+        /* m2 less count * off^2 (see above), then merged into the running moments */
         if (an == 0) {
-            for (ptrdiff_t q = 0; q < wb; q++) { amean[q] = mean[q]; am2[q] = m2[q]; }
+            for (ptrdiff_t q = 0; q < wb; q++) {
+                const double off = mean[q] - (centre[q] - shift[q]);
+                amean[q] = mean[q];
+                am2[q] = m2[q] - cnt * off * off;
+            }
             an = cnt;
         } else {
             /* bn_moments_merge, one lane per position */
-            double n = an + cnt, wnew = cnt / n, wcross = an * wnew;
+            double n = an + cnt, wnew = cnt / n, wold = an / n, wcross = an * wnew;
             for (ptrdiff_t q = 0; q < wb; q++) {
+                const double off = mean[q] - (centre[q] - shift[q]), m2q = m2[q] - cnt * off * off;
                 double delta = mean[q] - amean[q];
-                amean[q] += delta * wnew;
-                am2[q] += m2[q] + delta * delta * wcross;
+                amean[q] = bn_merged_mean(amean[q], mean[q], delta, wold, wnew);
+                am2[q] += m2q + delta * delta * wcross;
             }
             an = n;
         }
@@ -119,57 +207,60 @@ static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t
     }
 }
 
+#undef BN_RAW_SUMS
+
 #define BN_FOLD (sizeof(BN_T) < sizeof(double))
 
-/* y over one contiguous run of a channel; shift is beta, or beta - mean * alpha under BN_FOLD. */
-static inline void BN_NAME(apply_run)(const BN_T *xr, BN_T *yr, ptrdiff_t len, double m, double a, double b)
+/* y over one contiguous run of a channel: (x - centre) * a + b, or x * a + b when centre is +0.0 (a
+ * folded float32 channel: the same bits, one subtraction fewer). */
+static inline void BN_NAME(apply_run)(const BN_T *xr, BN_T *yr, ptrdiff_t len, double centre, double a,
+                                      double b)
 {
-    if (BN_FOLD)
+    if (BN_FOLD && bn_is_plus_zero(centre))
         for (ptrdiff_t s = 0; s < len; s++) yr[s] = (BN_T)((double)xr[s] * a + b);
     else
-        for (ptrdiff_t s = 0; s < len; s++) yr[s] = (BN_T)(((double)xr[s] - m) * a + b);
+        for (ptrdiff_t s = 0; s < len; s++) yr[s] = (BN_T)(((double)xr[s] - centre) * a + b);
 }
 
-/* The offset apply_run adds: beta, or beta - mean * alpha under BN_FOLD. */
-static inline double BN_NAME(shift_of)(const double *beta, ptrdiff_t c, double mean, double alpha)
-{
-    return (beta ? beta[c] : 0.0) - (BN_FOLD ? mean * alpha : 0.0);
-}
-
-/* y over one item. Column mode needs 3 * (c1 - c0) * S doubles of scratch. */
+/* y over one item, from the per-channel centre, alpha and offset. In column mode an item whose channels
+ * are all folded runs the two-array loop; otherwise the folded channels' centre is +0.0 in the three-
+ * array loop, which gives them the same bits. Column mode needs 3 * (c1 - c0) * S doubles of scratch. */
 static void BN_NAME(apply_item)(const BN_T *x, BN_T *y, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
-                                ptrdiff_t n0, ptrdiff_t n1, const double *mean, const double *alpha,
-                                const double *shift, double *scratch)
+                                ptrdiff_t n0, ptrdiff_t n1, const double *centre, const double *alpha,
+                                const double *offset, double *scratch)
 {
     const ptrdiff_t S = p->S;
     if (!p->colmode) {
         for (ptrdiff_t n = n0; n < n1; n++)
             for (ptrdiff_t c = c0; c < c1; c++) {
                 ptrdiff_t off = (n * p->C + c) * S;
-                BN_NAME(apply_run)(x + off, y + off, S, mean[c], alpha[c], shift[c]);
+                BN_NAME(apply_run)(x + off, y + off, S, centre[c], alpha[c], offset[c]);
             }
         return;
     }
+    const int folded = BN_FOLD && bn_all_plus_zero(centre, c0, c1);
     const ptrdiff_t wb = (c1 - c0) * S;
     double *em = scratch, *ea = scratch + wb, *eb = scratch + 2 * wb;
     for (ptrdiff_t k = 0; k < c1 - c0; k++)
         for (ptrdiff_t s = 0; s < S; s++) {
-            if (!BN_FOLD) em[k * S + s] = mean[c0 + k];
             ea[k * S + s] = alpha[c0 + k];
-            eb[k * S + s] = shift[c0 + k];
+            eb[k * S + s] = offset[c0 + k];
         }
+    if (!folded)
+        for (ptrdiff_t k = 0; k < c1 - c0; k++)
+            for (ptrdiff_t s = 0; s < S; s++) em[k * S + s] = centre[c0 + k];
     for (ptrdiff_t n = n0; n < n1; n++) {
         ptrdiff_t off = n * p->W + c0 * S;
         const BN_T *xr = x + off;
         BN_T *yr = y + off;
-        if (BN_FOLD)
+        if (folded)
             for (ptrdiff_t q = 0; q < wb; q++) yr[q] = (BN_T)((double)xr[q] * ea[q] + eb[q]);
         else
             for (ptrdiff_t q = 0; q < wb; q++) yr[q] = (BN_T)(((double)xr[q] - em[q]) * ea[q] + eb[q]);
     }
 }
 
-/* Moments of one work item, per channel of its block, into out[0 .. c1-c0). */
+/* Moments of one work item, per channel of its block (relative to its shift), into out[0 .. c1-c0). */
 static void BN_NAME(item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t n0,
                                   ptrdiff_t n1, double *scratch, bn_moments *out)
 {
@@ -187,14 +278,16 @@ typedef struct {
     const double *gamma, *beta;   /* may be NULL */
     double eps;
     double *mean, *m2, *invstd;   /* statistics: written by batch_stats and forward_train */
-    const double *norm_mean;      /* the mean apply subtracts (given to normalize, computed by train) */
-    double *alpha, *shift;        /* per-channel coefficients of apply */
+    const double *norm_mean;      /* the mean normalize is given */
+    double *alpha, *offset, *centre; /* per-channel coefficients of apply */
 } BN_NAME(fwd_args);
 
-/* Column mode needs per-position scratch: 4 doubles a position for the statistics, 3 for apply. */
-static ptrdiff_t BN_NAME(fwd_scratch)(const bn_plan *p, int per_position)
+/* Column mode needs per-position scratch: 6 arrays for the statistics, 3 for apply, one after another
+ * (unpadded: a streaming loop that loads from one and stores to another never loads an element a cache
+ * line ahead of one it stored, which 4K aliasing would stall; see bn_padded_array). */
+static ptrdiff_t BN_NAME(fwd_scratch)(const bn_plan *p, int arrays)
 {
-    return p->colmode ? per_position * p->ch_per_block * p->S : 0;
+    return p->colmode ? arrays * p->ch_per_block * p->S : 0;
 }
 
 static void BN_NAME(stats_reduce)(const bn_job *job, bn_item w, double *scratch, void *out)
@@ -203,25 +296,30 @@ static void BN_NAME(stats_reduce)(const bn_job *job, bn_item w, double *scratch,
     BN_NAME(item_moments)(a->x, job->plan, w.c0, w.c1, w.n0, w.n1, scratch, (bn_moments *)out);
 }
 
-/* Channel c's moments: its row groups' parts merged in group order, whoever computed them. */
+/* Channel c's moments: its row groups' parts merged in group order, whoever computed them, and the
+ * channel's shift added back to the mean (one rounding, at the mean's own scale). */
 static inline bn_moments BN_NAME(merged_moments)(const bn_job *job, ptrdiff_t c, const void *parts)
 {
+    const BN_NAME(fwd_args) *a = job->args;
     const bn_moments *pm = parts;
     const ptrdiff_t C = job->plan->C;
     bn_moments m = pm[c];
     for (ptrdiff_t g = 1; g < job->plan->ngroups; g++) bn_moments_merge(&m, pm[g * C + c]);
+    m.mean = BN_NAME(channel_shift)(a->x, job->plan, c) + m.mean;
     return m;
 }
 
-/* alpha and shift of channel c from its mean and invstd. */
+/* alpha, centre and offset of channel c from its mean and invstd (see the algebra at the top). */
 static inline void BN_NAME(normalize_coefs)(const BN_NAME(fwd_args) *a, ptrdiff_t c, double mean, double invstd)
 {
     const double alpha = a->gamma ? invstd * a->gamma[c] : invstd;
+    const int fold = BN_FOLD && bn_fold_exact(mean, invstd);
     a->alpha[c] = alpha;
-    a->shift[c] = BN_NAME(shift_of)(a->beta, c, mean, alpha);
+    a->centre[c] = fold ? 0.0 : mean;
+    a->offset[c] = (a->beta ? a->beta[c] : 0.0) - (fold ? mean * alpha : 0.0);
 }
 
-static void BN_NAME(stats_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+static inline void BN_NAME(stats_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
 {
     const BN_NAME(fwd_args) *a = job->args;
     const bn_moments m = BN_NAME(merged_moments)(job, c, parts);
@@ -229,7 +327,12 @@ static void BN_NAME(stats_finish)(const bn_job *job, ptrdiff_t c, const void *pa
     a->m2[c] = m.m2;
 }
 
-static void BN_NAME(train_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+static void BN_NAME(stats_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
+{
+    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(stats_finish_one)(job, c, parts);
+}
+
+static inline void BN_NAME(train_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
 {
     const BN_NAME(fwd_args) *a = job->args;
     const bn_moments m = BN_NAME(merged_moments)(job, c, parts);
@@ -240,17 +343,27 @@ static void BN_NAME(train_finish)(const bn_job *job, ptrdiff_t c, const void *pa
     BN_NAME(normalize_coefs)(a, c, m.mean, a->invstd[c]);
 }
 
-static void BN_NAME(normalize_finish)(const bn_job *job, ptrdiff_t c, const void *parts)
+static void BN_NAME(train_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
+{
+    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(train_finish_one)(job, c, parts);
+}
+
+static inline void BN_NAME(normalize_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
 {
     const BN_NAME(fwd_args) *a = job->args;
     (void)parts;
     BN_NAME(normalize_coefs)(a, c, a->norm_mean[c], a->invstd[c]);
 }
 
+static void BN_NAME(normalize_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
+{
+    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(normalize_finish_one)(job, c, parts);
+}
+
 static void BN_NAME(normalize_apply)(const bn_job *job, bn_item w, double *scratch)
 {
     const BN_NAME(fwd_args) *a = job->args;
-    BN_NAME(apply_item)(a->x, a->y, job->plan, w.c0, w.c1, w.n0, w.n1, a->norm_mean, a->alpha, a->shift,
+    BN_NAME(apply_item)(a->x, a->y, job->plan, w.c0, w.c1, w.n0, w.n1, a->centre, a->alpha, a->offset,
                         scratch);
 }
 
@@ -260,7 +373,7 @@ static void BN_NAME(normalize_rows)(const bn_job *job, ptrdiff_t r0, ptrdiff_t r
     const ptrdiff_t C = job->plan->C, S = job->plan->S;
     for (ptrdiff_t r = r0; r < r1; r++) {
         const ptrdiff_t c = r % C;
-        BN_NAME(apply_run)(a->x + r * S, a->y + r * S, S, a->norm_mean[c], a->alpha[c], a->shift[c]);
+        BN_NAME(apply_run)(a->x + r * S, a->y + r * S, S, a->centre[c], a->alpha[c], a->offset[c]);
     }
 }
 
@@ -268,9 +381,9 @@ int BN_NAME(bn_batch_stats)(const BN_T *x, bn_dims d, double *mean, double *m2, 
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads);
-    BN_NAME(fwd_args) a = {x, NULL, NULL, NULL, 0.0, mean, m2, NULL, NULL, NULL, NULL};
+    BN_NAME(fwd_args) a = {x, NULL, NULL, NULL, 0.0, mean, m2, NULL, NULL, NULL, NULL, NULL};
     bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(stats_finish), NULL, NULL, sizeof(bn_moments),
-                  BN_NAME(fwd_scratch)(&p, 4), &a};
+                  BN_NAME(fwd_scratch)(&p, 6), &a};
     return bn_drive(&job);
 }
 
@@ -279,9 +392,10 @@ int BN_NAME(bn_normalize)(const BN_T *x, BN_T *y, bn_dims d, const double *mean,
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads);
-    double *coefs = malloc(sizeof(double) * 2 * (size_t)d.C);
+    double *coefs = malloc(sizeof(double) * bn_padded_size(d.C, 3));
     if (!coefs) return BN_ENOMEM;
-    BN_NAME(fwd_args) a = {x, y, gamma, beta, 0.0, NULL, NULL, (double *)invstd, mean, coefs, coefs + d.C};
+    BN_NAME(fwd_args) a = {x, y, gamma, beta, 0.0, NULL, NULL, (double *)invstd, mean, coefs,
+                           bn_padded_array(coefs, d.C, 1), bn_padded_array(coefs, d.C, 2)};
     bn_job job = {&p, NULL, BN_NAME(normalize_finish), BN_NAME(normalize_apply), BN_NAME(normalize_rows), 0,
                   BN_NAME(fwd_scratch)(&p, 3), &a};
     int status = bn_drive(&job);
@@ -294,11 +408,12 @@ int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *g
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads);
-    double *coefs = malloc(sizeof(double) * 2 * (size_t)d.C);
+    double *coefs = malloc(sizeof(double) * bn_padded_size(d.C, 3));
     if (!coefs) return BN_ENOMEM;
-    BN_NAME(fwd_args) a = {x, y, gamma, beta, eps, mean, m2, invstd, mean, coefs, coefs + d.C};
+    BN_NAME(fwd_args) a = {x, y, gamma, beta, eps, mean, m2, invstd, NULL, coefs, bn_padded_array(coefs, d.C, 1),
+                           bn_padded_array(coefs, d.C, 2)};
     bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(train_finish), BN_NAME(normalize_apply), NULL,
-                  sizeof(bn_moments), BN_NAME(fwd_scratch)(&p, 4), &a};
+                  sizeof(bn_moments), BN_NAME(fwd_scratch)(&p, 6), &a};
     int status = bn_drive(&job);
     free(coefs);
     return status;

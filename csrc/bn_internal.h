@@ -8,8 +8,10 @@
 #ifndef BN_INTERNAL_H
 #define BN_INTERNAL_H
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include "batchnorm.h"
 
 #ifdef _OPENMP
@@ -76,6 +78,17 @@ typedef struct {
     double n, mean, m2;
 } bn_moments;
 
+/* The mean of two parts, a's with weight wa = n_a / n and b's with wb = n_b / n: a + delta * wb, delta =
+ * b - a, while delta is finite. An infinite part mean makes delta infinite or NaN (inf - inf), and
+ * a + delta * wb then NaN where np.mean gives +-inf: there the weighted sum a * wa + b * wb, which is
+ * +-inf for one sign of infinity, NaN for both (as np.mean), NaN for NaN, and for finite means whose
+ * difference overflows the mean without overflow. The channel's m2 is NaN then anyway (the part with the
+ * inf has x - inf = NaN in it), as np.var's. */
+static inline double bn_merged_mean(double ma, double mb, double delta, double wa, double wb)
+{
+    return fabs(delta) <= DBL_MAX ? ma + delta * wb : ma * wa + mb * wb;
+}
+
 /* Chan, Golub & LeVeque's pairwise update: merge b into a. Exact algebra, no E[x^2] - E[x]^2. A part
  * with no values is skipped, and merging into an empty a copies b, so a single part keeps its bits. */
 static inline void bn_moments_merge(bn_moments *a, bn_moments b)
@@ -85,9 +98,65 @@ static inline void bn_moments_merge(bn_moments *a, bn_moments b)
     double n = a->n + b.n;
     double delta = b.mean - a->mean;
     double wb = b.n / n;
-    a->mean += delta * wb;
+    a->mean = bn_merged_mean(a->mean, b.mean, delta, a->n / n, wb);
     a->m2 += b.m2 + delta * delta * a->n * wb;
     a->n = n;
+}
+
+/*
+ * The statistics of a channel are accumulated relative to a shift, a value of the channel itself: its
+ * first value x[0, c, 0] (0 when that is not finite), chosen by the data alone, the same in every code
+ * path. Every chunk sums x - shift, computed in double (exact when x is within a factor of 2 of the
+ * shift, and for float32 data whenever the exponents are within 29 of each other), so the partial means
+ * the merges subtract from one another are of the size of the spread, not of the mean: a partial mean
+ * rounded at 2^-53 of 1e8 would be off by 1e-8 std, and each merge's delta * delta * n_a * n_b / n
+ * would carry that into m2 (5e-9 relative at mean 1e8 std 1, merged hundreds of times in column mode).
+ * The variance is shift-invariant; the mean gets the shift added back once, at the end.
+ */
+static inline double bn_stats_shift(double x0)
+{
+    return fabs(x0) <= DBL_MAX ? x0 : 0.0; /* isfinite(x0), in a form that vectorizes */
+}
+
+/*
+ * float32 data is normalized with the mean folded into the offset (BN_FOLD in the templates): in double,
+ *   y = x * alpha + (beta - mean * alpha)          instead of   y = (x - mean) * alpha + beta,
+ *   dx = k1 * dy + (x * kx + (k1 * (mean * k3 - k2)))  instead of  dx = k1 * dy + ((x - mean) * kx - k1 * k2),
+ * kx = -k1 * k3, which saves a subtraction per value and, in column mode, a per-position array. The fold
+ * cancels: with u = 2^-53 and rho = |mean| * invstd, the products x * alpha and mean * alpha are about
+ * rho * |gamma| and each rounds at u of that; adding the roundings of the two sums, the folded y is off
+ * by at most ~3 u rho |gamma| more than the centred one. |gamma| is the scale of the normalized values
+ * (gamma * xhat, xhat of order 1), and float32's half ulp there is 2^-25 |gamma|, so rho <= 2^16 keeps
+ * the extra error under 3 * 2^-37 < 2^-35 |gamma|, 1/1000 of that half ulp: y rounds to the float32 the
+ * centred form gives, save ties closer than that. In the backward, |k3| <= invstd^2 rms(dy) std, so the
+ * folded term's extra error 3 u |k1 k3 mean| <= 3 u rho (std * invstd) |k1| rms(dy) <= 3 u rho times
+ * dx's own scale, |k1| rms(dy): the same bound. Past rho = 2^16 (a constant channel at 1e12 has rho =
+ * 3e14: beta - mean * alpha lost beta entirely) the channel is normalized centred, which costs a
+ * subtraction and nothing in accuracy. The choice is made per channel from its statistics (NaN: centred).
+ */
+#define BN_FOLD_MAX_RHO 65536.0
+static inline int bn_fold_exact(double mean, double invstd)
+{
+    return fabs(mean * invstd) <= BN_FOLD_MAX_RHO;
+}
+
+/* A folded channel is centred on +0.0, which x - centre returns unchanged (bit for bit, -0.0 and NaN
+ * included), so the folded loops are an exact shortcut of the centred ones. */
+static inline int bn_is_plus_zero(double v)
+{
+    return v == 0.0 && !signbit(v);
+}
+
+/* Whether every one of centre[c0 .. c1-1] is +0.0 (a branch-free loop, which vectorizes). */
+static inline int bn_all_plus_zero(const double *centre, ptrdiff_t c0, ptrdiff_t c1)
+{
+    uint64_t any = 0;
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        uint64_t bits;
+        memcpy(&bits, &centre[c], sizeof bits);
+        any |= bits;
+    }
+    return any == 0;
 }
 
 /* The backward reduction of a set of values: sum(dy) and sum(dy * (x - mean)). */
@@ -118,9 +187,10 @@ static inline int bn_team_size(void)
  * The driver skeleton every kernel runs on (bn_drive.c): reduce -> finish -> apply over a plan.
  *   reduce(w):    the partial results of work item w, one per channel c0..c1-1, written to `out`, the
  *                 slots of w's row group (part_bytes each, channel order).
- *   finish(c):    channel c's per-channel step: merge its ngroups parts (slot (g * C + c) of `parts`,
- *                 g = 0, 1, ... in that order) when there is a reduction, then whatever per-channel
- *                 results and coefficients the kernel needs.
+ *   finish(c0, c1): the per-channel step of channels [c0, c1): merge each one's ngroups parts (slot
+ *                 (g * C + c) of `parts`, g = 0, 1, ... in that order) when there is a reduction, then
+ *                 whatever per-channel results and coefficients the kernel needs. A range, not a
+ *                 call per channel: at (64, 512) the calls were a measurable part of an 8 us normalize.
  *   apply(w):     the elementwise pass over item w.
  *   apply_rows:   optional, for row mode without a reduction: the elementwise pass over the (n, c) rows
  *                 [r0, r1) in memory order (nothing is reused from cache, so memory order wins).
@@ -134,7 +204,7 @@ typedef struct bn_job bn_job;
 struct bn_job {
     const bn_plan *plan;
     void (*reduce)(const bn_job *job, bn_item w, double *scratch, void *out);
-    void (*finish)(const bn_job *job, ptrdiff_t c, const void *parts);
+    void (*finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts);
     void (*apply)(const bn_job *job, bn_item w, double *scratch);
     void (*apply_rows)(const bn_job *job, ptrdiff_t r0, ptrdiff_t r1);
     size_t part_bytes;           /* size of one channel's partial result */
@@ -143,6 +213,33 @@ struct bn_job {
 };
 
 int bn_drive(const bn_job *job);
+
+/* Keeps a hot loop out of its caller: inlined into a big function, the 16 accumulator lanes of
+ * runs_moments competed for registers with the caller's and GCC spilled one to the stack, adding a
+ * store-to-load forwarding to every iteration's dependency chain (row-mode statistics ran 1.7x slower). */
+#if defined(__GNUC__)
+#define BN_NOINLINE __attribute__((noinline))
+#else
+#define BN_NOINLINE
+#endif
+
+/* The per-channel coefficient arrays of a kernel lie one after another in one allocation, each padded by
+ * a cache line: arrays of 512 doubles would otherwise lie exactly 4 KiB apart, and a load whose address
+ * has the same low 12 bits as an earlier store's waits for that store (4K aliasing: the backward at
+ * (64, 512) ran 10% slower with four unpadded coefficient arrays, stored channel by channel and read
+ * back by the column-mode apply). Not for per-position scratch swept by vector loops: padded by a line,
+ * a load of element q + 8 of one array aliases the store of element q of the next.
+ * bn_padded_size(len, n) doubles hold n arrays of len; array j starts at bn_padded_array(base, len, j). */
+#define BN_ARRAY_PAD 8
+static inline size_t bn_padded_size(ptrdiff_t len, int n)
+{
+    return (size_t)n * (size_t)(len + BN_ARRAY_PAD);
+}
+
+static inline double *bn_padded_array(double *base, ptrdiff_t len, int j)
+{
+    return base + (ptrdiff_t)j * (len + BN_ARRAY_PAD);
+}
 
 /* Accumulator lanes of the contiguous reductions, and their fixed summation tree. */
 #define BN_LANES 16

@@ -3,7 +3,10 @@
  *   - every kernel (float32 and float64, row and column mode) against a naive double computation;
  *   - the phases composed (stats -> merge -> normalize, reduce -> apply) give the fused kernels' bits,
  *     and over a split of the batch agree with the whole batch;
- *   - bit-identical results for 1, 2 and 3 threads. */
+ *   - bit-identical results for 1, 2 and 3 threads;
+ *   - statistics at a mean 1e8 (float64) / 1e5 (float32) times the spread against exact values;
+ *   - a constant float32 channel at 1e12 normalizes to beta exactly;
+ *   - +-inf in a channel gives it mean +-inf (NaN for both) and m2 NaN, wherever it sits. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -253,6 +256,111 @@ static void run_case(tinfo t, bn_dims d, double offset)
     free(x); free(dy); free(tmp); free(v);
 }
 
+/* ---- statistics at a mean far above the spread --------------------------------------------- */
+
+/* x = offset + d, |d| <= 4 a multiple of a quantum that offset + d holds exactly (float64 at 1e8: 2^-20,
+ * its ulp there being 2^-26; float32 at 1e5: 2^-7, its ulp there): the exact mean and m2 are offset +
+ * mean(d) and those of d, which a plain two-pass over d (values near 1) gets to ~1e-16. Merging partial
+ * means rounded at 2^-53 of the offset gave m2 to only ~1e-9 (float64, column mode). */
+static void large_mean_case(int f32, bn_dims d)
+{
+    const ptrdiff_t total = d.N * d.C * d.S, C = d.C;
+    const double offset = f32 ? 1e5 : 1e8, quantum = f32 ? 1.0 / 128 : 1.0 / (1 << 20);
+    void *x = malloc((f32 ? sizeof(float) : sizeof(double)) * (size_t)total);
+    double *dv = dalloc(total), *v = dalloc(6 * C);
+    double *mean = v, *m2 = v + C, *dm = v + 2 * C, *dq = v + 3 * C, *tm = v + 4 * C, *inv = v + 5 * C;
+    unsigned seed = 7;
+    for (ptrdiff_t i = 0; i < total; i++) {
+        dv[i] = floor(rnd(&seed) * 8 / quantum) * quantum; /* |d| <= 4 */
+        if (f32) ((float *)x)[i] = (float)(offset + dv[i]);
+        else ((double *)x)[i] = offset + dv[i];
+        CHECK(at(x, f32, i) == offset + dv[i], "large mean: x[%td] not exact", i);
+    }
+    naive_stats(dv, 0, d, dm, dq);
+    CHECK((f32 ? bn_batch_stats_f32(x, d, mean, m2, 2) : bn_batch_stats_f64(x, d, mean, m2, 2)) == BN_OK,
+          "large mean: stats failed");
+    for (ptrdiff_t c = 0; c < C; c++) {
+        CHECK(close_to(mean[c], offset + dm[c], 1e-16, 1), "large mean c=%td: mean %.17g vs %.17g", c, mean[c],
+              offset + dm[c]);
+        CHECK(close_to(m2[c], dq[c], 1e-13, 1e-300), "large mean c=%td: m2 %.17g vs %.17g", c, m2[c], dq[c]);
+    }
+    /* forward_train's statistics are batch_stats' */
+    void *y = malloc((f32 ? sizeof(float) : sizeof(double)) * (size_t)total);
+    CHECK((f32 ? bn_forward_train_f32(x, y, d, NULL, NULL, 1e-5, tm, dq, inv, 1)
+               : bn_forward_train_f64(x, y, d, NULL, NULL, 1e-5, tm, dq, inv, 1)) == BN_OK, "large mean: train");
+    CHECK(memcmp(tm, mean, sizeof(double) * C) == 0 && memcmp(dq, m2, sizeof(double) * C) == 0,
+          "large mean: forward_train's statistics differ from batch_stats'");
+    free(x); free(y); free(dv); free(v);
+}
+
+/* ---- float32 channels whose mean dwarfs their spread: centred, not folded ------------------- */
+
+/* A constant float32 channel at 1e12 has invstd = 1/sqrt(eps) and |mean| * invstd = 3e14: folded,
+ * y = x * alpha + (beta - mean * alpha) gave 0.125 for beta = 0.123456. Centred, y is beta exactly,
+ * in forward_train and normalize, row mode and column mode, beside a channel that keeps the fold. */
+static void huge_mean_f32_case(bn_dims d)
+{
+    const ptrdiff_t total = d.N * d.C * d.S;
+    float *x = malloc(sizeof(float) * (size_t)total), *y = malloc(sizeof(float) * (size_t)total);
+    double beta[2] = {0.123456, -0.3}, mean[2], m2[2], inv[2];
+    unsigned seed = 3;
+    for (ptrdiff_t n = 0; n < d.N; n++)
+        for (ptrdiff_t s = 0; s < d.S; s++) {
+            x[IDX(d, n, 0, s)] = 1e12f;
+            x[IDX(d, n, 1, s)] = (float)rnd(&seed);
+        }
+    for (int phase = 0; phase < 2; phase++) {
+        if (phase == 0) CHECK(bn_forward_train_f32(x, y, d, NULL, beta, 1e-5, mean, m2, inv, 2) == BN_OK, "train");
+        else CHECK(bn_normalize_f32(x, y, d, mean, inv, NULL, beta, 2) == BN_OK, "normalize");
+        int exact = 1;
+        for (ptrdiff_t n = 0; n < d.N; n++)
+            for (ptrdiff_t s = 0; s < d.S; s++) exact &= y[IDX(d, n, 0, s)] == (float)beta[0];
+        CHECK(exact, "huge mean: %s y of a constant channel at 1e12 is not beta", phase ? "normalize" : "train");
+    }
+    CHECK(mean[0] == (double)1e12f && m2[0] == 0, "huge mean: constant channel mean %.17g m2 %g", mean[0], m2[0]);
+    /* the folded channel beside it has the bits it has alone (column mode runs the centred loop for an
+     * item with any centred channel, centring folded channels on +0.0) */
+    const bn_dims d1 = {d.N, 1, d.S};
+    float *x1 = malloc(sizeof(float) * (size_t)(d.N * d.S)), *y1 = malloc(sizeof(float) * (size_t)(d.N * d.S));
+    for (ptrdiff_t n = 0; n < d.N; n++)
+        for (ptrdiff_t s = 0; s < d.S; s++) x1[IDX(d1, n, 0, s)] = x[IDX(d, n, 1, s)];
+    CHECK(bn_forward_train_f32(x, y, d, NULL, beta, 1e-5, mean, m2, inv, 2) == BN_OK, "train");
+    CHECK(bn_forward_train_f32(x1, y1, d1, NULL, beta + 1, 1e-5, mean, m2, inv, 2) == BN_OK, "train");
+    int same = 1;
+    for (ptrdiff_t n = 0; n < d.N; n++)
+        for (ptrdiff_t s = 0; s < d.S; s++) same &= memcmp(&y1[IDX(d1, n, 0, s)], &y[IDX(d, n, 1, s)], sizeof(float)) == 0;
+    CHECK(same, "huge mean: a folded channel's y differs beside a centred one");
+    free(x); free(y); free(x1); free(y1);
+}
+
+/* ---- +-inf: mean +-inf (NaN for both signs) wherever the inf sits, m2 NaN, other channels finite ---- */
+
+static void inf_case(int f32, bn_dims d, ptrdiff_t at_n, ptrdiff_t at_s, int both)
+{
+    const ptrdiff_t total = d.N * d.C * d.S;
+    const size_t es = f32 ? sizeof(float) : sizeof(double);
+    char *x = malloc(es * (size_t)total);
+    double *v = dalloc(3 * d.C), *mean = v, *m2 = v + d.C, *inv = v + 2 * d.C;
+    unsigned seed = 11;
+    for (ptrdiff_t i = 0; i < total; i++) {
+        double a = rnd(&seed);
+        if (f32) ((float *)x)[i] = (float)a;
+        else ((double *)x)[i] = a;
+    }
+    const ptrdiff_t i1 = IDX(d, at_n, 1, at_s), i2 = IDX(d, d.N - 1 - at_n, 1, d.S - 1 - at_s);
+    if (f32) { ((float *)x)[i1] = INFINITY; if (both) ((float *)x)[i2] = -INFINITY; }
+    else { ((double *)x)[i1] = INFINITY; if (both) ((double *)x)[i2] = -INFINITY; }
+    void *y = malloc(es * (size_t)total);
+    for (int nt = 1; nt <= 2; nt++) {
+        CHECK((f32 ? bn_forward_train_f32((float *)x, y, d, NULL, NULL, 1e-5, mean, m2, inv, nt)
+                   : bn_forward_train_f64((double *)x, y, d, NULL, NULL, 1e-5, mean, m2, inv, nt)) == BN_OK, "inf: train");
+        CHECK(both ? isnan(mean[1]) : mean[1] == INFINITY, "inf: mean %g (n=%td s=%td both=%d)", mean[1], at_n, at_s, both);
+        CHECK(isnan(m2[1]) && isnan(inv[1]), "inf: m2 %g invstd %g", m2[1], inv[1]);
+        CHECK(isfinite(mean[0]) && isfinite(m2[0]) && isfinite(mean[2]) && isfinite(m2[2]), "inf leaked");
+    }
+    free(x); free(y); free(v);
+}
+
 int main(void)
 {
     bn_dims cases[] = {{2, 3, 1}, {7, 5, 3}, {64, 8, 40}, {300, 4, 1}, {5000, 3, 1}, {3, 2, 70000},
@@ -270,6 +378,42 @@ int main(void)
             if (failures != before) {
                 fprintf(stderr, "  in case N=%td C=%td S=%td %s offset %g\n", cases[i / 2].N, cases[i / 2].C,
                         cases[i / 2].S, f32 ? "f32" : "f64", i % 2 ? 1e5 : 0.0);
+                failed++;
+            }
+            run++;
+        }
+    bn_dims infd[] = {{5000, 3, 1}, {300, 3, 7}, {40, 3, 1024}, {3, 3, 5000}};
+    for (int f32 = 0; f32 < 2; f32++)
+        for (size_t i = 0; i < sizeof infd / sizeof infd[0]; i++)
+            for (int k = 0; k < 4; k++) {
+                before = failures;
+                const ptrdiff_t at_n = k == 0 ? 0 : k == 1 ? infd[i].N / 2 : infd[i].N - 1;
+                inf_case(f32, infd[i], at_n, k == 0 ? 0 : infd[i].S / 2, k == 3);
+                if (failures != before) {
+                    fprintf(stderr, "  in inf case N=%td C=%td S=%td %s k=%d\n", infd[i].N, infd[i].C, infd[i].S,
+                            f32 ? "f32" : "f64", k);
+                    failed++;
+                }
+                run++;
+            }
+    bn_dims huge[] = {{8, 2, 1}, {300, 2, 1}, {8, 2, 40}, {3, 2, 5000}};
+    for (size_t i = 0; i < sizeof huge / sizeof huge[0]; i++) {
+        before = failures;
+        huge_mean_f32_case(huge[i]);
+        if (failures != before) {
+            fprintf(stderr, "  in huge-mean case N=%td C=%td S=%td\n", huge[i].N, huge[i].C, huge[i].S);
+            failed++;
+        }
+        run++;
+    }
+    bn_dims large[] = {{5000, 3, 1}, {3000, 40, 1}, {300, 4, 7}, {300, 3, 40}, {2, 3, 5000}, {64, 3, 64}};
+    for (int f32 = 0; f32 < 2; f32++)
+        for (size_t i = 0; i < sizeof large / sizeof large[0]; i++) {
+            before = failures;
+            large_mean_case(f32, large[i]);
+            if (failures != before) {
+                fprintf(stderr, "  in large-mean case N=%td C=%td S=%td %s\n", large[i].N, large[i].C, large[i].S,
+                        f32 ? "f32" : "f64");
                 failed++;
             }
             run++;

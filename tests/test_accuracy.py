@@ -1,7 +1,7 @@
 """Accuracy: float32 within 1e-5 and float64 within 1e-10 (relative to max(1, max|ref|)) of a float64
-reference, also for data whose mean is 1e5 times its std; float64 data with mean 1e8 and std 1 gets
-its variance to 1e-6; long channels; NaN stays in its channel; one marked test with 2**25 values per
-channel."""
+reference, also for data whose mean is 1e5 times its std; float64 data with mean 1e8 and std 1 (float32:
+1e5) gets its mean and variance to 1e-13 in every layout; long channels; NaN stays in its channel; one
+marked test with 2**25 values per channel."""
 
 from __future__ import annotations
 
@@ -114,14 +114,16 @@ def _within_ulps(got, want, ulps, what):
     assert err.max() <= ulps, f"{what}: {err.max():.2f} float32 ulps from the float64 result"
 
 
-# The float32 kernels fold the mean into the offset (y = x * alpha + (beta - mean * alpha), in double).
-# That must stay as exact as centring first: within about one float32 ulp of the float64 result for
-# the same inputs, in row mode (NCHW) and column mode ((N, C), channels-last), up to mean = 1e6 std.
+# The float32 kernels fold the mean into the offset (y = x * alpha + (beta - mean * alpha), in double)
+# where |mean| * invstd <= 2^16, and centre the other channels. Both must be as exact as centring in
+# float64: within about one float32 ulp of the float64 result for the same inputs, in row mode (NCHW) and
+# column mode ((N, C), channels-last); at ratio 5e4 the channels' |mean| * invstd spans 2.5e4 to 1e5, so
+# folded and centred channels share work items.
 FOLD_CASES = [pytest.param((32, 4, 9, 9), 1, id="nchw"), pytest.param((3000, 5), 1, id="nc"),
               pytest.param((6, 7, 7, 12), -1, id="chlast")]
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1e3, 1e6])
+@pytest.mark.parametrize("ratio", [0.0, 1e3, 5e4, 1e6])
 @pytest.mark.parametrize("shape,axis", FOLD_CASES)
 def test_float32_within_an_ulp_of_float64(rng, shape, axis, ratio):
     C = channels(shape, axis)
@@ -138,6 +140,54 @@ def test_float32_within_an_ulp_of_float64(rng, shape, axis, ratio):
     got = bn.backward(dy, x, mean, invstd, gamma, axis=axis)
     want = ref.backward(dy.astype(np.float64), x64, mean, invstd, gamma, axis=axis)
     _within_ulps(got[0], want[0], 1.5, "dx")
+
+
+# The float32 fold cancels where |mean| * invstd is huge: a constant channel at 1e12 (invstd = 1/sqrt(eps))
+# gave y = 0.125 for beta = 0.123456 (4e5 ulps), one at 1.7e9 (a timestamp) 1440 ulps off, and a channel
+# at 1.7e9 with one value a float32 ulp (128) above the rest (|mean| * invstd = 3.4e9) was 350 ulps off
+# in y and 26 to 60 in dx. Such channels are normalized centred, (x - mean) * alpha + beta, forward and
+# backward; the others keep the fold.
+def _huge_mean_case(kind, layout, rng):
+    if kind == "1e12-constant":
+        flat = np.full((8 * 64, 2), 1e12, np.float32)
+    elif kind == "1.7e9-constant":
+        flat = np.full((8 * 64, 2), 1.7e9, np.float32)
+    else:  # "1.7e9-one-step": std 0.5, |mean| * invstd = 3.4e9
+        flat = np.full((65536, 2), 1.7e9, np.float32)
+        flat[12300, :] += np.float32(128)  # row 192, position 12: kept by every layout below
+    M = flat.shape[0]
+    if layout == "NC":
+        return flat, 1
+    if layout == "NCL40":  # row mode
+        return np.ascontiguousarray(flat.reshape(M // 64, 64, 2).transpose(0, 2, 1)[:, :, :40]), 1
+    return flat.reshape(M // 64, 8, 8, 2), -1  # NHWC, column mode
+
+
+@pytest.mark.parametrize("layout", ["NC", "NCL40", "NHWC"])
+@pytest.mark.parametrize("kind", ["1e12-constant", "1.7e9-constant", "1.7e9-one-step"])
+def test_float32_huge_mean_to_spread_keeps_beta(rng, kind, layout):
+    x, axis = _huge_mean_case(kind, layout, rng)
+    x64 = x.astype(np.float64)
+    gamma, beta = np.array([1.5, 0.5], np.float32), np.array([0.123456, -0.3], np.float32)
+    y, mean, invstd = bn.forward_train(x, gamma, beta, axis=axis)
+    ey, emean, einvstd, evar = exact_forward(x, gamma.astype(np.float64), beta.astype(np.float64), axis)
+    _within_ulps(y, ey, 1.0, "train y")
+    if kind.endswith("constant"):
+        assert np.all(np.moveaxis(y, axis, -1).reshape(-1, 2) == beta), "a constant channel's y is beta"
+    rm, rv = emean.astype(np.float32), evar.astype(np.float32)
+    _within_ulps(bn.forward_infer(x, rm, rv, gamma, beta, axis=axis),
+                 ref.forward_infer(x64, rm, rv, gamma, beta, axis=axis), 1.0, "infer y")
+    # dy along xhat: the centred term of dx is as large as it gets next to k1 * dy
+    xhat = exact_forward(x, np.ones(2), np.zeros(2), axis)[0]
+    dy = (xhat + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+    for training in (True, False):
+        got = bn.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
+        want = ref.backward(dy.astype(np.float64), x64, mean, invstd, gamma, training=training, axis=axis)
+        _within_ulps(got[0], want[0], 1.0, f"dx training={training}")
+    sdy, sdyxm = bn.backward_reduce(dy, x, mean, axis=axis)
+    dx = bn.backward_apply(dy, x, mean, invstd, gamma, sdy, sdyxm, x.size // 2, axis=axis)
+    _within_ulps(dx, ref.backward(dy.astype(np.float64), x64, mean, invstd, gamma, axis=axis)[0], 1.0,
+                 "backward_apply dx")
 
 
 @pytest.mark.parametrize("shape,axis", [pytest.param((16, 3, 8, 8), 1, id="16x3x8x8"),
@@ -172,6 +222,41 @@ def test_float64_mean_1e8_std_1_variance(rng, shape, axis, layout):
     np.testing.assert_allclose(rv, evar * M / (M - 1), rtol=1e-6, err_msg="running_var (unbiased)")
     ey = exact_forward(x, np.ones(C), np.zeros(C), axis)[0]
     assert_close(y, ey, 1e-6, "y")
+
+
+# Every layout at a mean far above the spread: float64 at 1e8 std, float32 at 1e5 std. The kernels
+# accumulate each channel relative to one of its own values (its first), so the partial means merged
+# again and again (column mode: every 32 rows, every position, every row group) are of the size of the
+# spread and m2 keeps float64's precision, ~1e-16 relative; centring on the partial means themselves
+# gave 2e-9 (float64, column mode), 3e-10 (row mode with several row groups) and 6e-13 (float32).
+LARGE_MEAN_LAYOUTS = [
+    pytest.param((20000, 3), 1, id="NC"),
+    pytest.param((3000, 40), 1, id="NC-wide-groups"),
+    pytest.param((3000, 4, 7), 1, id="NCL-L7"),
+    pytest.param((300, 3, 40), 1, id="NCL-L40"),
+    pytest.param((64, 3, 8, 8), 1, id="NCHW"),
+    pytest.param((2, 3, 130, 130), 1, id="NCHW-long"),
+    pytest.param((16, 8, 8, 5), -1, id="NHWC"),
+    pytest.param((40, 8, 8, 48), -1, id="NHWC-groups"),
+]
+
+
+@pytest.mark.parametrize("dtype,loc", [pytest.param(np.float64, 1e8, id="f64-1e8"),
+                                       pytest.param(np.float32, 1e5, id="f32-1e5")])
+@pytest.mark.parametrize("shape,axis", LARGE_MEAN_LAYOUTS)
+def test_large_mean_statistics_exact_in_every_layout(rng, shape, axis, dtype, loc):
+    x = make_data(rng, shape, dtype, axis, loc=loc)
+    C = channels(shape, axis)
+    M = x.size // C
+    emean, evar = exact_stats(x, axis)
+    count, mean, m2 = bn.batch_stats(x, axis=axis)
+    assert count == M
+    np.testing.assert_allclose(mean, emean, rtol=1e-15, atol=0, err_msg="batch_stats mean")
+    np.testing.assert_allclose(m2, evar * M, rtol=1e-13, atol=0, err_msg="batch_stats m2")
+    eps = 1e-5
+    _, tmean, invstd = bn.forward_train(x, axis=axis, eps=eps, stats_dtype=np.float64)
+    assert np.array_equal(tmean, mean), "forward_train's mean differs from batch_stats'"
+    np.testing.assert_allclose(1 / invstd**2 - eps, evar, rtol=1e-13, atol=0, err_msg="variance from invstd")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,6 +371,77 @@ def test_nan_stays_in_its_channel(rng, restore_threads, shape, axis, nan_channel
         assert_close(chan(dx, others), chan(edx, others), tol, "dx, other channels")
         assert_close(dgamma[others], edgamma[others], tol)
         assert_close(dbeta, edbeta, tol)
+
+
+# --------------------------------------------------------------------------------------------------
+# +-inf: the mean is +-inf (NaN for both signs), as np.mean's, however the channel is cut into chunks
+# --------------------------------------------------------------------------------------------------
+
+INF_SHAPES = [
+    pytest.param((6, 4, 5), 1, id="6x4x5"),                     # column mode, one chunk
+    pytest.param((5000, 7), 1, id="5000x7"),                    # column mode, 157 chunks of 32 rows
+    pytest.param((64, 32, 32, 8), -1, id="64x32x32x8-chlast"),  # column mode, several row groups
+    pytest.param((16, 8, 32, 32), 1, id="16x8x32x32"),          # row mode, 16 row groups
+    pytest.param((3, 2, 70000), 1, id="3x2x70000"),             # row mode, rows cut into segments
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", INF_SHAPES)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("signs", ["+inf", "-inf", "both"])
+def test_inf_gives_an_infinite_mean(rng, restore_threads, shape, axis, where, signs, dtype):
+    """A merge of partial means computes mean_b - mean_a: inf - inf is NaN, so a channel holding +inf
+    came out NaN (np.mean: inf) unless the inf sat in the last chunk merged. Its variance is NaN
+    (np.var: inf - inf), so are invstd and y; the other channels keep their bits."""
+    nd = len(shape)
+    ax = axis % nd
+    C = shape[ax]
+    ch = C // 2
+    clean = make_data(rng, shape, dtype, axis)
+    x = clean.copy()
+    chan = np.moveaxis(x, ax, -1)[..., ch]  # a view of channel ch
+    flat_index = {"first": 0, "middle": chan.size // 2 + 3, "last": chan.size - 1}[where]
+    spot = np.unravel_index(flat_index, chan.shape)
+    other = np.unravel_index(chan.size - 1 - flat_index // 2, chan.shape)
+    chan[spot] = -np.inf if signs == "-inf" else np.inf
+    if signs == "both":
+        chan[other] = -np.inf
+    with np.errstate(invalid="ignore"):
+        want_mean = np.mean(chan.astype(np.float64))
+    assert np.isnan(want_mean) if signs == "both" else want_mean == chan[spot]
+    others = np.arange(C) != ch
+
+    def channel(a, keep):
+        return np.take(a, np.flatnonzero(keep), axis=ax)
+
+    results = []
+    for threads in (1, 2):
+        bn.set_num_threads(threads)
+        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        y, mean, invstd = bn.forward_train(x, running_mean=rm, running_var=rv, axis=axis, stats_dtype=np.float64)
+        count, bmean, m2 = bn.batch_stats(x, axis=axis)
+        if np.isnan(want_mean):
+            assert np.isnan(mean[ch]) and np.isnan(bmean[ch]) and np.isnan(rm[ch])
+        else:
+            assert mean[ch] == want_mean and bmean[ch] == want_mean and rm[ch] == want_mean
+        assert np.isnan(m2[ch]) and np.isnan(invstd[ch]) and np.isnan(rv[ch]), "np.var is NaN"
+        assert np.all(np.isnan(channel(y, ~others))), "np's y is NaN throughout the channel"
+        results.append((y, mean, invstd, bmean, m2))
+    for a, b in zip(*results):
+        assert np.array_equal(a, b, equal_nan=True), "1 and 2 threads differ"
+    # cut into two parts along the first axis, merged: the same (merge_stats and its reference)
+    cut = shape[0] // 2
+    parts = [bn.batch_stats(p, axis=axis) for p in (x[:cut], x[cut:])]
+    counts, means, m2s = (np.array([p[i] for p in parts]) for i in range(3))
+    for merged in (bn.merge_stats(counts, means, m2s), ref.merge_stats(counts, means, m2s)):
+        assert np.array_equal(merged[1][ch], want_mean, equal_nan=True) and np.isnan(merged[2][ch])
+        assert np.all(np.isfinite(merged[1][others])) and np.all(np.isfinite(merged[2][others]))
+    # the other channels: as without the inf, bit for bit
+    y0, mean0, invstd0 = bn.forward_train(clean, axis=axis, stats_dtype=np.float64)
+    y, mean, invstd = results[0][:3]
+    assert np.array_equal(channel(y, others), channel(y0, others))
+    assert np.array_equal(mean[others], mean0[others]) and np.array_equal(invstd[others], invstd0[others])
 
 
 # --------------------------------------------------------------------------------------------------

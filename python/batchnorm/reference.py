@@ -140,6 +140,8 @@ def merge_stats(counts, means, m2s):
 
     For parts a and b with n = n_a + n_b and delta = mean_b - mean_a:
         mean = mean_a + delta * n_b / n,    m2 = m2_a + m2_b + delta**2 * n_a * n_b / n
+    except that where delta is not finite (a part's mean is +-inf or NaN) the mean is the weighted sum
+    mean_a * n_a / n + mean_b * n_b / n: +-inf for one sign of infinity, NaN for both, as np.mean.
     """
     counts = np.asarray(counts)
     means = np.asarray(means, np.float64)
@@ -154,9 +156,11 @@ def merge_stats(counts, means, m2s):
             n, mean, m2 = nb, means[k].copy(), m2s[k].copy()
             continue
         total = n + nb
-        delta = means[k] - mean
-        mean = mean + delta * (nb / total)
-        m2 = m2 + m2s[k] + delta * delta * n * (nb / total)
+        with np.errstate(invalid="ignore", over="ignore"):
+            delta = means[k] - mean
+            mean = np.where(np.abs(delta) <= np.finfo(np.float64).max, mean + delta * (nb / total),
+                            mean * (n / total) + means[k] * (nb / total))
+            m2 = m2 + m2s[k] + delta * delta * n * (nb / total)
         n = total
     return n, mean, m2
 
