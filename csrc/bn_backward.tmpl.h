@@ -103,6 +103,7 @@ static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, BN_T *dx, const bn
                                const double *k1, const double *k2, const double *k3, double *scratch)
 {
     const ptrdiff_t S = p->S;
+    const int folded = BN_FOLD && (!training || bn_all_plus_zero(centre, c0, c1));
     if (!p->colmode) {
         for (ptrdiff_t n = n0; n < n1; n++)
             for (ptrdiff_t c = c0; c < c1; c++) {
@@ -112,7 +113,7 @@ static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, BN_T *dx, const bn
                 BN_T *out = dx + off;
                 if (!training)
                     for (ptrdiff_t s = 0; s < S; s++) out[s] = (BN_T)(a * (double)dr[s]);
-                else if (BN_FOLD && bn_is_plus_zero(m))
+                else if (BN_FOLD && (folded || bn_is_plus_zero(m)))
                     for (ptrdiff_t s = 0; s < S; s++)
                         out[s] = (BN_T)(a * (double)dr[s] + ((double)xr[s] * e + b));
                 else if (BN_FOLD)
@@ -124,7 +125,6 @@ static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, BN_T *dx, const bn
             }
         return;
     }
-    const int folded = BN_FOLD && (!training || bn_all_plus_zero(centre, c0, c1));
     const ptrdiff_t wb = (c1 - c0) * S;
     double *em = scratch, *ea = scratch + wb, *eb = scratch + 2 * wb,
            *ee = scratch + 3 * wb;
