@@ -99,7 +99,6 @@ int bn_backward_f64(const double *dy, const double *x, double *dx, bn_dims d, co
 int bn_get_num_threads(void);      /* omp_get_max_threads(); 1 without OpenMP, and in a child forked after
                                       a parallel call until bn_set_num_threads is called there */
 void bn_set_num_threads(int n);    /* n >= 1; a no-op without OpenMP */
-int bn_forked_single_threaded(void); /* 1 in a forked child that runs single-threaded (see above) */
 int bn_openmp_version(void);       /* the _OPENMP date (e.g. 201511), 0 when built without OpenMP */
 const char *bn_simd_name(void);    /* the instruction set the vectorized loops were compiled for */
 

@@ -224,40 +224,29 @@ static inline void BN_NAME(grad_coefs)(const BN_NAME(bwd_args) *a, ptrdiff_t c, 
     a->centre[c] = centre;
 }
 
-static inline void BN_NAME(reduce_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
-{
-    const BN_NAME(bwd_args) *a = job->args;
-    const bn_sums s = BN_NAME(merged_sums)(job, c, parts);
-    a->sum_dy[c] = s.dy;
-    a->sum_dyxm[c] = s.dyxm;
-}
-
 static void BN_NAME(reduce_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
 {
-    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(reduce_finish_one)(job, c, parts);
-}
-
-static inline void BN_NAME(backward_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
-{
-    BN_NAME(grad_coefs)(job->args, c, BN_NAME(merged_sums)(job, c, parts), 1);
+    const BN_NAME(bwd_args) *a = job->args;
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        const bn_sums s = BN_NAME(merged_sums)(job, c, parts);
+        a->sum_dy[c] = s.dy;
+        a->sum_dyxm[c] = s.dyxm;
+    }
 }
 
 static void BN_NAME(backward_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
 {
-    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(backward_finish_one)(job, c, parts);
-}
-
-static inline void BN_NAME(apply_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
-{
-    const BN_NAME(bwd_args) *a = job->args;
-    const bn_sums s = {a->sum_dy_in[c], a->sum_dyxm_in[c]};
-    (void)parts;
-    BN_NAME(grad_coefs)(a, c, s, 0);
+    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(grad_coefs)(job->args, c, BN_NAME(merged_sums)(job, c, parts), 1);
 }
 
 static void BN_NAME(apply_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
 {
-    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(apply_finish_one)(job, c, parts);
+    const BN_NAME(bwd_args) *a = job->args;
+    (void)parts;
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        const bn_sums s = {a->sum_dy_in[c], a->sum_dyxm_in[c]};
+        BN_NAME(grad_coefs)(a, c, s, 0);
+    }
 }
 
 static void BN_NAME(grad_apply)(const bn_job *job, bn_item w, double *scratch)

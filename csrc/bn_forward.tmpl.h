@@ -324,45 +324,34 @@ static inline void BN_NAME(normalize_coefs)(const BN_NAME(fwd_args) *a, ptrdiff_
     a->offset[c] = (a->beta ? a->beta[c] : 0.0) - (fold ? mean * alpha : 0.0);
 }
 
-static inline void BN_NAME(stats_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
-{
-    const BN_NAME(fwd_args) *a = job->args;
-    const bn_moments m = BN_NAME(merged_moments)(job, c, parts);
-    a->mean[c] = m.mean;
-    a->m2[c] = m.m2;
-}
-
 static void BN_NAME(stats_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
 {
-    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(stats_finish_one)(job, c, parts);
-}
-
-static inline void BN_NAME(train_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
-{
     const BN_NAME(fwd_args) *a = job->args;
-    const bn_moments m = BN_NAME(merged_moments)(job, c, parts);
-    a->mean[c] = m.mean;
-    a->m2[c] = m.m2;
-    /* the same expression a caller of the phases evaluates: 1 / sqrt(m2 / count + eps) */
-    a->invstd[c] = 1.0 / sqrt(m.m2 / m.n + a->eps);
-    BN_NAME(normalize_coefs)(a, c, m.mean, a->invstd[c]);
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        const bn_moments m = BN_NAME(merged_moments)(job, c, parts);
+        a->mean[c] = m.mean;
+        a->m2[c] = m.m2;
+    }
 }
 
 static void BN_NAME(train_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
 {
-    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(train_finish_one)(job, c, parts);
-}
-
-static inline void BN_NAME(normalize_finish_one)(const bn_job *job, ptrdiff_t c, const void *parts)
-{
     const BN_NAME(fwd_args) *a = job->args;
-    (void)parts;
-    BN_NAME(normalize_coefs)(a, c, a->norm_mean[c], a->invstd[c]);
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        const bn_moments m = BN_NAME(merged_moments)(job, c, parts);
+        a->mean[c] = m.mean;
+        a->m2[c] = m.m2;
+        /* the same expression a caller of the phases evaluates: 1 / sqrt(m2 / count + eps) */
+        a->invstd[c] = 1.0 / sqrt(m.m2 / m.n + a->eps);
+        BN_NAME(normalize_coefs)(a, c, m.mean, a->invstd[c]);
+    }
 }
 
 static void BN_NAME(normalize_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
 {
-    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(normalize_finish_one)(job, c, parts);
+    const BN_NAME(fwd_args) *a = job->args;
+    (void)parts;
+    for (ptrdiff_t c = c0; c < c1; c++) BN_NAME(normalize_coefs)(a, c, a->norm_mean[c], a->invstd[c]);
 }
 
 static void BN_NAME(normalize_apply)(const bn_job *job, bn_item w, double *scratch)

@@ -92,11 +92,6 @@ void bn_note_parallel(void)
     pool_started = 1;
 }
 
-int bn_forked_single_threaded(void)
-{
-    return forked_child;
-}
-
 int bn_get_num_threads(void)
 {
 #ifdef _OPENMP
