@@ -197,6 +197,15 @@ def scenario_errors():
     else:
         raise AssertionError("global count 1 accepted")
     check(_state(sync) == before, "state changed after the count-1 error")
+    # every process's batch empty: an empty result and nothing counted, as BatchNorm does
+    y = sync(np.ones((0, 4, 5), np.float32))
+    dx = sync.backward(np.ones((0, 4, 5), np.float32))
+    check(y.shape == dx.shape == (0, 4, 5) and y.dtype == np.float32, "all-empty batch: shapes")
+    check(not sync.grad_weight.any() and not sync.grad_bias.any(), "all-empty batch: gradients not zero")
+    # parameters, running statistics and the counter (the first five of _state) as they were
+    kept = pickle.loads(before)[:5]
+    now = pickle.loads(_state(sync))[:5]
+    check(all(np.array_equal(a, b) for a, b in zip(kept, now)), "state changed after an all-empty batch")
 
 
 def scenario_subcomm():

@@ -45,11 +45,6 @@ from .layers import BatchNorm
 __all__ = ["SyncBatchNorm", "SyncBatchNormError", "world"]
 
 
-def _result_dtype(x):
-    """The kernels' result dtype for x: float16/32/64 keep theirs, the rest compute in float64."""
-    return x.dtype if x.dtype.kind == "f" and x.dtype.itemsize in (2, 4, 8) else np.dtype(np.float64)
-
-
 class SyncBatchNormError(RuntimeError):
     """Raised on the processes whose own input was fine when another process's failed.
 
@@ -194,12 +189,6 @@ class SyncBatchNorm(BatchNorm):
         """Normalize x with the statistics of every process's batch (training mode, collective) or
         with the running statistics (eval mode, local). Returns y."""
         if not self.training:
-            if np.size(x) == 0:  # a process with no samples in eval mode: an empty y, nothing to compute
-                x = self._check_input(x)
-                mean, invstd = self._frozen_stats() if self.track_running_stats else (None, None)
-                y = np.empty(x.shape, _result_dtype(x))
-                self._remember(x, mean, invstd, not self.track_running_stats)
-                return y
             return super().forward(x)
         comm = self._communicator()
         if comm.Get_size() == 1:
@@ -219,12 +208,13 @@ class SyncBatchNorm(BatchNorm):
         table = self._gather(comm, local, error is None, error, "forward")
         counts = table[:, 0].astype(np.int64)
         count, mean, m2 = merge_stats(counts, table[:, 1:C + 1], table[:, C + 1:])
-        if count <= 1:
+        if count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {count} over the "
                              f"{len(counts)} processes of the communicator (input of shape {x.shape} here)")
-        invstd = 1.0 / np.sqrt(m2 / count + self.eps)
+        # every process's batch empty: nothing to normalize or count, as BatchNorm (invstd 0, as there)
+        invstd = 1.0 / np.sqrt(m2 / count + self.eps) if count else np.zeros(C)
         y = normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis)
-        if self.track_running_stats:
+        if self.track_running_stats and count:
             update_running_stats(self.running_mean, self.running_var, mean, m2, count,
                                  momentum=self._momentum_now())
             self.num_batches_tracked += 1
@@ -237,10 +227,6 @@ class SyncBatchNorm(BatchNorm):
         """dx for this process's rows; ``grad_weight``/``grad_bias`` get this process's contributions.
         Collective after a training-mode forward, local after an eval-mode one."""
         if self._cache is None or self._cache[5] is None:
-            if self._cache is not None and self._cache[0].size == 0:
-                dy, x = self._cached(dy)[:2]
-                self._set_gradients(0.0, 0.0)
-                return np.empty(x.shape, _result_dtype(x))
             return super().backward(dy)
         comm = self._communicator()
         C = self.num_features
@@ -256,7 +242,8 @@ class SyncBatchNorm(BatchNorm):
         total = table[0].copy()
         for r in range(1, table.shape[0]):  # rank order, on every process alike
             total += table[r]
-        dx = backward_apply(dy, x, mean, invstd, weight, total[:C], total[C:], count, axis=self.axis)
+        # count 0 (every batch empty): x is empty too, and 1 only keeps the divisor legal
+        dx = backward_apply(dy, x, mean, invstd, weight, total[:C], total[C:], max(count, 1), axis=self.axis)
         self._set_gradients(invstd * sum_dy_xmu, sum_dy)
         return dx
 
