@@ -341,7 +341,18 @@ PyObject *bn_cast_vector(PyArrayObject *v, int typenum)
     }
     /* float64 statistics or gradients narrowed: values out of range become +-inf, as in any IEEE cast,
      * without NumPy's overflow warning (which `-W error` would turn into an exception after `out` was
-     * already written) */
+     * already written). To float32, the common case, a plain C conversion does that (C11 Annex F) and
+     * costs nothing; entering numpy.errstate costs microseconds a call, which small tensors notice. */
+    if (typenum == NPY_FLOAT && PyArray_TYPE(v) == NPY_DOUBLE && PyArray_NDIM(v) == 1 &&
+        PyArray_IS_C_CONTIGUOUS(v)) {
+        npy_intp n = PyArray_DIM(v, 0);
+        PyArrayObject *r = (PyArrayObject *)PyArray_SimpleNew(1, &n, NPY_FLOAT);
+        if (r == NULL) return NULL;
+        const double *src = (const double *)PyArray_DATA(v);
+        float *dst = (float *)PyArray_DATA(r);
+        for (npy_intp i = 0; i < n; i++) dst[i] = (float)src[i];
+        return (PyObject *)r;
+    }
     PyObject *quiet = bn_quiet_begin();
     if (quiet == NULL) return NULL;
     PyObject *r = PyArray_CastToType(v, PyArray_DescrFromType(typenum), 0);

@@ -1219,6 +1219,9 @@ def test_narrowing_casts_do_not_warn_after_writing_out():
     out = np.empty_like(x)
     y, mean, invstd = bn.forward_train(x, out=out, stats_dtype=np.float16)
     assert y is out and mean.dtype == np.float16 and np.isinf(mean[0])
+    # float64 -> float32 (invstd 1e45 of a constant channel with eps 1e-90) takes the C conversion
+    _, _, invstd = bn.forward_train(np.ones((2, 2), np.float32), eps=1e-90)
+    assert invstd.dtype == np.float32 and np.isinf(invstd).all()
 
 
 @pytest.mark.parametrize("axis", [np.array([1]), np.array(1.0), np.array([[1]]), 1.0, "1"])
