@@ -425,7 +425,8 @@ static PyObject *py_update_running_stats(PyObject *self, PyObject *args, PyObjec
     }
     const npy_intp C = PyArray_DIM(ma, 0);
     snprintf(of, sizeof of, "one value per channel (mean has %ld)", (long)C);
-    if (bn_channel_vector(mean_obj, "mean", C, of, &mean) < 0 || bn_channel_vector(m2_obj, "m2", C, of, &m2) < 0 ||
+    /* mean as converted once above: an __array__ is not asked twice */
+    if (bn_channel_vector((PyObject *)ma, "mean", C, of, &mean) < 0 || bn_channel_vector(m2_obj, "m2", C, of, &m2) < 0 ||
         bn_running_stat(rm_obj, "running_mean", C, of, &rm) < 0 ||
         bn_running_stat(rv_obj, "running_var", C, of, &rv) < 0)
         goto fail;
