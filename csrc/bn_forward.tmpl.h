@@ -257,8 +257,9 @@ static inline void BN_NAME(apply_run)(const BN_T *xr, const BN_T *rr, BN_T *yr, 
  * coefficients (em unused when folded). */
 static BN_ALWAYS_INLINE void BN_NAME(apply_cols_epi)(const BN_T *x, const BN_T *res, BN_T *y, const bn_plan *p,
                                                       ptrdiff_t first, ptrdiff_t wb, ptrdiff_t n0, ptrdiff_t n1,
-                                                      int folded, const double *em, const double *ea,
-                                                      const double *eb, const int epi)
+                                                      int folded, const double *BN_RESTRICT em,
+                                                      const double *BN_RESTRICT ea, const double *BN_RESTRICT eb,
+                                                      const int epi)
 {
     for (ptrdiff_t n = n0; n < n1; n++) {
         ptrdiff_t off = n * p->W + first;

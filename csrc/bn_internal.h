@@ -162,6 +162,14 @@ enum { BN_EPI_RELU = 1, BN_EPI_ADD = 2 };
  * forward's very expression, so that it is the forward's y > 0 bit for bit. */
 enum { BN_GM_NONE = 0, BN_GM_Y = 1, BN_GM_X = 2, BN_GM_XR = 3 };
 
+/* restrict for the per-position coefficient arrays and scratch that a loop reads beside the data it writes:
+ * without it GCC gives up on the runtime alias checks of loops with many pointers and runs them scalar. */
+#if defined(_MSC_VER)
+#define BN_RESTRICT __restrict
+#else
+#define BN_RESTRICT restrict
+#endif
+
 #if defined(__GNUC__)
 #define BN_ALWAYS_INLINE inline __attribute__((always_inline))
 #elif defined(_MSC_VER)
