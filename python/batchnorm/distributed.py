@@ -95,8 +95,9 @@ class SyncBatchNorm(BatchNorm):
     comm : mpi4py communicator, optional
         The processes that share statistics (any intracommunicator, e.g. one from ``comm.Split``).
         None means ``MPI.COMM_WORLD``, looked up when first needed.
-    eps, momentum, affine, track_running_stats, axis, dtype, bias
-        As :class:`batchnorm.BatchNorm`.
+    eps, momentum, affine, track_running_stats, axis, dtype, bias, activation
+        As :class:`batchnorm.BatchNorm`. With ``activation="relu"`` the forward is fused as BatchNorm's;
+        the backward masks dy in a NumPy pass of its own before the phases (they have no fused form).
 
     Notes
     -----
@@ -109,9 +110,10 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features, *, comm=None, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32, bias=True):
+                 track_running_stats=True, axis=1, dtype=np.float32, bias=True, activation=None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats, axis=axis, dtype=dtype, bias=bias)
+                         track_running_stats=track_running_stats, axis=axis, dtype=dtype, bias=bias,
+                         activation=activation)
         self.comm = None if comm is None else _check_comm(comm)
         self._layer_class = BatchNorm
 
@@ -124,7 +126,7 @@ class SyncBatchNorm(BatchNorm):
             raise TypeError(f"layer must be a batchnorm.BatchNorm, got {type(layer).__name__}")
         new = cls(layer.num_features, comm=comm, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
                   track_running_stats=layer.track_running_stats, axis=layer.axis, dtype=layer.dtype,
-                  bias=layer.has_bias)
+                  bias=layer.has_bias, activation=layer.activation)
         _copy_state(layer, new)
         new._layer_class = layer._layer_class if isinstance(layer, SyncBatchNorm) else type(layer)
         return new
@@ -147,7 +149,7 @@ class SyncBatchNorm(BatchNorm):
         cls = self._layer_class
         new = cls(self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
                   track_running_stats=self.track_running_stats, axis=self.axis, dtype=self.dtype,
-                  bias=self.has_bias)
+                  bias=self.has_bias, activation=self.activation)
         _copy_state(self, new)
         return new
 
