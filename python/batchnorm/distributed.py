@@ -75,13 +75,16 @@ def _check_comm(comm):
 
 
 def _copy_state(src, dst):
-    """Parameters, running statistics, counter and mode of src into dst (a layer of the same options)."""
+    """Parameters, running statistics, counter, mode and frozen-BN flags of src into dst (a layer of the
+    same options)."""
     for name in ("weight", "bias", "running_mean", "running_var"):
         value = getattr(src, name)
         if value is not None:
             getattr(dst, name)[...] = value
     dst.num_batches_tracked = src.num_batches_tracked
     dst.training = src.training
+    dst.use_batch_stats = src.use_batch_stats
+    dst.update_running_stats = src.update_running_stats
 
 
 class SyncBatchNorm(BatchNorm):
@@ -187,8 +190,14 @@ class SyncBatchNorm(BatchNorm):
 
     def forward(self, x):
         """Normalize x with the statistics of every process's batch (training mode, collective) or
-        with the running statistics (eval mode, local). Returns y."""
-        if not self.training:
+        with the running statistics (eval mode, local); the ``use_batch_stats`` and
+        ``update_running_stats`` flags act as on :class:`BatchNorm`. Returns y."""
+        use = self._uses_batch_stats()
+        update = self._updates_running_stats(use)
+        if not use:
+            if update:  # from this process's part alone the processes' running statistics would drift apart
+                raise ValueError("SyncBatchNorm does not support update_running_stats=True with "
+                                 "use_batch_stats=False")
             return super().forward(x)
         comm = self._communicator()
         if comm.Get_size() == 1:
@@ -214,7 +223,7 @@ class SyncBatchNorm(BatchNorm):
         # every process's batch empty: nothing to normalize or count, as BatchNorm (invstd 0, as there)
         invstd = 1.0 / np.sqrt(m2 / count + self.eps) if count else np.zeros(C)
         y = normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis)
-        if self.track_running_stats and count:
+        if update and count:
             update_running_stats(self.running_mean, self.running_var, mean, m2, count,
                                  momentum=self._momentum_now())
             self.num_batches_tracked += 1

@@ -17,8 +17,10 @@ from typing import NamedTuple
 import numpy as np
 
 from ._core import backward as _backward
+from ._core import batch_stats as _batch_stats
 from ._core import forward_infer as _forward_infer
 from ._core import forward_train as _forward_train
+from ._core import update_running_stats as _update_running_stats
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "StateDictError", "IncompatibleKeys"]
 
@@ -78,6 +80,14 @@ class BatchNorm:
         With ``affine``, also learn the shift; ``bias=False`` learns ``weight`` alone (``bias`` is None).
     axis : int, default 1 (keyword only)
         The channel axis of the input; -1 for channels-last data.
+    use_batch_stats : None, True or False, default None (keyword only)
+        Normalize with the batch's statistics (True) or the running ones (False), whatever the mode;
+        None follows the mode (batch statistics in training mode or without running statistics). An
+        attribute, changeable at any time.
+    update_running_stats : None, True or False, default None (keyword only)
+        Update the running statistics from the batch (True) or keep them (False), whatever the mode;
+        None updates exactly when PyTorch would: in training mode, when batch statistics normalize. An
+        attribute, changeable at any time.
 
     The first five arguments may be given positionally, in PyTorch's order:
     ``BatchNorm1d(10, 1e-3, 0.3, False, True)``.
@@ -90,13 +100,24 @@ class BatchNorm:
     An empty batch (N = 0) gives an empty result and changes nothing (no statistics, no count; zero
     parameter gradients in backward). Where it differs from PyTorch on purpose, the README's
     "Differences from PyTorch" says so.
+
+    The frozen-BN flags ``use_batch_stats`` and ``update_running_stats`` decouple the two things the
+    mode decides. ``backward`` follows what the forward did: the gradient through the batch statistics
+    after a forward that used them, the frozen gradient (statistics as constants) otherwise.
+    ``num_batches_tracked`` counts the forwards that updated the running statistics. With
+    ``update_running_stats=True`` and ``use_batch_stats=False`` the batch's statistics update the running
+    ones after y was normalized with (and backward treats as constants) the running statistics from before
+    the update. Without running statistics (``track_running_stats=False``) ``use_batch_stats=False`` and
+    ``update_running_stats=True`` are refused (ValueError). The flags are attributes of the layer: they are
+    pickled and copied with it, and are not ``state_dict`` keys (PyTorch would reject them).
     """
 
     _valid_ndims: tuple[int, ...] | None = None  # None: any ndim >= 2
     _expected: str = "at least 2D"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=np.float32, *, bias=True, axis=1):
+                 device=None, dtype=np.float32, *, bias=True, axis=1, use_batch_stats=None,
+                 update_running_stats=None):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
         if num_features < 1:
@@ -146,7 +167,11 @@ class BatchNorm:
         else:
             self.running_mean = self.running_var = None
             self.num_batches_tracked = None
+        self._use_batch_stats = self._update_running_stats = None
+        self.use_batch_stats = use_batch_stats
+        self.update_running_stats = update_running_stats
         self._cache = None
+        self._cache_extra = None
 
     def reset_running_stats(self):
         """Running mean 0, running variance 1, ``num_batches_tracked`` 0 (in place), as PyTorch's."""
@@ -191,6 +216,52 @@ class BatchNorm:
         """Set eval mode; returns the layer."""
         return self.train(False)
 
+    # -- frozen-BN flags -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_flag(name, value):
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be None, True or False, got {value!r}")
+        return None if value is None else bool(value)
+
+    @property
+    def use_batch_stats(self):
+        """None (follow the mode), True (batch statistics) or False (running statistics)."""
+        return self._use_batch_stats
+
+    @use_batch_stats.setter
+    def use_batch_stats(self, value):
+        value = self._check_flag("use_batch_stats", value)
+        if value is False and not self.track_running_stats:
+            raise ValueError("use_batch_stats=False needs running statistics to normalize with, and this layer "
+                             "has track_running_stats=False")
+        self._use_batch_stats = value
+
+    @property
+    def update_running_stats(self):
+        """None (as PyTorch: in training mode with batch statistics), True or False."""
+        return self._update_running_stats
+
+    @update_running_stats.setter
+    def update_running_stats(self, value):
+        value = self._check_flag("update_running_stats", value)
+        if value is True and not self.track_running_stats:
+            raise ValueError("update_running_stats=True needs running statistics to update, and this layer has "
+                             "track_running_stats=False")
+        self._update_running_stats = value
+
+    def _uses_batch_stats(self):
+        """Whether a forward now normalizes with the batch's statistics."""
+        if self._use_batch_stats is not None:
+            return self._use_batch_stats
+        return self.training or not self.track_running_stats
+
+    def _updates_running_stats(self, use_batch_stats):
+        """Whether a forward now updates the running statistics (given what it normalizes with)."""
+        if self._update_running_stats is not None:
+            return self._update_running_stats
+        return self.training and self.track_running_stats and use_batch_stats
+
     # -- forward / backward --------------------------------------------------------------------------
 
     def _check_input(self, x):
@@ -217,35 +288,63 @@ class BatchNorm:
         invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         return mean, invstd
 
-    def _remember(self, x, mean, invstd, batch_stats, count=None):
+    def _remember(self, x, mean, invstd, batch_stats, count=None, extra=None):
         weight = None if self.weight is None else np.array(self.weight, copy=True)
         self._cache = (x, mean, invstd, batch_stats, weight, count)
+        # what a variant's backward needs besides (kept apart so that the tuple keeps its shape)
+        self._cache_extra = extra
+
+    def _check_training_count(self, x, count):
+        if count == 1:  # the message forward_train gives
+            raise ValueError(f"Expected more than 1 value per channel when training, got input of shape "
+                             f"{x.shape} with channel axis {self.axis}")
 
     def forward(self, x):
-        """Normalize x; in training mode also update the running statistics. Returns y."""
+        """Normalize x; in training mode also update the running statistics. Returns y.
+
+        What normalizes and whether the running statistics are updated follow the mode, or the
+        ``use_batch_stats``/``update_running_stats`` flags where they are set.
+        """
         x = self._check_input(x)
-        use_batch_stats = self.training or not self.track_running_stats
-        if use_batch_stats:
-            update = self.training and self.track_running_stats
-            momentum = self._momentum_now() if update else 0.0
-            y, mean, invstd = _forward_train(
-                x, self.weight, self.bias,
-                running_mean=self.running_mean if update else None,
-                running_var=self.running_var if update else None,
-                momentum=momentum, eps=self.eps, axis=self.axis,
-                # float64 whatever x's type: backward from float32 statistics loses digits when the
-                # data's mean is large against its spread (5e-5 of dx at mean = 1e5 std)
-                stats_dtype=np.float64)
-            if update and x.size:  # an empty batch is no batch: PyTorch's checkpoints count alike
-                self.num_batches_tracked += 1
+        use = self._uses_batch_stats()
+        update = self._updates_running_stats(use)
+        if use:
+            y, mean, invstd, extra = self._forward_batch(x, update)
         else:
-            y = _forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
-                               eps=self.eps, axis=self.axis)
-            mean, invstd = self._frozen_stats()
-        self._remember(x, mean, invstd, use_batch_stats)
+            y, mean, invstd, extra = self._forward_frozen(x, update)
+        if update and x.size:  # an empty batch is no batch: PyTorch's checkpoints count alike
+            self.num_batches_tracked += 1
+        self._remember(x, mean, invstd, use, extra=extra)
         return y
 
     __call__ = forward
+
+    def _forward_batch(self, x, update):
+        """Normalize with x's own statistics; update the running ones when asked.
+        Returns (y, mean, invstd, extra) with what backward needs."""
+        y, mean, invstd = _forward_train(
+            x, self.weight, self.bias,
+            running_mean=self.running_mean if update else None,
+            running_var=self.running_var if update else None,
+            momentum=self._momentum_now() if update else 0.0, eps=self.eps, axis=self.axis,
+            # float64 whatever x's type: backward from float32 statistics loses digits when the
+            # data's mean is large against its spread (5e-5 of dx at mean = 1e5 std)
+            stats_dtype=np.float64)
+        return y, mean, invstd, None
+
+    def _forward_frozen(self, x, update):
+        """Normalize with the running statistics (constants for backward); with ``update``, then update
+        them from x's statistics. Returns (y, mean, invstd, extra)."""
+        mean, invstd = self._frozen_stats()
+        if update:
+            count, batch_mean, batch_m2 = _batch_stats(x, axis=self.axis)
+            self._check_training_count(x, count)
+        y = _forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
+                           eps=self.eps, axis=self.axis)
+        if update and count:  # last: nothing is changed when a call above raised
+            _update_running_stats(self.running_mean, self.running_var, batch_mean, batch_m2, count,
+                                  momentum=self._momentum_now())
+        return y, mean, invstd, None
 
     def _cached(self, dy):
         """The last forward's saved values, and dy checked against its input."""
@@ -268,9 +367,9 @@ class BatchNorm:
     def backward(self, dy):
         """Gradient of the loss with respect to the last forward's input, given dy = dL/dy.
 
-        Overwrites ``grad_weight`` and ``grad_bias`` (when affine) and returns dx. After a training-mode
-        forward the gradient flows through the batch statistics; after an eval-mode forward the running
-        statistics are constants (frozen BN).
+        Overwrites ``grad_weight`` and ``grad_bias`` (when affine) and returns dx. After a forward that
+        normalized with the batch statistics (training mode, or ``use_batch_stats=True``) the gradient
+        flows through them; after one that used the running statistics they are constants (frozen BN).
         """
         dy, x, mean, invstd, batch_stats, weight, _ = self._cached(dy)
         dx, dgamma, dbeta = _backward(dy, x, mean, invstd, weight, training=batch_stats, axis=self.axis)
@@ -358,13 +457,16 @@ class BatchNorm:
 
     def __setstate__(self, state):
         state.setdefault("has_bias", state.get("bias") is not None or not state.get("affine", True))
+        # layers pickled before the variants existed
+        for key in ("_use_batch_stats", "_update_running_stats", "_cache_extra"):
+            state.setdefault(key, None)
         self.__dict__.update(state)
 
     def __getstate__(self):
         # The cached forward (which holds the last input batch) is not part of the layer's state, as
         # activations are not part of a PyTorch module's: a restored layer needs a forward before backward.
         state = self.__dict__.copy()
-        state["_cache"] = None
+        state["_cache"] = state["_cache_extra"] = None
         return state
 
     def extra_repr(self):
@@ -377,6 +479,9 @@ class BatchNorm:
             s += f", axis={self.axis}"
         if self.dtype != np.float32:
             s += f", dtype={self.dtype.name}"
+        for name in ("use_batch_stats", "update_running_stats"):
+            if getattr(self, name) is not None:
+                s += f", {name}={getattr(self, name)}"
         return s
 
     def __repr__(self):
