@@ -192,8 +192,9 @@ class SyncBatchNorm(BatchNorm):
         """Normalize x with the statistics of every process's batch (training mode, collective) or
         with the running statistics (eval mode, local); the ``use_batch_stats`` and
         ``update_running_stats`` flags act as on :class:`BatchNorm`. Returns y."""
-        use = self._uses_batch_stats()
-        update = self._updates_running_stats(use)
+        precise = self._precise is not None
+        use = precise or self._uses_batch_stats()
+        update = not precise and self._updates_running_stats(use)
         if not use:
             if update:  # from this process's part alone the processes' running statistics would drift apart
                 raise ValueError("SyncBatchNorm does not support update_running_stats=True with "
@@ -223,6 +224,8 @@ class SyncBatchNorm(BatchNorm):
         # every process's batch empty: nothing to normalize or count, as BatchNorm (invstd 0, as there)
         invstd = 1.0 / np.sqrt(m2 / count + self.eps) if count else np.zeros(C)
         y = normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis)
+        if precise:  # inside batchnorm.precise_stats: the whole batch's statistics, the same on every process
+            self._precise._add(count, mean, m2)
         if update and count:
             update_running_stats(self.running_mean, self.running_var, mean, m2, count,
                                  momentum=self._momentum_now())

@@ -20,6 +20,7 @@ from ._core import backward as _backward
 from ._core import batch_stats as _batch_stats
 from ._core import forward_infer as _forward_infer
 from ._core import forward_train as _forward_train
+from ._core import normalize as _normalize
 from ._core import update_running_stats as _update_running_stats
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "StateDictError", "IncompatibleKeys"]
@@ -172,6 +173,7 @@ class BatchNorm:
         self.update_running_stats = update_running_stats
         self._cache = None
         self._cache_extra = None
+        self._precise = None  # a Moments while batchnorm.precise_stats is active
 
     def reset_running_stats(self):
         """Running mean 0, running variance 1, ``num_batches_tracked`` 0 (in place), as PyTorch's."""
@@ -306,9 +308,12 @@ class BatchNorm:
         ``use_batch_stats``/``update_running_stats`` flags where they are set.
         """
         x = self._check_input(x)
-        use = self._uses_batch_stats()
-        update = self._updates_running_stats(use)
-        if use:
+        precise = self._precise is not None
+        use = precise or self._uses_batch_stats()
+        update = not precise and self._updates_running_stats(use)
+        if precise:
+            y, mean, invstd, extra = self._forward_precise(x)
+        elif use:
             y, mean, invstd, extra = self._forward_batch(x, update)
         else:
             y, mean, invstd, extra = self._forward_frozen(x, update)
@@ -330,6 +335,16 @@ class BatchNorm:
             # float64 whatever x's type: backward from float32 statistics loses digits when the
             # data's mean is large against its spread (5e-5 of dx at mean = 1e5 std)
             stats_dtype=np.float64)
+        return y, mean, invstd, None
+
+    def _forward_precise(self, x):
+        """Inside batchnorm.precise_stats: plain batch statistics, recorded exactly (m2, not invstd), no
+        update. batch_stats then normalize give forward_train's bits."""
+        count, mean, m2 = _batch_stats(x, axis=self.axis)
+        self._check_training_count(x, count)
+        invstd = 1.0 / np.sqrt(m2 / count + self.eps) if count else np.zeros(self.num_features)
+        y = _normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis)
+        self._precise._add(count, mean, m2)
         return y, mean, invstd, None
 
     def _forward_frozen(self, x, update):
@@ -458,7 +473,7 @@ class BatchNorm:
     def __setstate__(self, state):
         state.setdefault("has_bias", state.get("bias") is not None or not state.get("affine", True))
         # layers pickled before the variants existed
-        for key in ("_use_batch_stats", "_update_running_stats", "_cache_extra"):
+        for key in ("_use_batch_stats", "_update_running_stats", "_cache_extra", "_precise"):
             state.setdefault(key, None)
         self.__dict__.update(state)
 
@@ -466,7 +481,7 @@ class BatchNorm:
         # The cached forward (which holds the last input batch) is not part of the layer's state, as
         # activations are not part of a PyTorch module's: a restored layer needs a forward before backward.
         state = self.__dict__.copy()
-        state["_cache"] = state["_cache_extra"] = None
+        state["_cache"] = state["_cache_extra"] = state["_precise"] = None
         return state
 
     def extra_repr(self):
