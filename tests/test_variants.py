@@ -297,3 +297,250 @@ def test_sync_batchnorm_conversion_keeps_flags():
     assert sync.use_batch_stats is True and sync.update_running_stats is False
     back = sync.to_layer()
     assert back.use_batch_stats is True and back.update_running_stats is False
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch Renormalization
+# --------------------------------------------------------------------------------------------------
+
+RENORM_SHAPES = {  # (shape, axis)
+    "2d": ((6, C), 1),
+    "3d": ((2, C, 5), 1),
+    "4d-odd": ((3, C, 1, 7), 1),
+    "chlast": ((2, 3, 4, C), -1),
+    "one-sample": ((1, C, 9), 1),
+}
+
+
+def renorm_running(rng, C_, dtype=np.float64):
+    """Running statistics that put some channels' r and d inside their bounds and some outside."""
+    rm = np.array([0.0, 40.0, -3.0, 1.0][:C_] + [0.0] * max(0, C_ - 4), dtype)
+    rv = np.array([1.0, 0.01, 90.0, 4.0][:C_] + [1.0] * max(0, C_ - 4), dtype)
+    return rm, rv
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", list(RENORM_SHAPES))
+def test_renorm_matches_reference(rng, shape, dtype):
+    shape, axis = RENORM_SHAPES[shape]
+    x = make_data(rng, shape, dtype, axis=axis)
+    dy = make_data(rng, shape, dtype, axis=axis)
+    gamma, beta = rng.uniform(0.5, 2, C), rng.normal(0, 1, C)
+    rm, rv = renorm_running(rng, C)
+    rm_ref, rv_ref = rm.astype(np.float64), rv.astype(np.float64)
+    got = bn.forward_train_renorm(x, rm, rv, gamma, beta, rmax=2.0, dmax=1.5, momentum=0.3, eps=1e-3, axis=axis)
+    want = ref.forward_train_renorm(x, rm_ref, rv_ref, gamma, beta, rmax=2.0, dmax=1.5, momentum=0.3, eps=1e-3,
+                                    axis=axis)
+    tol = TOL[np.dtype(dtype)]
+    assert got[0].dtype == dtype and got[0].shape == x.shape
+    for g, w, what in zip(got, want, ("y", "mean", "invstd", "r", "d")):
+        assert_close(g, w, tol, what)
+    # some channels clipped, some not: both branches are exercised
+    r = got[3]
+    assert np.any((r > 1 / 2.0) & (r < 2.0)) and np.any((r == 2.0) | (r == 0.5))
+    assert np.any(np.abs(got[4]) == 1.5) and np.any(np.abs(got[4]) < 1.5)
+    assert_close(rm, rm_ref, tol, "running_mean")
+    assert_close(rv, rv_ref, tol, "running_var")
+    _, mean, invstd, r, d = got
+    bgot = bn.backward_renorm(dy, x, mean, invstd, r, d, gamma, axis=axis)
+    bwant = ref.backward_renorm(dy, x, mean, invstd, r, d, gamma, axis=axis)
+    for g, w, what in zip(bgot, bwant, ("dx", "dgamma", "dbeta")):
+        assert g.dtype == dtype
+        assert_close(g, w, tol, what)
+
+
+def test_renorm_gradient_matches_finite_differences_with_r_d_constant(rng):
+    x = make_data(rng, (4, C, 3))
+    w = rng.standard_normal(x.shape)
+    gamma, beta = rng.uniform(0.5, 2, C), rng.normal(0, 1, C)
+    rm, rv = renorm_running(rng, C)
+    _, mean, invstd, r, d = bn.forward_train_renorm(x, rm, rv, gamma, beta, rmax=2.0, dmax=1.5, update=False)
+    shape = (1, C, 1)
+
+    def loss():  # r and d held at the values of the forward being differentiated
+        _, m, s = bn.forward_train(x, eps=1e-5, stats_dtype=np.float64)
+        xhat = (x - m.reshape(shape)) * s.reshape(shape)
+        y = gamma.reshape(shape) * (xhat * r.reshape(shape) + d.reshape(shape)) + beta.reshape(shape)
+        return float(np.sum(w * y))
+
+    dx, dgamma, dbeta = bn.backward_renorm(w, x, mean, invstd, r, d, gamma)
+    assert_close(dx, numeric_grad(loss, x, 1e-6), 1e-7, "dx")
+    assert_close(dgamma, numeric_grad(loss, gamma, 1e-6), 1e-7, "dgamma")
+    assert_close(dbeta, numeric_grad(loss, beta, 1e-6), 1e-7, "dbeta")
+
+
+def test_renorm_with_unit_bounds_is_plain_training_bn(rng):
+    x, dy = make_data(rng, (5, C, 2)), make_data(rng, (5, C, 2))
+    gamma, beta = rng.uniform(0.5, 2, C), rng.normal(0, 1, C)
+    rm, rv = renorm_running(rng, C)
+    rm2, rv2 = rm.copy(), rv.copy()
+    y, mean, invstd, r, d = bn.forward_train_renorm(x, rm, rv, gamma, beta, rmax=1, dmax=0)
+    assert np.all(r == 1) and np.all(d == 0)
+    y0, mean0, invstd0 = bn.forward_train(x, gamma, beta, running_mean=rm2, running_var=rv2, stats_dtype=np.float64)
+    assert y.tobytes() == y0.tobytes() and mean.tobytes() == mean0.tobytes()
+    assert rm.tobytes() == rm2.tobytes() and rv.tobytes() == rv2.tobytes()
+    got, want = bn.backward_renorm(dy, x, mean, invstd, r, d, gamma), bn.backward(dy, x, mean0, invstd0, gamma)
+    for g, w in zip(got, want):
+        assert g.tobytes() == w.tobytes()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_renorm_layer_step_for_step_against_reference(rng, kind, dtype):
+    """Training steps (rmax/dmax ramped between them, momentum None on some), an eval step (ordinary BN
+    with the running statistics) and an eval-mode step with use_batch_stats=True (renormalized, no
+    update), against the reference functions."""
+    _, axis, _ = KINDS[kind]
+    layer = randomize(make_layer(kind, renorm=True, rmax=1.0, dmax=0.0, dtype=dtype), rng)
+    rm, rv = layer.running_mean.astype(np.float64), layer.running_var.astype(np.float64)
+    tol = TOL[np.dtype(dtype)]
+    steps = [(True, None, 1.5, 0.5), (True, None, 2.0, 1.0), (False, None, 3.0, 5.0), (False, True, 3.0, 5.0),
+             (True, None, 3.0, 5.0)]
+    for step, (training, use, rmax, dmax) in enumerate(steps):
+        layer.train(training)
+        layer.use_batch_stats = use
+        layer.rmax, layer.dmax = rmax, dmax
+        x, dy = batch(rng, kind, 3 + step, dtype), batch(rng, kind, 3 + step, dtype)
+        count = layer.num_batches_tracked
+        y = layer(x)
+        dx = layer.backward(dy)
+        gamma, beta = layer.weight, layer.bias
+        if training or use:
+            y_ref, mean, invstd, r, d = ref.forward_train_renorm(x, rm, rv, gamma, beta, rmax=rmax, dmax=dmax,
+                                                                 momentum=layer.momentum, eps=layer.eps,
+                                                                 axis=axis, update=training)
+            dx_ref, dg_ref, db_ref = ref.backward_renorm(dy, x, mean, invstd, r, d, gamma, axis=axis)
+        else:
+            y_ref = ref.forward_infer(x, rm, rv, gamma, beta, eps=layer.eps, axis=axis)
+            dx_ref, dg_ref, db_ref = ref.backward(dy, x, rm, 1 / np.sqrt(rv + layer.eps), gamma, training=False,
+                                                  axis=axis)
+        what = f"step {step}"
+        assert_close(y, y_ref, tol, f"y, {what}")
+        assert_close(dx, dx_ref, tol, f"dx, {what}")
+        assert_close(layer.grad_weight, dg_ref, tol, f"grad_weight, {what}")
+        assert_close(layer.grad_bias, db_ref, tol, f"grad_bias, {what}")
+        assert_close(layer.running_mean, rm, tol, f"running_mean, {what}")
+        assert_close(layer.running_var, rv, tol, f"running_var, {what}")
+        assert layer.num_batches_tracked == count + training
+        rm, rv = layer.running_mean.astype(np.float64), layer.running_var.astype(np.float64)
+        # an SGD step so that the parameters move
+        layer.weight -= np.asarray(0.1 * layer.grad_weight, dtype)
+        layer.bias -= np.asarray(0.1 * layer.grad_bias, dtype)
+
+
+def test_renorm_layer_gradients_match_finite_differences(rng):
+    """The layer's gradient with r and d as constants: against central differences of a twin layer whose
+    r and d are pinned (rmax = dmax bounds at the values of the forward, so clipping holds them)."""
+    layer = randomize(bn.BatchNorm2d(C, renorm=True, dtype=np.float64, rmax=2.0, dmax=1.0), rng)
+    x = batch(rng, "2d", 3)
+    w = rng.standard_normal(x.shape)
+    rm, rv = layer.running_mean.copy(), layer.running_var.copy()
+    _, _, _, r, d = bn.forward_train_renorm(x, rm.copy(), rv.copy(), rmax=2.0, dmax=1.0, eps=layer.eps,
+                                            update=False)
+    layer(x)
+    dx = layer.backward(w)
+    shape = (1, C, 1, 1)
+
+    def loss():
+        _, m, s = bn.forward_train(x, eps=layer.eps, stats_dtype=np.float64)
+        xhat = (x - m.reshape(shape)) * s.reshape(shape)
+        y = layer.weight.reshape(shape) * (xhat * r.reshape(shape) + d.reshape(shape)) + layer.bias.reshape(shape)
+        return float(np.sum(w * y))
+
+    assert_close(dx, numeric_grad(loss, x, 1e-6), 1e-7, "dx")
+    assert_close(layer.grad_weight, numeric_grad(loss, layer.weight, 1e-6), 1e-7, "grad_weight")
+    assert_close(layer.grad_bias, numeric_grad(loss, layer.bias, 1e-6), 1e-7, "grad_bias")
+
+
+def test_renorm_layer_without_affine(rng):
+    layer = randomize(bn.BatchNorm1d(C, renorm=True, affine=False, dtype=np.float64), rng)
+    rm, rv = layer.running_mean.copy(), layer.running_var.copy()
+    x, dy = batch(rng, "1d", 5), batch(rng, "1d", 5)
+    y, dx = layer(x), layer.backward(dy)
+    y_ref, mean, invstd, r, d = ref.forward_train_renorm(x, rm, rv)
+    assert_close(y, y_ref, 1e-12)
+    assert_close(dx, ref.backward_renorm(dy, x, mean, invstd, r, d)[0], 1e-12)
+
+
+def test_renorm_options_are_checked():
+    with pytest.raises(ValueError, match="renorm=True needs running statistics"):
+        bn.BatchNorm1d(C, renorm=True, track_running_stats=False)
+    with pytest.raises(TypeError, match="renorm"):
+        bn.BatchNorm1d(C, renorm=1)
+    for name, bad, err in (("rmax", 0.5, ValueError), ("rmax", "3", TypeError), ("dmax", -1.0, ValueError),
+                           ("dmax", float("nan"), ValueError), ("rmax", True, TypeError)):
+        with pytest.raises(err, match=name):
+            bn.BatchNorm1d(C, renorm=True, **{name: bad})
+        layer = bn.BatchNorm1d(C, renorm=True)
+        with pytest.raises(err, match=name):
+            setattr(layer, name, bad)
+        assert (layer.rmax, layer.dmax) == (3.0, 5.0)
+    layer = bn.BatchNorm1d(C, renorm=True, rmax=2, dmax=np.float32(0.5))
+    assert (layer.rmax, layer.dmax) == (2.0, 0.5) and type(layer.rmax) is float
+    assert "renorm=True, rmax=2.0, dmax=0.5" in repr(layer)
+    from batchnorm.distributed import SyncBatchNorm
+    with pytest.raises(ValueError, match="Renormalization"):
+        SyncBatchNorm.from_layer(layer)
+
+
+def test_renorm_functional_errors_change_nothing(rng):
+    x = make_data(rng, (4, C))
+    rm, rv = renorm_running(rng, C)
+    out = np.zeros_like(x)
+    before = rm.copy(), rv.copy(), out.copy()
+    bad_calls = [
+        (dict(rmax=0.9), ValueError, "rmax"),
+        (dict(dmax=-0.1), ValueError, "dmax"),
+        (dict(momentum=1.5), ValueError, "momentum"),
+        (dict(eps=-1.0), ValueError, "eps"),
+        (dict(out=np.zeros((4, C), np.float32)), TypeError, "out"),
+        (dict(update="yes"), TypeError, "update"),
+        (dict(gamma=np.ones(C + 1)), ValueError, "gamma"),
+    ]
+    for kw, err, match in bad_calls:
+        kw = dict(kw)
+        gamma = kw.pop("gamma", None)
+        with pytest.raises(err, match=match):
+            bn.forward_train_renorm(x, rm, rv, gamma, out=kw.pop("out", out), **kw)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(before, (rm, rv, out))), kw
+    with pytest.raises(ValueError, match="read-only"):
+        ro = rv.copy()
+        ro.flags.writeable = False
+        bn.forward_train_renorm(x, rm, ro)
+    with pytest.raises(TypeError, match="running_mean"):
+        bn.forward_train_renorm(x, list(rm), rv)
+    with pytest.raises(ValueError, match=r"running_var has shape \(5,\)"):
+        bn.forward_train_renorm(x, rm, np.ones(5))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        bn.forward_train_renorm(x[:1], rm, rv)
+    assert rm.tobytes() == before[0].tobytes() and rv.tobytes() == before[1].tobytes()
+    # read-only or list running statistics are fine when they are not updated
+    y = bn.forward_train_renorm(x, list(rm), tuple(rv), update=False)[0]
+    assert_close(y, ref.forward_train_renorm(x, rm.copy(), rv.copy(), update=False)[0], 1e-12)
+
+
+def test_renorm_empty_batch_and_failed_layer_forward(rng):
+    rm, rv = renorm_running(rng, C)
+    y, mean, invstd, r, d = bn.forward_train_renorm(np.zeros((0, C)), rm, rv)
+    assert y.shape == (0, C) and np.all(r == 1) and np.all(d == 0)
+    layer = randomize(bn.BatchNorm2d(C, renorm=True), rng)
+    twin = copy.deepcopy(layer)
+    x, dy = batch(rng, "2d", 3, np.float32), batch(rng, "2d", 3, np.float32)
+    layer(x)
+    twin(x)
+    before = state(layer)
+    for bad in (np.ones((1, C, 1, 1)), np.ones((3, C + 1, 2, 2))):
+        with pytest.raises(ValueError):
+            layer(bad)
+        assert_same_state(before, state(layer))
+    assert layer.backward(dy).tobytes() == twin.backward(dy).tobytes()
+    layer(np.zeros((0, C, 2, 3), np.float32))
+    assert layer.num_batches_tracked == before["num_batches_tracked"]
+
+
+def test_renorm_layer_pickles_with_its_bounds(rng):
+    layer = bn.BatchNorm1d(C, renorm=True, rmax=1.5, dmax=0.25)
+    clone = pickle.loads(pickle.dumps(layer))
+    assert clone.renorm is True and (clone.rmax, clone.dmax) == (1.5, 0.25)
+    x = batch(rng, "1d", 4, np.float32)
+    assert layer(x).tobytes() == clone(x).tobytes()

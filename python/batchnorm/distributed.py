@@ -124,6 +124,8 @@ class SyncBatchNorm(BatchNorm):
         """A SyncBatchNorm with ``layer``'s options, parameters, running statistics and mode (copies)."""
         if not isinstance(layer, BatchNorm):
             raise TypeError(f"layer must be a batchnorm.BatchNorm, got {type(layer).__name__}")
+        if layer.renorm:
+            raise ValueError("SyncBatchNorm does not support Batch Renormalization (renorm=True)")
         new = cls(layer.num_features, comm=comm, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
                   track_running_stats=layer.track_running_stats, axis=layer.axis, dtype=layer.dtype,
                   bias=layer.has_bias)

@@ -22,6 +22,8 @@ from ._core import forward_infer as _forward_infer
 from ._core import forward_train as _forward_train
 from ._core import normalize as _normalize
 from ._core import update_running_stats as _update_running_stats
+from .variants import backward_renorm as _backward_renorm
+from .variants import forward_train_renorm as _forward_train_renorm
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "StateDictError", "IncompatibleKeys"]
 
@@ -89,6 +91,15 @@ class BatchNorm:
         Update the running statistics from the batch (True) or keep them (False), whatever the mode;
         None updates exactly when PyTorch would: in training mode, when batch statistics normalize. An
         attribute, changeable at any time.
+    renorm : bool, default False (keyword only)
+        Batch Renormalization (Ioffe, 2017) whenever batch statistics normalize:
+        ``y = gamma * (xhat * r + d) + beta`` with ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and
+        ``d = clip((mu_B - mu) / sigma, -dmax, dmax)`` against the running statistics (from before this
+        batch updates them), r and d constants in backward (see :mod:`batchnorm.variants`). Eval mode is
+        ordinary BN. Needs ``track_running_stats=True``.
+    rmax, dmax : float, default 3.0 and 5.0 (keyword only)
+        The bounds of r (at least 1) and of |d| (at least 0); attributes, changeable between steps (the
+        paper ramps them up from 1 and 0).
 
     The first five arguments may be given positionally, in PyTorch's order:
     ``BatchNorm1d(10, 1e-3, 0.3, False, True)``.
@@ -118,7 +129,7 @@ class BatchNorm:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=np.float32, *, bias=True, axis=1, use_batch_stats=None,
-                 update_running_stats=None):
+                 update_running_stats=None, renorm=False, rmax=3.0, dmax=5.0):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
         if num_features < 1:
@@ -131,7 +142,8 @@ class BatchNorm:
             raise TypeError(f"momentum must be None or a real number, got {type(momentum).__name__}")
         if momentum is not None and not 0 <= momentum <= 1:
             raise ValueError(f"momentum must be None or in [0, 1], got {momentum!r}")
-        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats), ("bias", bias)):
+        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats), ("bias", bias),
+                           ("renorm", renorm)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         if device is not None and str(device) != "cpu":
@@ -171,6 +183,12 @@ class BatchNorm:
         self._use_batch_stats = self._update_running_stats = None
         self.use_batch_stats = use_batch_stats
         self.update_running_stats = update_running_stats
+        if renorm and not self.track_running_stats:
+            raise ValueError("renorm=True needs running statistics to renormalize against, and "
+                             "track_running_stats=False keeps none")
+        self.renorm = bool(renorm)
+        self.rmax = rmax
+        self.dmax = dmax
         self._cache = None
         self._cache_extra = None
         self._precise = None  # a Moments while batchnorm.precise_stats is active
@@ -252,6 +270,34 @@ class BatchNorm:
                              "track_running_stats=False")
         self._update_running_stats = value
 
+    # -- Batch Renormalization bounds ----------------------------------------------------------------
+
+    @staticmethod
+    def _check_bound(name, value, low):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if not value >= low:
+            raise ValueError(f"{name} must be at least {low}, got {value!r}")
+        return float(value)
+
+    @property
+    def rmax(self):
+        """Batch Renormalization's bound of r = sigma_B / sigma: clipped to [1/rmax, rmax]; at least 1."""
+        return self._rmax
+
+    @rmax.setter
+    def rmax(self, value):
+        self._rmax = self._check_bound("rmax", value, 1.0)
+
+    @property
+    def dmax(self):
+        """Batch Renormalization's bound of d = (mu_B - mu) / sigma: clipped to [-dmax, dmax]; at least 0."""
+        return self._dmax
+
+    @dmax.setter
+    def dmax(self, value):
+        self._dmax = self._check_bound("dmax", value, 0.0)
+
     def _uses_batch_stats(self):
         """Whether a forward now normalizes with the batch's statistics."""
         if self._use_batch_stats is not None:
@@ -327,6 +373,8 @@ class BatchNorm:
     def _forward_batch(self, x, update):
         """Normalize with x's own statistics; update the running ones when asked.
         Returns (y, mean, invstd, extra) with what backward needs."""
+        if self.renorm:
+            return self._forward_renorm(x, update)
         y, mean, invstd = _forward_train(
             x, self.weight, self.bias,
             running_mean=self.running_mean if update else None,
@@ -336,6 +384,13 @@ class BatchNorm:
             # data's mean is large against its spread (5e-5 of dx at mean = 1e5 std)
             stats_dtype=np.float64)
         return y, mean, invstd, None
+
+    def _forward_renorm(self, x, update):
+        """Batch Renormalization: batch statistics corrected by r and d towards the running ones."""
+        y, mean, invstd, r, d = _forward_train_renorm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, rmax=self.rmax, dmax=self.dmax,
+            momentum=self._momentum_now(), eps=self.eps, axis=self.axis, update=update)
+        return y, mean, invstd, ("renorm", r, d)
 
     def _forward_precise(self, x):
         """Inside batchnorm.precise_stats: plain batch statistics, recorded exactly (m2, not invstd), no
@@ -387,7 +442,11 @@ class BatchNorm:
         flows through them; after one that used the running statistics they are constants (frozen BN).
         """
         dy, x, mean, invstd, batch_stats, weight, _ = self._cached(dy)
-        dx, dgamma, dbeta = _backward(dy, x, mean, invstd, weight, training=batch_stats, axis=self.axis)
+        extra = self._cache_extra
+        if extra is not None and extra[0] == "renorm":
+            dx, dgamma, dbeta = _backward_renorm(dy, x, mean, invstd, extra[1], extra[2], weight, axis=self.axis)
+        else:
+            dx, dgamma, dbeta = _backward(dy, x, mean, invstd, weight, training=batch_stats, axis=self.axis)
         self._set_gradients(dgamma, dbeta)
         return dx
 
@@ -475,6 +534,9 @@ class BatchNorm:
         # layers pickled before the variants existed
         for key in ("_use_batch_stats", "_update_running_stats", "_cache_extra", "_precise"):
             state.setdefault(key, None)
+        state.setdefault("renorm", False)
+        state.setdefault("_rmax", 3.0)
+        state.setdefault("_dmax", 5.0)
         self.__dict__.update(state)
 
     def __getstate__(self):
@@ -497,6 +559,8 @@ class BatchNorm:
         for name in ("use_batch_stats", "update_running_stats"):
             if getattr(self, name) is not None:
                 s += f", {name}={getattr(self, name)}"
+        if self.renorm:
+            s += f", renorm=True, rmax={self.rmax}, dmax={self.dmax}"
         return s
 
     def __repr__(self):

@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["forward_train", "forward_infer", "backward", "batch_stats", "merge_stats", "normalize",
-           "backward_reduce", "backward_apply", "update_running_stats"]
+           "backward_reduce", "backward_apply", "update_running_stats", "forward_train_renorm",
+           "backward_renorm"]
 
 
 def _layout(x, axis):
@@ -206,3 +207,60 @@ def update_running_stats(running_mean, running_var, mean, m2, count, *, momentum
         running_mean[...] = (1 - momentum) * running_mean + momentum * np.asarray(mean, np.float64)
     if running_var is not None:
         running_var[...] = (1 - momentum) * running_var + momentum * (np.asarray(m2, np.float64) / (count - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------------
+
+
+def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *, rmax=3.0, dmax=5.0,
+                         momentum=0.1, eps=1e-5, axis=1, out=None, update=True):
+    """Batch Renormalization (Ioffe, 2017), training forward; returns (y, mean, invstd, r, d).
+
+        sigma_B = sqrt(var + eps),  sigma = sqrt(running_var + eps)      (the running stats before update)
+        r = clip(sigma_B / sigma, 1/rmax, rmax),  d = clip((mean - running_mean) / sigma, -dmax, dmax)
+        y = gamma * (xhat * r + d) + beta
+    then the running statistics are updated as forward_train updates them (when ``update``).
+    """
+    flat, moved_shape, axis = _layout(x, axis)
+    M, C = flat.shape
+    if M == 0:
+        return _finish(flat, moved_shape, axis, x, out), np.zeros(C), np.zeros(C), np.ones(C), np.zeros(C)
+    mean = flat.mean(axis=0)
+    var = ((flat - mean) ** 2).mean(axis=0)
+    sigma_b = np.sqrt(var + eps)
+    sigma = np.sqrt(np.asarray(running_var, np.float64) + eps)
+    r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
+    d = np.clip((mean - np.asarray(running_mean, np.float64)) / sigma, -dmax, dmax)
+    xhat = (flat - mean) / sigma_b
+    y = _param(gamma, C, 1.0) * (xhat * r + d) + _param(beta, C, 0.0)
+    if update:
+        running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+        running_var[...] = (1 - momentum) * running_var + momentum * var * M / (M - 1)
+    return _finish(y, moved_shape, axis, x, out), mean, 1.0 / sigma_b, r, d
+
+
+def backward_renorm(dy, x, mean, invstd, r, d, gamma=None, *, axis=1, out=None):
+    """Gradients of Batch Renormalization with r and d constants; returns (dx, dgamma, dbeta).
+
+    With g = dL/dxhat = dy * gamma * r, the batch-statistics chain rule of xhat gives
+        dx = invstd * (g - mean(g) - xhat * mean(g * xhat)),
+    and dgamma = sum(dy * (xhat * r + d)), dbeta = sum(dy).
+    """
+    flat, moved_shape, axis = _layout(x, axis)
+    dflat, _, _ = _layout(dy, axis)
+    M, C = flat.shape
+    mean = np.asarray(mean, np.float64).reshape(C)
+    invstd = np.asarray(invstd, np.float64).reshape(C)
+    r = np.asarray(r, np.float64).reshape(C)
+    d = np.asarray(d, np.float64).reshape(C)
+    xhat = (flat - mean) * invstd
+    g = dflat * _param(gamma, C, 1.0) * r
+    M = max(M, 1)
+    dx = invstd * (g - g.sum(axis=0) / M - xhat * ((g * xhat).sum(axis=0) / M))
+    dgamma = (dflat * (xhat * r + d)).sum(axis=0)
+    dbeta = dflat.sum(axis=0)
+    dt = _result_dtype(x)
+    gdt = np.dtype(np.float32) if dt == np.float16 else dt
+    return _finish(dx, moved_shape, axis, x, out), dgamma.astype(gdt), dbeta.astype(gdt)
