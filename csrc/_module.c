@@ -63,10 +63,257 @@ static int nonempty(const bn_input *in)
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Ghost Batch Normalization (Hoffer et al., 2017): forward_train and backward per chunk of          */
+/* ghost_batch_size consecutive samples along axis 0, each chunk a contiguous sub-block of the       */
+/* (N, C, S) view, run by the ordinary kernels one chunk after another.                              */
+
+/* ghost_batch_size: None (or absent) gives 0, "off"; else an integer >= 1. */
+static int parse_ghost(PyObject *obj, npy_intp *g)
+{
+    *g = 0;
+    if (obj == NULL || obj == Py_None) return 0;
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "ghost_batch_size must be None or a positive integer, got %.200s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    Py_ssize_t v = PyNumber_AsSsize_t(obj, NULL); /* saturates: huge means one chunk */
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < 1) {
+        PyErr_Format(PyExc_ValueError, "ghost_batch_size must be None or a positive integer, got %R", obj);
+        return -1;
+    }
+    *g = (npy_intp)v;
+    return 0;
+}
+
+/* The chunks of g samples are sub-blocks of the kernels' (N, C, S) view when axis 0 is outermost in memory
+ * (unit axes take no memory); otherwise (x.T, Fortran order) x is copied to C order once, as any layout
+ * the kernels cannot index is. Axis 0 as the channel axis has no samples to split: refused. *rows: the
+ * kernels' rows (of C * S values) per sample. */
+static int ghost_layout(bn_input *in, npy_intp g, npy_intp *rows)
+{
+    const npy_intp *shape = PyArray_DIMS(in->arr);
+    const int nd = PyArray_NDIM(in->arr);
+    if (in->axis == 0) {
+        PyErr_Format(PyExc_ValueError, "ghost_batch_size=%ld splits axis 0 into ghost batches, but axis 0 is "
+                     "the channel axis here", (long)g);
+        return -1;
+    }
+    int outermost = 1;
+    for (int j = 0; j < nd; j++) {
+        const int ax = in->L.perm[j];
+        if (shape[ax] == 1) continue;
+        outermost = ax == 0;
+        break;
+    }
+    if (!outermost && PyArray_SIZE(in->arr) != 0) {
+        PyArrayObject *c = (PyArrayObject *)PyArray_NewCopy(in->arr, NPY_CORDER);
+        if (c == NULL) return -1;
+        Py_SETREF(in->arr, c);
+        ptrdiff_t N = 1, S = 1;
+        for (int i = 0; i < nd; i++) {
+            in->L.perm[i] = i;
+            if (i < in->axis) N *= shape[i];
+            if (i > in->axis) S *= shape[i];
+        }
+        in->L.dims.N = N; in->L.dims.S = S;
+    }
+    *rows = shape[0] ? in->L.dims.N / shape[0] : 0;
+    return 0;
+}
+
+/* Chunks of x's samples: K of them, all of g samples but the last (n0 - (K - 1) g). */
+typedef struct {
+    npy_intp n0, g, K, rows;
+} ghost_chunks;
+
+static npy_intp ghost_samples(const ghost_chunks *gc, npy_intp k)
+{
+    return k + 1 < gc->K ? gc->g : gc->n0 - (gc->K - 1) * gc->g;
+}
+
+static int ghost_setup(bn_input *in, npy_intp g, ghost_chunks *gc)
+{
+    gc->g = g;
+    gc->n0 = PyArray_DIM(in->arr, 0);
+    gc->K = (gc->n0 + g - 1) / g;
+    return ghost_layout(in, g, &gc->rows);
+}
+
+/* A chunk with a single value per channel has no variance: forward_train's error, saying which chunk. */
+static int ghost_check_counts(const bn_input *in, const ghost_chunks *gc)
+{
+    char b1[200];
+    if (in->L.dims.C == 0) return 0;
+    for (npy_intp k = 0; k < gc->K; k++)
+        if ((double)ghost_samples(gc, k) * (double)gc->rows * (double)in->L.dims.S == 1) {
+            SHAPE_OF(b1, in->arr);
+            PyErr_Format(PyExc_ValueError, "Expected more than 1 value per channel when training, got a ghost "
+                         "batch of 1 value per channel (ghost batch %ld of input of shape %s with channel axis "
+                         "%d, ghost_batch_size=%ld)", (long)k, b1, in->axis, (long)gc->g);
+            return -1;
+        }
+    return 0;
+}
+
+/* Per-chunk statistics given to backward: (K, C), as float64 C-contiguous. */
+static int ghost_stats_arg(PyObject *obj, const char *name, const bn_input *in, const ghost_chunks *gc,
+                           PyArrayObject **out)
+{
+    char b1[200];
+    int w, r;
+    *out = NULL;
+    PyArrayObject *a = bn_as_array(obj, name);
+    if (a == NULL) return -1;
+    if (bn_classify_dtype(PyArray_DESCR(a), name, &w, &r) < 0) goto fail;
+    if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 0) != gc->K || PyArray_DIM(a, 1) != in->L.dims.C) {
+        SHAPE_OF(b1, a);
+        PyErr_Format(PyExc_ValueError, "%s has shape %s, expected (%ld, %ld): one row per ghost batch (x has %ld "
+                     "samples, ghost_batch_size=%ld) and one column per channel, as forward_train returns it",
+                     name, b1, (long)gc->K, (long)in->L.dims.C, (long)gc->n0, (long)gc->g);
+        goto fail;
+    }
+    *out = (PyArrayObject *)PyArray_FromArray(a, PyArray_DescrFromType(NPY_DOUBLE),
+                                              NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+fail:
+    Py_DECREF(a);
+    return *out ? 0 : -1;
+}
+
+static PyArrayObject *ghost_matrix(npy_intp K, npy_intp C)
+{
+    npy_intp dims[2] = {K, C};
+    return (PyArrayObject *)PyArray_ZEROS(2, dims, NPY_DOUBLE, 0);
+}
+
+#define CHUNK(arr, off) ((void *)((char *)PyArray_DATA(arr) + (off) * PyArray_ITEMSIZE(arr)))
+
+static PyObject *ghost_forward_train(PyObject *x_obj, PyObject *const *vobj, PyObject *rm_obj, PyObject *rv_obj,
+                                     double momentum, double eps, PyObject *axis_obj, PyObject *out_obj,
+                                     PyObject *sd_obj, npy_intp g)
+{
+    static const char *const vnames[] = {"gamma", "beta"};
+    bn_input in = {0};
+    ghost_chunks gc;
+    PyArrayObject *vec[2] = {NULL, NULL}, *rm = NULL, *rv = NULL, *result = NULL, *target = NULL, *mean = NULL,
+                  *m2 = NULL, *invstd = NULL, *avg_mean = NULL, *avg_var = NULL;
+    PyObject *mean_r = NULL, *invstd_r = NULL, *ret = NULL;
+    int status = BN_OK, stats_type;
+
+    if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
+    const npy_intp C = in.L.dims.C;
+    if (ghost_setup(&in, g, &gc) < 0 || ghost_check_counts(&in, &gc) < 0 ||
+        bn_parse_stats_dtype(sd_obj, in.result, &stats_type) < 0 || channel_vectors(&in, 2, vnames, vobj, vec) < 0 ||
+        bn_running_stat(rm_obj, "running_mean", C, in.of, &rm) < 0 ||
+        bn_running_stat(rv_obj, "running_var", C, in.of, &rv) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, NULL, &result, &target) < 0 || detach_all(2, vec, target) < 0)
+        goto fail;
+    if (!(mean = ghost_matrix(gc.K, C)) || !(m2 = ghost_matrix(gc.K, C)) || !(invstd = ghost_matrix(gc.K, C)) ||
+        !(avg_mean = bn_new_vector(C)) || !(avg_var = bn_new_vector(C)))
+        goto fail;
+    if (nonempty(&in)) {
+        const npy_intp block = gc.rows * C * in.L.dims.S; /* values per sample */
+        Py_BEGIN_ALLOW_THREADS
+        for (npy_intp k = 0; k < gc.K && status == BN_OK; k++) {
+            const bn_dims d = {ghost_samples(&gc, k) * gc.rows, C, in.L.dims.S};
+            const npy_intp off = k * gc.g * block;
+            double *pm = (double *)DATA(mean) + k * C, *pm2 = (double *)DATA(m2) + k * C;
+            status = BN_KERNEL(in.work, bn_forward_train, CHUNK(in.arr, off), CHUNK(target, off), d,
+                               DDATA(vec[0]), DDATA(vec[1]), eps, pm, pm2, (double *)DATA(invstd) + k * C,
+                               bn_get_num_threads());
+        }
+        Py_END_ALLOW_THREADS
+    }
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    if (!(mean_r = bn_cast_vector(mean, stats_type)) || !(invstd_r = bn_cast_vector(invstd, stats_type))) goto fail;
+    if (bn_finish_output(result, target) < 0) goto fail;
+    /* Nothing below can fail. The running statistics move once per call, towards the average over the
+     * chunks of their means and of their unbiased variances (Keras's virtual_batch_size rule), summed in
+     * chunk order. */
+    if ((rm || rv) && gc.K > 0 && C > 0 && nonempty(&in)) {
+        double *am = (double *)DATA(avg_mean), *av = (double *)DATA(avg_var);
+        const double *pm = DDATA(mean), *pm2 = DDATA(m2);
+        for (npy_intp k = 0; k < gc.K; k++) {
+            const double unbias = (double)ghost_samples(&gc, k) * (double)gc.rows * (double)in.L.dims.S - 1;
+            for (npy_intp c = 0; c < C; c++) {
+                am[c] += pm[k * C + c];
+                av[c] += pm2[k * C + c] / unbias;
+            }
+        }
+        if (rm) bn_update_running(rm, am, (double)gc.K, momentum);
+        if (rv) bn_update_running(rv, av, (double)gc.K, momentum);
+    }
+    ret = Py_BuildValue("(OOO)", result, mean_r, invstd_r);
+fail:
+    bn_input_clear(&in);
+    clear_all(2, vec);
+    Py_XDECREF(rm); Py_XDECREF(rv); Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(mean); Py_XDECREF(m2);
+    Py_XDECREF(invstd); Py_XDECREF(avg_mean); Py_XDECREF(avg_var); Py_XDECREF(mean_r); Py_XDECREF(invstd_r);
+    return ret;
+}
+
+static PyObject *ghost_backward(PyObject *dy_obj, PyObject *x_obj, PyObject *const *v, int training,
+                                PyObject *axis_obj, PyObject *out_obj, npy_intp g)
+{
+    static const char *const gnames[] = {"gamma"};
+    bn_input in = {0};
+    ghost_chunks gc;
+    PyArrayObject *dy = NULL, *mean = NULL, *invstd = NULL, *gamma[1] = {NULL}, *result = NULL, *target = NULL,
+                  *dg_parts = NULL, *db_parts = NULL, *dgamma = NULL, *dbeta = NULL;
+    PyObject *dgamma_r = NULL, *dbeta_r = NULL, *ret = NULL;
+    int status = BN_OK;
+
+    if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
+    const npy_intp C = in.L.dims.C;
+    if (ghost_setup(&in, g, &gc) < 0 || bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 ||
+        ghost_stats_arg(v[0], "mean", &in, &gc, &mean) < 0 || ghost_stats_arg(v[1], "invstd", &in, &gc, &invstd) < 0 ||
+        channel_vectors(&in, 1, gnames, &v[2], gamma) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, dy, &result, &target) < 0 ||
+        bn_detach_from(&mean, target) < 0 || bn_detach_from(&invstd, target) < 0 || detach_all(1, gamma, target) < 0)
+        goto fail;
+    if (!(dg_parts = ghost_matrix(gc.K, C)) || !(db_parts = ghost_matrix(gc.K, C)) || !(dgamma = bn_new_vector(C)) ||
+        !(dbeta = bn_new_vector(C)))
+        goto fail;
+    if (nonempty(&in)) {
+        const npy_intp block = gc.rows * C * in.L.dims.S;
+        Py_BEGIN_ALLOW_THREADS
+        for (npy_intp k = 0; k < gc.K && status == BN_OK; k++) {
+            const bn_dims d = {ghost_samples(&gc, k) * gc.rows, C, in.L.dims.S};
+            const npy_intp off = k * gc.g * block;
+            status = BN_KERNEL(in.work, bn_backward, CHUNK(dy, off), CHUNK(in.arr, off), CHUNK(target, off), d,
+                               DDATA(mean) + k * C, DDATA(invstd) + k * C, DDATA(gamma[0]), training,
+                               (double *)DATA(dg_parts) + k * C, (double *)DATA(db_parts) + k * C,
+                               bn_get_num_threads());
+        }
+        Py_END_ALLOW_THREADS
+    }
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    /* the parameter gradients are the chunks' sums, added in chunk order (the same bits every time) */
+    double *pg = (double *)DATA(dgamma), *pb = (double *)DATA(dbeta);
+    for (npy_intp k = 0; k < gc.K; k++)
+        for (npy_intp c = 0; c < C; c++) {
+            pg[c] += DDATA(dg_parts)[k * C + c];
+            pb[c] += DDATA(db_parts)[k * C + c];
+        }
+    const int grad_type = in.result == NPY_HALF ? NPY_FLOAT : in.result;
+    if (!(dgamma_r = bn_cast_vector(dgamma, grad_type)) || !(dbeta_r = bn_cast_vector(dbeta, grad_type))) goto fail;
+    if (bn_finish_output(result, target) < 0) goto fail;
+    ret = Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
+fail:
+    bn_input_clear(&in);
+    clear_all(1, gamma);
+    Py_XDECREF(dy); Py_XDECREF(mean); Py_XDECREF(invstd); Py_XDECREF(result); Py_XDECREF(target);
+    Py_XDECREF(dg_parts); Py_XDECREF(db_parts); Py_XDECREF(dgamma); Py_XDECREF(dbeta); Py_XDECREF(dgamma_r);
+    Py_XDECREF(dbeta_r);
+    return ret;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 /* forward_train                                                                                     */
 
 PyDoc_STRVAR(forward_train_doc,
-"forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-05, axis=1, out=None, stats_dtype=None)\n"
+"forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-05, axis=1, out=None, stats_dtype=None, ghost_batch_size=None)\n"
 "--\n\n"
 "Batch Normalization forward pass in training mode.\n\n"
 "Normalizes x with the statistics of the batch itself, per channel:\n"
@@ -94,23 +341,31 @@ PyDoc_STRVAR(forward_train_doc,
 "stats_dtype : dtype, optional\n"
 "    dtype of the returned mean and invstd: None (default) gives the result's dtype, as PyTorch does;\n"
 "    ``numpy.float64`` gives the statistics exactly as computed (the layers keep those for backward:\n"
-"    float32 statistics of float32 data with a large mean cost dx digits).\n\n"
+"    float32 statistics of float32 data with a large mean cost dx digits).\n"
+"ghost_batch_size : int, optional\n"
+"    Ghost Batch Normalization: split the batch along axis 0 into consecutive ghost batches of this many\n"
+"    samples (the last may be smaller) and normalize each with its own statistics. mean and invstd are\n"
+"    then (K, C), one row per ghost batch; pass them to :func:`backward` with the same\n"
+"    ghost_batch_size. The running statistics move once per call, towards the average over the ghost\n"
+"    batches of their means and of their unbiased variances (the rule of Keras's virtual_batch_size).\n"
+"    None (default) normalizes the batch as a whole.\n\n"
 "Returns\n"
 "-------\n"
 "y : ndarray\n"
 "    The normalized batch, x's shape, x's dtype (float64 for integer or bool input).\n"
 "mean : ndarray of shape (C,)\n"
-"    Batch mean per channel.\n"
+"    Batch mean per channel ((K, C) with ghost_batch_size).\n"
 "invstd : ndarray of shape (C,)\n"
-"    ``1 / sqrt(var + eps)`` per channel, with the biased batch variance. Pass mean and invstd to\n"
-"    :func:`backward`.\n\n"
+"    ``1 / sqrt(var + eps)`` per channel, with the biased batch variance ((K, C) with\n"
+"    ghost_batch_size). Pass mean and invstd to :func:`backward`.\n\n"
 "Raises\n"
 "------\n"
 "TypeError\n"
 "    For an unsupported dtype or a non-array argument.\n"
 "ValueError\n"
-"    For wrong shapes, a bad axis, a single value per channel, eps < 0, momentum outside [0, 1], a\n"
-"    read-only ``out`` or running statistic. Nothing is modified when it raises.\n\n"
+"    For wrong shapes, a bad axis, a single value per channel (in any ghost batch), eps < 0, momentum\n"
+"    outside [0, 1], a read-only ``out`` or running statistic, ghost_batch_size < 1 or with channel\n"
+"    axis 0. Nothing is modified when it raises.\n\n"
 "Notes\n"
 "-----\n"
 "Statistics are accumulated in float64 with a two-pass (then pairwise-merged) variance, and the\n"
@@ -131,10 +386,10 @@ PyDoc_STRVAR(forward_train_doc,
 static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"x", "gamma", "beta", "running_mean", "running_var", "momentum", "eps", "axis",
-                             "out", "stats_dtype", NULL};
+                             "out", "stats_dtype", "ghost_batch_size", NULL};
     static const char *const vnames[] = {"gamma", "beta"};
     PyObject *x_obj, *vobj[2] = {NULL, NULL}, *rm_obj = NULL, *rv_obj = NULL, *mom_obj = NULL, *eps_obj = NULL,
-             *axis_obj = NULL, *out_obj = NULL, *sd_obj = NULL;
+             *axis_obj = NULL, *out_obj = NULL, *sd_obj = NULL, *ghost_obj = NULL;
     bn_input in = {0};
     PyArrayObject *vec[2] = {NULL, NULL}, *rm = NULL, *rv = NULL, *result = NULL, *target = NULL, *mean = NULL,
                   *m2 = NULL, *invstd = NULL;
@@ -143,11 +398,14 @@ static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds
     int status, stats_type;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$OOOOOOO:forward_train", kwlist, &x_obj, &vobj[0],
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$OOOOOOOO:forward_train", kwlist, &x_obj, &vobj[0],
                                      &vobj[1], &rm_obj, &rv_obj, &mom_obj, &eps_obj, &axis_obj, &out_obj,
-                                     &sd_obj))
+                                     &sd_obj, &ghost_obj))
         return NULL;
     if (bn_parse_momentum(mom_obj, &momentum) < 0 || bn_parse_eps(eps_obj, &eps) < 0) return NULL;
+    npy_intp ghost;
+    if (parse_ghost(ghost_obj, &ghost) < 0) return NULL;
+    if (ghost) return ghost_forward_train(x_obj, vobj, rm_obj, rv_obj, momentum, eps, axis_obj, out_obj, sd_obj, ghost);
     if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
     const npy_intp C = in.L.dims.C;
     const double count = (double)in.L.dims.N * (double)in.L.dims.S;
@@ -718,7 +976,7 @@ fail:
 }
 
 PyDoc_STRVAR(backward_doc,
-"backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None)\n"
+"backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None, ghost_batch_size=None)\n"
 "--\n\n"
 "Batch Normalization backward pass.\n\n"
 "Gradients of ``y = gamma * (x - mean) * invstd + beta`` given the upstream gradient dy. In training\n"
@@ -742,7 +1000,11 @@ PyDoc_STRVAR(backward_doc,
 "axis : int, default 1\n"
 "    The channel axis (-1 for channels-last).\n"
 "out : ndarray, optional\n"
-"    Where to write dx (x's shape, the result's dtype); may be dy or x itself.\n\n"
+"    Where to write dx (x's shape, the result's dtype); may be dy or x itself.\n"
+"ghost_batch_size : int, optional\n"
+"    Ghost Batch Normalization: the forward's ghost_batch_size; mean and invstd are then (K, C), one row\n"
+"    per ghost batch, and each ghost batch's gradient is exact for its own statistics. dgamma and dbeta\n"
+"    are the sums over the ghost batches.\n\n"
 "Returns\n"
 "-------\n"
 "dx : ndarray\n"
@@ -759,9 +1021,11 @@ PyDoc_STRVAR(backward_doc,
 
 static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"dy", "x", "mean", "invstd", "gamma", "training", "axis", "out", NULL};
+    static char *kwlist[] = {"dy", "x", "mean", "invstd", "gamma", "training", "axis", "out", "ghost_batch_size",
+                             NULL};
     static const char *const vnames[] = {"mean", "invstd", "gamma"};
-    PyObject *dy_obj, *x_obj, *v[3] = {NULL, NULL, NULL}, *training_obj = NULL, *axis_obj = NULL, *out_obj = NULL;
+    PyObject *dy_obj, *x_obj, *v[3] = {NULL, NULL, NULL}, *training_obj = NULL, *axis_obj = NULL, *out_obj = NULL,
+             *ghost_obj = NULL;
     bn_input in = {0};
     PyArrayObject *dy = NULL, *vec[3] = {NULL, NULL, NULL}, *result = NULL, *target = NULL, *dgamma = NULL,
                   *dbeta = NULL;
@@ -769,8 +1033,8 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
     int status, training = 1;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|O$OOO:backward", kwlist, &dy_obj, &x_obj, &v[0], &v[1],
-                                     &v[2], &training_obj, &axis_obj, &out_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|O$OOOO:backward", kwlist, &dy_obj, &x_obj, &v[0], &v[1],
+                                     &v[2], &training_obj, &axis_obj, &out_obj, &ghost_obj))
         return NULL;
     if (training_obj != NULL) {
         if (!PyBool_Check(training_obj) && !PyArray_IsScalar(training_obj, Bool)) {
@@ -783,6 +1047,9 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "mean and invstd are required, got None");
         return NULL;
     }
+    npy_intp ghost;
+    if (parse_ghost(ghost_obj, &ghost) < 0) return NULL;
+    if (ghost) return ghost_backward(dy_obj, x_obj, v, training, axis_obj, out_obj, ghost);
     if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
     if (bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 || channel_vectors(&in, 3, vnames, v, vec) < 0 ||
         bn_prepare_output(out_obj, &in, in.arr, dy, &result, &target) < 0 || detach_all(3, vec, target) < 0)

@@ -13,7 +13,7 @@ import pytest
 
 import batchnorm as bn
 from batchnorm import reference as ref
-from helpers import TOL, assert_close, make_data, numeric_grad
+from helpers import LAYOUTS, TOL, as_layout, assert_close, layout_applies, make_data, numeric_grad
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 C = 3
@@ -544,3 +544,288 @@ def test_renorm_layer_pickles_with_its_bounds(rng):
     assert clone.renorm is True and (clone.rmax, clone.dmax) == (1.5, 0.25)
     x = batch(rng, "1d", 4, np.float32)
     assert layer(x).tobytes() == clone(x).tobytes()
+
+
+# --------------------------------------------------------------------------------------------------
+# Ghost Batch Normalization
+# --------------------------------------------------------------------------------------------------
+
+GHOST_CASES = {  # (shape, axis, ghost_batch_size)
+    "2d-even": ((8, C), 1, 4),
+    "2d-uneven": ((9, C), 1, 4),          # 4, 4, 1 samples... of 1 value: see the 3d cases for that
+    "3d-last-one": ((7, C, 2), 1, 3),     # 3, 3, 1 samples (the last with 2 values per channel)
+    "4d": ((5, C, 2, 3), 1, 2),
+    "chlast": ((5, 2, 3, C), -1, 2),
+    "ax2": ((4, 2, C), 2, 3),
+    "one-chunk": ((4, C, 3), 1, 10),
+    "per-sample": ((3, C, 4), 1, 1),
+    "unit-batch-axis": ((1, C, 5), 1, 1),
+}
+
+
+def _ghost_case(rng, name, dtype, layout="C"):
+    shape, axis, g = GHOST_CASES[name]
+    if name == "2d-uneven":
+        shape = (10, C)  # 4, 4, 2
+    x = as_layout(make_data(rng, shape, dtype, axis=axis), layout, axis)
+    dy = as_layout(make_data(rng, shape, dtype, axis=axis), layout, axis)
+    return x, dy, axis, g
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", list(GHOST_CASES))
+def test_ghost_matches_reference(rng, name, dtype):
+    x, dy, axis, g = _ghost_case(rng, name, dtype)
+    gamma, beta = rng.uniform(0.5, 2, C), rng.normal(0, 1, C)
+    rm, rv = rng.normal(0, 1, C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
+    rm_ref, rv_ref = rm.astype(np.float64), rv.astype(np.float64)
+    tol = TOL[np.dtype(dtype)]
+    y, mean, invstd = bn.forward_train(x, gamma, beta, running_mean=rm, running_var=rv, momentum=0.3, axis=axis,
+                                       ghost_batch_size=g)
+    y_ref, mean_ref, invstd_ref = ref.forward_train(x, gamma, beta, running_mean=rm_ref, running_var=rv_ref,
+                                                    momentum=0.3, axis=axis, ghost_batch_size=g)
+    K = -(-x.shape[0] // g)
+    assert mean.shape == invstd.shape == (K, C) and mean.dtype == dtype
+    assert y.dtype == dtype and y.shape == x.shape
+    for got, want, what in ((y, y_ref, "y"), (mean, mean_ref, "mean"), (invstd, invstd_ref, "invstd"),
+                            (rm, rm_ref, "running_mean"), (rv, rv_ref, "running_var")):
+        assert_close(got, want, tol, what)
+    dx, dgamma, dbeta = bn.backward(dy, x, mean, invstd, gamma, axis=axis, ghost_batch_size=g)
+    want = ref.backward(dy, x, mean, invstd, gamma, axis=axis, ghost_batch_size=g)
+    for got, w, what in zip((dx, dgamma, dbeta), want, ("dx", "dgamma", "dbeta")):
+        assert got.dtype == dtype
+        assert_close(got, w, tol, what)
+    # frozen statistics per ghost batch work too
+    got = bn.backward(dy, x, mean, invstd, gamma, training=False, axis=axis, ghost_batch_size=g)
+    want = ref.backward(dy, x, mean, invstd, gamma, training=False, axis=axis, ghost_batch_size=g)
+    for a, b in zip(got, want):
+        assert_close(a, b, tol, "frozen")
+
+
+def test_ghost_chunks_are_plain_bn_of_each_chunk(rng):
+    """Each ghost batch's rows are forward_train/backward of that chunk alone, to the bit."""
+    x, dy = make_data(rng, (7, C, 3)), make_data(rng, (7, C, 3))
+    gamma = rng.uniform(0.5, 2, C)
+    y, mean, invstd = bn.forward_train(x, gamma, ghost_batch_size=3, stats_dtype=np.float64)
+    dx, dgamma, dbeta = bn.backward(dy, x, mean, invstd, gamma, ghost_batch_size=3)
+    sums = np.zeros(C), np.zeros(C)
+    for k, start in enumerate(range(0, 7, 3)):
+        yk, mk, sk = bn.forward_train(x[start:start + 3], gamma, stats_dtype=np.float64)
+        assert yk.tobytes() == y[start:start + 3].tobytes()
+        assert mk.tobytes() == mean[k].tobytes() and sk.tobytes() == invstd[k].tobytes()
+        dxk, dgk, dbk = bn.backward(dy[start:start + 3], x[start:start + 3], mk, sk, gamma)
+        assert dxk.tobytes() == dx[start:start + 3].tobytes()
+        sums = sums[0] + dgk, sums[1] + dbk
+    assert dgamma.tobytes() == sums[0].tobytes() and dbeta.tobytes() == sums[1].tobytes()
+
+
+def test_ghost_running_statistics_follow_the_keras_rule(rng):
+    """Moved once, towards the average over the chunks of their means and unbiased variances."""
+    x = make_data(rng, (10, C, 2))
+    rm, rv = np.zeros(C), np.ones(C)
+    bn.forward_train(x, running_mean=rm, running_var=rv, momentum=0.25, ghost_batch_size=4)
+    chunks = [x[0:4], x[4:8], x[8:10]]
+    means = np.mean([np.moveaxis(c, 1, -1).reshape(-1, C).mean(0) for c in chunks], axis=0)
+    unbiased = np.mean([np.moveaxis(c, 1, -1).reshape(-1, C).var(0, ddof=1) for c in chunks], axis=0)
+    assert_close(rm, 0.25 * means, 1e-14)
+    assert_close(rv, 0.75 + 0.25 * unbiased, 1e-14)
+
+
+@pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay != "bcast"] + ["bcast"])
+def test_ghost_any_layout(rng, layout):
+    """Every memory layout gives the C-order bits (chunks along axis 0 that are not sub-blocks of the
+    memory, as in Fortran order or x.T, are computed from one C-order copy)."""
+    shape, axis, g = (7, C, 2, 3), 1, 3
+    if not layout_applies(layout, shape, axis):
+        pytest.skip("layout does not apply")
+    base = make_data(rng, shape, np.float32, axis=axis)
+    dbase = make_data(rng, shape, np.float32, axis=axis)
+    x, dy = as_layout(base, layout, axis), as_layout(dbase, layout, axis)
+    if layout == "bcast":
+        base, dbase = np.ascontiguousarray(x), np.ascontiguousarray(dy)
+    want = bn.forward_train(base, ghost_batch_size=g)
+    got = bn.forward_train(x, ghost_batch_size=g)
+    for a, b in zip(got, want):
+        assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+    wantb = bn.backward(dbase, base, want[1], want[2], ghost_batch_size=g)
+    gotb = bn.backward(dy, x, got[1], got[2], ghost_batch_size=g)
+    for a, b in zip(gotb, wantb):
+        assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+def test_ghost_out_and_in_place(rng):
+    x = make_data(rng, (6, C, 4))
+    y, mean, invstd = bn.forward_train(x, ghost_batch_size=4)
+    out = np.asfortranarray(np.zeros_like(x))
+    assert bn.forward_train(x, ghost_batch_size=4, out=out)[0] is out
+    assert np.array_equal(out, y)
+    xc = x.copy()
+    bn.forward_train(xc, ghost_batch_size=4, out=xc)
+    assert xc.tobytes() == y.tobytes()
+    dy = make_data(rng, x.shape)
+    dx = bn.backward(dy, x, mean, invstd, ghost_batch_size=4)[0]
+    dyc = dy.copy()
+    assert bn.backward(dyc, x, mean, invstd, ghost_batch_size=4, out=dyc)[0] is dyc
+    assert dyc.tobytes() == dx.tobytes()
+
+
+def test_ghost_one_chunk_is_plain_bn(rng):
+    x, dy = make_data(rng, (5, C, 3)), make_data(rng, (5, C, 3))
+    rm, rv, rm2, rv2 = np.zeros(C), np.ones(C), np.zeros(C), np.ones(C)
+    y, mean, invstd = bn.forward_train(x, running_mean=rm, running_var=rv, ghost_batch_size=5)
+    y0, mean0, invstd0 = bn.forward_train(x, running_mean=rm2, running_var=rv2)
+    assert y.tobytes() == y0.tobytes() and mean[0].tobytes() == mean0.tobytes()
+    assert rm.tobytes() == rm2.tobytes()
+    assert_close(rv, rv2, 1e-15)
+    for a, b in zip(bn.backward(dy, x, mean, invstd, ghost_batch_size=99), bn.backward(dy, x, mean0, invstd0)):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_ghost_thread_count_does_not_change_bits(rng, restore_threads):
+    x = make_data(rng, (37, C, 40, 30), np.float32)
+    dy = make_data(rng, x.shape, np.float32)
+    results = []
+    for n in (1, 2, 3):
+        bn.set_num_threads(n)
+        rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+        y, mean, invstd = bn.forward_train(x, running_mean=rm, running_var=rv, ghost_batch_size=8)
+        results.append([a.tobytes() for a in (y, mean, invstd, rm, rv)]
+                       + [a.tobytes() for a in bn.backward(dy, x, mean, invstd, ghost_batch_size=8)])
+    assert results[0] == results[1] == results[2]
+
+
+def test_ghost_empty_batch(rng):
+    x = np.zeros((0, C, 3))
+    rm, rv = np.zeros(C), np.ones(C)
+    y, mean, invstd = bn.forward_train(x, running_mean=rm, running_var=rv, ghost_batch_size=2)
+    assert y.shape == x.shape and mean.shape == invstd.shape == (0, C)
+    assert np.all(rm == 0) and np.all(rv == 1)
+    dx, dgamma, dbeta = bn.backward(x, x, mean, invstd, np.ones(C), ghost_batch_size=2)
+    assert dx.shape == x.shape and np.all(dgamma == 0) and np.all(dbeta == 0)
+
+
+def test_ghost_errors_change_nothing(rng):
+    x = make_data(rng, (5, C))
+    rm, rv = np.zeros(C), np.ones(C)
+    out = np.zeros_like(x)
+    before = rm.copy(), rv.copy(), out.copy()
+    for g, err, match in ((0, ValueError, "ghost_batch_size must be None or a positive integer"),
+                          (-3, ValueError, "ghost_batch_size"), (2.0, TypeError, "ghost_batch_size"),
+                          (True, TypeError, "ghost_batch_size"), ("2", TypeError, "ghost_batch_size"),
+                          (2, ValueError, "Expected more than 1 value per channel when training.*ghost batch 2")):
+        with pytest.raises(err, match=match):
+            bn.forward_train(x, running_mean=rm, running_var=rv, out=out, ghost_batch_size=g)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(before, (rm, rv, out))), g
+    with pytest.raises(ValueError, match="axis 0 is the channel axis"):
+        bn.forward_train(make_data(rng, (C, 6), axis=0), axis=0, ghost_batch_size=2)
+    y, mean, invstd = bn.forward_train(x, ghost_batch_size=3)
+    dy = make_data(rng, x.shape)
+    for m, s, match in ((mean[0], invstd, r"mean has shape \(3,\), expected \(2, 3\): one row per ghost batch"),
+                        (mean, invstd[:1], r"invstd has shape \(1, 3\), expected \(2, 3\)"),
+                        (mean, invstd.astype(complex), "complex")):
+        dxo = np.zeros_like(x)
+        with pytest.raises((TypeError, ValueError), match=match):
+            bn.backward(dy, x, m, s, ghost_batch_size=3, out=dxo)
+        assert not dxo.any()
+    with pytest.raises(ValueError, match=r"mean has shape \(2, 3\), expected \(3, 3\)"):
+        bn.backward(dy, x, mean, invstd, ghost_batch_size=2)
+
+
+def test_ghost_signature_and_docstrings():
+    import inspect
+
+    for f in (bn.forward_train, bn.backward):
+        p = inspect.signature(f).parameters["ghost_batch_size"]
+        assert p.kind == p.KEYWORD_ONLY and p.default is None
+        assert "ghost_batch_size" in f.__doc__.split("Returns")[0]
+    assert "unbiased variances" in bn.forward_train.__doc__
+
+
+# -- the layer --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("momentum", [0.2, None], ids=["m0.2", "cma"])
+def test_ghost_layer_step_for_step_against_reference(rng, kind, momentum):
+    _, axis, _ = KINDS[kind]
+    layer = randomize(make_layer(kind, ghost_batch_size=3, momentum=momentum, dtype=np.float64), rng)
+    rm, rv = layer.running_mean.copy(), layer.running_var.copy()
+    # sizes whose last ghost batch of 3 has at least 2 samples (the 1d kind has one value per sample)
+    steps = [(True, None, None, 5), (True, None, None, 8), (False, None, None, 3), (True, False, True, 5),
+             (False, True, False, 6)]
+    updates = 0
+    for step, (training, use, update, n) in enumerate(steps):
+        layer.train(training)
+        layer.use_batch_stats, layer.update_running_stats = use, update
+        x, dy = batch(rng, kind, n), batch(rng, kind, n)
+        y, dx = layer(x), layer.backward(dy)
+        uses = training if use is None else use
+        updates_now = (training and uses) if update is None else update
+        mom = momentum if momentum is not None else 1 / (updates + 1)
+        gamma, beta = layer.weight, layer.bias
+        if uses:
+            y_ref, mean, invstd = ref.forward_train(x, gamma, beta, running_mean=rm if updates_now else None,
+                                                    running_var=rv if updates_now else None, momentum=mom,
+                                                    eps=layer.eps, axis=axis, ghost_batch_size=3)
+            g_ref = ref.backward(dy, x, mean, invstd, gamma, axis=axis, ghost_batch_size=3)
+        else:
+            y_ref = ref.forward_infer(x, rm, rv, gamma, beta, eps=layer.eps, axis=axis)
+            g_ref = ref.backward(dy, x, rm, 1 / np.sqrt(rv + layer.eps), gamma, training=False, axis=axis)
+            if updates_now:  # the frozen statistics update with the ghost rule too
+                ref.forward_train(x, running_mean=rm, running_var=rv, momentum=mom, axis=axis, ghost_batch_size=3)
+        updates += updates_now
+        what = f"step {step}"
+        for got, want, w in ((y, y_ref, "y"), (dx, g_ref[0], "dx"), (layer.grad_weight, g_ref[1], "dgamma"),
+                             (layer.grad_bias, g_ref[2], "dbeta"), (layer.running_mean, rm, "running_mean"),
+                             (layer.running_var, rv, "running_var")):
+            assert_close(got, want, 1e-12, f"{w}, {what}")
+        assert layer.num_batches_tracked == updates
+
+
+def test_ghost_layer_gradients_match_finite_differences(rng):
+    layer = randomize(bn.BatchNorm2d(C, ghost_batch_size=2, dtype=np.float64), rng)
+    fd_check(layer, batch(rng, "2d", 5), rng)
+
+
+def test_ghost_layer_float32_and_options(rng):
+    layer = bn.BatchNorm(C, axis=-1, ghost_batch_size=3)
+    x = batch(rng, "chlast", 7, np.float32)
+    y = layer(x)
+    assert y.dtype == np.float32
+    assert_close(y, ref.forward_train(x, axis=-1, ghost_batch_size=3)[0], TOL[F32])
+    assert layer.num_batches_tracked == 1
+    assert "ghost_batch_size=3" in repr(layer)
+    for bad, err in ((0, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="ghost_batch_size"):
+            layer.ghost_batch_size = bad
+        with pytest.raises(err, match="ghost_batch_size"):
+            bn.BatchNorm1d(C, ghost_batch_size=bad)
+    assert layer.ghost_batch_size == 3
+    layer.ghost_batch_size = np.int64(4)
+    assert layer.ghost_batch_size == 4 and type(layer.ghost_batch_size) is int
+    layer.ghost_batch_size = None
+    with pytest.raises(ValueError, match="renorm"):
+        bn.BatchNorm1d(C, renorm=True, ghost_batch_size=2)
+    from batchnorm.distributed import SyncBatchNorm
+    with pytest.raises(ValueError, match="Ghost"):
+        SyncBatchNorm.from_layer(bn.BatchNorm1d(C, ghost_batch_size=2))
+    clone = pickle.loads(pickle.dumps(bn.BatchNorm1d(C, ghost_batch_size=5)))
+    assert clone.ghost_batch_size == 5
+
+
+def test_ghost_layer_failed_forward_keeps_state(rng):
+    layer = randomize(bn.BatchNorm1d(C, ghost_batch_size=2), rng)
+    twin = copy.deepcopy(layer)
+    x, dy = batch(rng, "1d", 4, np.float32), batch(rng, "1d", 4, np.float32)
+    layer(x)
+    twin(x)
+    before = state(layer)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        layer(batch(rng, "1d", 5, np.float32))  # the last ghost batch has one sample of one value
+    assert_same_state(before, state(layer))
+    layer.use_batch_stats, layer.update_running_stats = False, True
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        layer(batch(rng, "1d", 5, np.float32))
+    layer.use_batch_stats = layer.update_running_stats = None
+    assert_same_state(before, state(layer))
+    assert layer.backward(dy).tobytes() == twin.backward(dy).tobytes()

@@ -26,8 +26,10 @@ def forward_train(
     axis: int = 1,
     out: Optional[NDArray[np.floating]] = None,
     stats_dtype: DTypeLike = None,
+    ghost_batch_size: Optional[int] = None,
 ) -> Tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]:
-    """Training forward pass: returns ``(y, mean, invstd)``; updates the running statistics in place."""
+    """Training forward pass: returns ``(y, mean, invstd)``; updates the running statistics in place.
+    With ``ghost_batch_size`` mean and invstd are (K, C), one row per ghost batch."""
     ...
 
 def forward_infer(
@@ -54,8 +56,10 @@ def backward(
     training: bool = True,
     axis: int = 1,
     out: Optional[NDArray[np.floating]] = None,
+    ghost_batch_size: Optional[int] = None,
 ) -> Tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]:
-    """Backward pass: returns ``(dx, dgamma, dbeta)``."""
+    """Backward pass: returns ``(dx, dgamma, dbeta)``; with ``ghost_batch_size``, mean and invstd are
+    the (K, C) statistics forward_train returned for it."""
     ...
 
 def batch_stats(x: ArrayLike, *, axis: int = 1) -> Tuple[int, NDArray[np.float64], NDArray[np.float64]]:

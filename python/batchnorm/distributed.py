@@ -126,6 +126,8 @@ class SyncBatchNorm(BatchNorm):
             raise TypeError(f"layer must be a batchnorm.BatchNorm, got {type(layer).__name__}")
         if layer.renorm:
             raise ValueError("SyncBatchNorm does not support Batch Renormalization (renorm=True)")
+        if layer.ghost_batch_size is not None:
+            raise ValueError("SyncBatchNorm does not support Ghost BN (ghost_batch_size)")
         new = cls(layer.num_features, comm=comm, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
                   track_running_stats=layer.track_running_stats, axis=layer.axis, dtype=layer.dtype,
                   bias=layer.has_bias)
@@ -202,6 +204,8 @@ class SyncBatchNorm(BatchNorm):
                 raise ValueError("SyncBatchNorm does not support update_running_stats=True with "
                                  "use_batch_stats=False")
             return super().forward(x)
+        if self.renorm or self.ghost_batch_size is not None:  # attributes set after construction
+            raise ValueError("SyncBatchNorm does not support renorm or ghost_batch_size")
         comm = self._communicator()
         if comm.Get_size() == 1:
             # Nothing to share: the fused kernels give the phases' bits (running statistics included)

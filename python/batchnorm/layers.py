@@ -100,6 +100,13 @@ class BatchNorm:
     rmax, dmax : float, default 3.0 and 5.0 (keyword only)
         The bounds of r (at least 1) and of |d| (at least 0); attributes, changeable between steps (the
         paper ramps them up from 1 and 0).
+    ghost_batch_size : int or None, default None (keyword only)
+        Ghost Batch Normalization (Hoffer et al., 2017) whenever batch statistics normalize: consecutive
+        chunks of this many samples along axis 0 (the last may be smaller) are normalized with their own
+        statistics, and backward is exact per chunk. The running statistics move once per forward,
+        towards the average over the chunks of their means and of their unbiased variances (Keras's
+        ``virtual_batch_size`` rule). An attribute, changeable at any time; None is ordinary BN. Not
+        with ``renorm=True``.
 
     The first five arguments may be given positionally, in PyTorch's order:
     ``BatchNorm1d(10, 1e-3, 0.3, False, True)``.
@@ -129,7 +136,7 @@ class BatchNorm:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=np.float32, *, bias=True, axis=1, use_batch_stats=None,
-                 update_running_stats=None, renorm=False, rmax=3.0, dmax=5.0):
+                 update_running_stats=None, renorm=False, rmax=3.0, dmax=5.0, ghost_batch_size=None):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
         if num_features < 1:
@@ -189,6 +196,8 @@ class BatchNorm:
         self.renorm = bool(renorm)
         self.rmax = rmax
         self.dmax = dmax
+        self._ghost_batch_size = None
+        self.ghost_batch_size = ghost_batch_size
         self._cache = None
         self._cache_extra = None
         self._precise = None  # a Moments while batchnorm.precise_stats is active
@@ -298,6 +307,25 @@ class BatchNorm:
     def dmax(self, value):
         self._dmax = self._check_bound("dmax", value, 0.0)
 
+    # -- Ghost BN ------------------------------------------------------------------------------------
+
+    @property
+    def ghost_batch_size(self):
+        """Samples per ghost batch (None: the whole batch)."""
+        return self._ghost_batch_size
+
+    @ghost_batch_size.setter
+    def ghost_batch_size(self, value):
+        if value is not None:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"ghost_batch_size must be None or a positive integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"ghost_batch_size must be None or a positive integer, got {value!r}")
+            if self.renorm:
+                raise ValueError("ghost_batch_size is not supported together with renorm=True")
+            value = int(value)
+        self._ghost_batch_size = value
+
     def _uses_batch_stats(self):
         """Whether a forward now normalizes with the batch's statistics."""
         if self._use_batch_stats is not None:
@@ -375,6 +403,7 @@ class BatchNorm:
         Returns (y, mean, invstd, extra) with what backward needs."""
         if self.renorm:
             return self._forward_renorm(x, update)
+        ghost = self._ghost_batch_size
         y, mean, invstd = _forward_train(
             x, self.weight, self.bias,
             running_mean=self.running_mean if update else None,
@@ -382,11 +411,33 @@ class BatchNorm:
             momentum=self._momentum_now() if update else 0.0, eps=self.eps, axis=self.axis,
             # float64 whatever x's type: backward from float32 statistics loses digits when the
             # data's mean is large against its spread (5e-5 of dx at mean = 1e5 std)
-            stats_dtype=np.float64)
-        return y, mean, invstd, None
+            stats_dtype=np.float64, ghost_batch_size=ghost)
+        return y, mean, invstd, None if ghost is None else ("ghost", ghost)
+
+    def _update_stats(self, x):
+        """(count, mean, m2) of x for update_running_stats, as a training forward would update with them;
+        with ghost_batch_size, the chunks' average mean and average unbiased variance (as m2 over a
+        count of 2, whose m2 / (count - 1) is that variance). Count 0 for an empty batch."""
+        g = self._ghost_batch_size
+        if g is None:
+            count, mean, m2 = _batch_stats(x, axis=self.axis)
+            self._check_training_count(x, count)
+            return count, mean, m2
+        if x.size == 0:
+            return 0, None, None
+        sum_mean, sum_var, chunks = 0.0, 0.0, 0
+        for start in range(0, x.shape[0], g):
+            count, mean, m2 = _batch_stats(x[start:start + g], axis=self.axis)
+            if count == 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got a ghost batch of 1 "
+                                 f"value per channel (input of shape {x.shape}, ghost_batch_size={g})")
+            sum_mean, sum_var, chunks = sum_mean + mean, sum_var + m2 / (count - 1), chunks + 1
+        return 2, sum_mean / chunks, sum_var / chunks
 
     def _forward_renorm(self, x, update):
         """Batch Renormalization: batch statistics corrected by r and d towards the running ones."""
+        if self._ghost_batch_size is not None:  # both set as attributes after construction
+            raise ValueError("ghost_batch_size is not supported together with renorm=True")
         y, mean, invstd, r, d = _forward_train_renorm(
             x, self.running_mean, self.running_var, self.weight, self.bias, rmax=self.rmax, dmax=self.dmax,
             momentum=self._momentum_now(), eps=self.eps, axis=self.axis, update=update)
@@ -407,8 +458,7 @@ class BatchNorm:
         them from x's statistics. Returns (y, mean, invstd, extra)."""
         mean, invstd = self._frozen_stats()
         if update:
-            count, batch_mean, batch_m2 = _batch_stats(x, axis=self.axis)
-            self._check_training_count(x, count)
+            count, batch_mean, batch_m2 = self._update_stats(x)
         y = _forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                            eps=self.eps, axis=self.axis)
         if update and count:  # last: nothing is changed when a call above raised
@@ -445,6 +495,9 @@ class BatchNorm:
         extra = self._cache_extra
         if extra is not None and extra[0] == "renorm":
             dx, dgamma, dbeta = _backward_renorm(dy, x, mean, invstd, extra[1], extra[2], weight, axis=self.axis)
+        elif extra is not None and extra[0] == "ghost":
+            dx, dgamma, dbeta = _backward(dy, x, mean, invstd, weight, training=batch_stats, axis=self.axis,
+                                          ghost_batch_size=extra[1])
         else:
             dx, dgamma, dbeta = _backward(dy, x, mean, invstd, weight, training=batch_stats, axis=self.axis)
         self._set_gradients(dgamma, dbeta)
@@ -537,6 +590,7 @@ class BatchNorm:
         state.setdefault("renorm", False)
         state.setdefault("_rmax", 3.0)
         state.setdefault("_dmax", 5.0)
+        state.setdefault("_ghost_batch_size", None)
         self.__dict__.update(state)
 
     def __getstate__(self):
@@ -561,6 +615,8 @@ class BatchNorm:
                 s += f", {name}={getattr(self, name)}"
         if self.renorm:
             s += f", renorm=True, rmax={self.rmax}, dmax={self.dmax}"
+        if self._ghost_batch_size is not None:
+            s += f", ghost_batch_size={self._ghost_batch_size}"
         return s
 
     def __repr__(self):

@@ -57,12 +57,16 @@ def _param(p, C, default):
 
 
 def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1,
-                  eps=1e-5, axis=1, out=None, stats_dtype=None):
+                  eps=1e-5, axis=1, out=None, stats_dtype=None, ghost_batch_size=None):
     """Training forward: normalize with batch statistics; returns (y, mean, invstd).
 
     Updates ``running_mean``/``running_var`` in place when given, with the unbiased batch variance.
     An empty batch gives an empty y, zero mean and invstd, and leaves the running statistics alone.
+    With ``ghost_batch_size`` see :func:`_ghost_forward_train`.
     """
+    if ghost_batch_size is not None:
+        return _ghost_forward_train(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out,
+                                    stats_dtype, ghost_batch_size)
     flat, moved_shape, axis = _layout(x, axis)
     M, C = flat.shape
     if M == 0:
@@ -83,19 +87,67 @@ def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=No
     return y, mean.astype(sdt), invstd.astype(sdt)
 
 
+def _chunks(a, g):
+    """Consecutive slices of g samples along axis 0 (the last may be smaller)."""
+    a = np.asarray(a)
+    return [a[i:i + g] for i in range(0, a.shape[0], g)]
+
+
+def _ghost_forward_train(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out, stats_dtype, g):
+    """Ghost Batch Normalization (Hoffer et al., 2017): each chunk of g consecutive samples along axis 0
+    (the last may be smaller) normalized with its own statistics; mean and invstd are (K, C), one row per
+    chunk. The running statistics move once, towards the average over the chunks of their means and of
+    their unbiased variances (Keras's virtual_batch_size rule)."""
+    x = np.asarray(x)
+    C = x.shape[axis]
+    sdt = _result_dtype(x) if stats_dtype is None else np.dtype(stats_dtype)
+    parts = [forward_train(chunk, gamma, beta, eps=eps, axis=axis, stats_dtype=np.float64)
+             for chunk in _chunks(x, g)]
+    y = np.concatenate([p[0] for p in parts]) if parts else np.zeros(x.shape, _result_dtype(x))
+    means = np.array([p[1] for p in parts]).reshape(len(parts), C)
+    invstds = np.array([p[2] for p in parts]).reshape(len(parts), C)
+    if parts and x.size:
+        stats = [batch_stats(chunk, axis=axis) for chunk in _chunks(x, g)]
+        unbiased = np.array([m2 / (n - 1) for n, _, m2 in stats])
+        if running_mean is not None:
+            running_mean[...] = (1 - momentum) * running_mean + momentum * means.mean(axis=0)
+        if running_var is not None:
+            running_var[...] = (1 - momentum) * running_var + momentum * unbiased.mean(axis=0)
+    if out is not None:
+        out[...] = y
+        y = out
+    return y, means.astype(sdt), invstds.astype(sdt)
+
+
 def forward_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5, axis=1, out=None):
     """Inference forward: normalize with the given (running) statistics; returns y."""
     invstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
     return normalize(x, running_mean, invstd, gamma, beta, axis=axis, out=out)
 
 
-def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None):
+def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None, ghost_batch_size=None):
     """Gradients of y = gamma * (x - mean) * invstd + beta; returns (dx, dgamma, dbeta).
 
     With ``training=True`` mean and invstd are the batch statistics of x, so the gradient flows through
     them too:  dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
     With ``training=False`` they are constants (frozen BN):  dx = gamma * invstd * dy.
+    With ``ghost_batch_size`` mean and invstd are (K, C), one row per ghost batch: each ghost batch's
+    gradient with its own row; dgamma and dbeta are the sums over the ghost batches.
     """
+    if ghost_batch_size is not None:
+        parts = [backward(dy_k, x_k, m, s, gamma, training=training, axis=axis)
+                 for dy_k, x_k, m, s in zip(_chunks(dy, ghost_batch_size), _chunks(x, ghost_batch_size),
+                                            np.asarray(mean), np.asarray(invstd))]
+        C = np.shape(x)[axis]
+        dt = _result_dtype(x)
+        gdt = np.dtype(np.float32) if dt == np.float16 else dt
+        dx = np.concatenate([p[0] for p in parts]) if parts else np.zeros(np.shape(x), dt)
+        dgamma = np.sum([p[1].astype(np.float64) for p in parts], axis=0) if parts else np.zeros(C)
+        dbeta = np.sum([p[2].astype(np.float64) for p in parts], axis=0) if parts else np.zeros(C)
+        if out is not None:
+            out[...] = dx
+            dx = out
+        return dx, dgamma.astype(gdt), dbeta.astype(gdt)
     flat, moved_shape, axis = _layout(x, axis)
     dflat, _, _ = _layout(dy, axis)
     M, C = flat.shape
