@@ -6,6 +6,9 @@ The phases they are made of, for synchronized and custom BN (see batchnorm.distr
     batch_stats, merge_stats, normalize, update_running_stats, backward_reduce, backward_apply
 Layers (PyTorch's semantics, NumPy arrays):
     BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+Batch Renormalization: forward_train_renorm, backward_renorm (and BatchNorm(..., renorm=True)).
+Exact population statistics: Moments (streaming per-channel mean/variance), precise_stats (recompute
+the running statistics of BN layers exactly over many batches).
 Helpers: fold_into (fold BN into the preceding layer), show_config.
 The plain-NumPy twin of every kernel lives in :mod:`batchnorm.reference`.
 """
@@ -25,6 +28,8 @@ from ._core import (
 )
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, StateDictError
 from ._fold import fold_into
+from .moments import Moments, precise_stats
+from .variants import backward_renorm, forward_train_renorm
 from ._config import check_simd_env as _check_simd_env, show_config
 from . import reference
 
@@ -49,6 +54,10 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "StateDictError",
+    "Moments",
+    "precise_stats",
+    "forward_train_renorm",
+    "backward_renorm",
     "fold_into",
     "show_config",
     "reference",

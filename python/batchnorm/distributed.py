@@ -76,13 +76,16 @@ def _check_comm(comm):
 
 
 def _copy_state(src, dst):
-    """Parameters, running statistics, counter and mode of src into dst (a layer of the same options)."""
+    """Parameters, running statistics, counter, mode and frozen-BN flags of src into dst (a layer of the
+    same options)."""
     for name in ("weight", "bias", "running_mean", "running_var"):
         value = getattr(src, name)
         if value is not None:
             getattr(dst, name)[...] = value
     dst.num_batches_tracked = src.num_batches_tracked
     dst.training = src.training
+    dst.use_batch_stats = src.use_batch_stats
+    dst.update_running_stats = src.update_running_stats
 
 
 class SyncBatchNorm(BatchNorm):
@@ -124,6 +127,10 @@ class SyncBatchNorm(BatchNorm):
         """A SyncBatchNorm with ``layer``'s options, parameters, running statistics and mode (copies)."""
         if not isinstance(layer, BatchNorm):
             raise TypeError(f"layer must be a batchnorm.BatchNorm, got {type(layer).__name__}")
+        if layer.renorm:
+            raise ValueError("SyncBatchNorm does not support Batch Renormalization (renorm=True)")
+        if layer.ghost_batch_size is not None:
+            raise ValueError("SyncBatchNorm does not support Ghost BN (ghost_batch_size)")
         new = cls(layer.num_features, comm=comm, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
                   track_running_stats=layer.track_running_stats, axis=layer.axis, dtype=layer.dtype,
                   bias=layer.has_bias, activation=layer.activation)
@@ -190,10 +197,19 @@ class SyncBatchNorm(BatchNorm):
 
     def forward(self, x, residual=None):
         """Normalize x with the statistics of every process's batch (training mode, collective) or
-        with the running statistics (eval mode, local). Returns y; ``residual`` and the layer's
-        ``activation`` as in :meth:`BatchNorm.forward`."""
-        if not self.training:
+        with the running statistics (eval mode, local); the ``use_batch_stats`` and
+        ``update_running_stats`` flags act as on :class:`BatchNorm`. Returns y; ``residual`` and the
+        layer's ``activation`` as in :meth:`BatchNorm.forward`."""
+        precise = self._precise is not None
+        use = precise or self._uses_batch_stats()
+        update = not precise and self._updates_running_stats(use)
+        if not use:
+            if update:  # from this process's part alone the processes' running statistics would drift apart
+                raise ValueError("SyncBatchNorm does not support update_running_stats=True with "
+                                 "use_batch_stats=False")
             return super().forward(x, residual)
+        if self.renorm or self.ghost_batch_size is not None:  # attributes set after construction
+            raise ValueError("SyncBatchNorm does not support renorm or ghost_batch_size")
         comm = self._communicator()
         if comm.Get_size() == 1:
             # Nothing to share: the fused kernels give the phases' bits (running statistics included)
@@ -221,7 +237,9 @@ class SyncBatchNorm(BatchNorm):
             residual = np.asarray(residual)
         y = normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis, activation=self.activation,
                       residual=residual)
-        if self.track_running_stats and count:
+        if precise:  # inside batchnorm.precise_stats: the whole batch's statistics, the same on every process
+            self._precise._add(count, mean, m2)
+        if update and count:
             update_running_stats(self.running_mean, self.running_var, mean, m2, count,
                                  momentum=self._momentum_now())
             self.num_batches_tracked += 1
