@@ -79,8 +79,25 @@ class BatchNorm:
     axis : int, default 1 (keyword only)
         The channel axis of the input; -1 for channels-last data.
 
-    The first five arguments may be given positionally, in PyTorch's order:
-    ``BatchNorm1d(10, 1e-3, 0.3, False, True)``.
+    Attributes
+    ----------
+    weight, bias : ndarray of shape (C,) or None
+        The learned scale (gamma, init 1) and shift (beta, init 0), in ``dtype``; None when not
+        ``affine`` (``bias`` also with ``bias=False``). Optimizers update them in place.
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        Their gradients, overwritten by each :meth:`backward`.
+    gamma, beta
+        The paper's names for ``weight`` and ``bias`` (the same arrays).
+    running_mean, running_var : ndarray of shape (C,) or None
+        Running estimates (init 0 and 1), None with ``track_running_stats=False``.
+    num_batches_tracked : int or None
+        Training batches seen (empty ones excepted), None with ``track_running_stats=False``.
+    training : bool
+        True in training mode (the default), False after :meth:`eval`.
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype
+        The constructor's arguments (``eps`` a float, ``dtype`` a :class:`numpy.dtype`).
+    has_bias : bool
+        The constructor's ``bias`` argument.
 
     Notes
     -----
@@ -90,6 +107,26 @@ class BatchNorm:
     An empty batch (N = 0) gives an empty result and changes nothing (no statistics, no count; zero
     parameter gradients in backward). Where it differs from PyTorch on purpose, the README's
     "Differences from PyTorch" says so.
+
+    The first five arguments may be given positionally, in PyTorch's order:
+    ``BatchNorm1d(10, 1e-3, 0.3, False, True)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import batchnorm as bn
+    >>> layer = bn.BatchNorm1d(3)
+    >>> x = np.array([[1.0, 2.0, 3.0], [3.0, 6.0, 9.0]], dtype=np.float32)
+    >>> layer(x).round(4)                          # training mode: the batch's statistics
+    array([[-1., -1., -1.],
+           [ 1.,  1.,  1.]], dtype=float32)
+    >>> layer.running_mean                         # 0.9 * 0 + 0.1 * batch mean
+    array([0.2, 0.4, 0.6], dtype=float32)
+    >>> dx = layer.backward(np.ones_like(x))       # fills grad_weight and grad_bias
+    >>> layer.grad_bias
+    array([2., 2., 2.], dtype=float32)
+    >>> layer.eval()                               # now the running statistics
+    BatchNorm1d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
     """
 
     _valid_ndims: tuple[int, ...] | None = None  # None: any ndim >= 2
@@ -166,6 +203,7 @@ class BatchNorm:
     # gamma/beta are the paper's names for weight/bias.
     @property
     def gamma(self):
+        """The scale, another name for ``weight`` (the same array; setting one sets the other)."""
         return self.weight
 
     @gamma.setter
@@ -174,6 +212,7 @@ class BatchNorm:
 
     @property
     def beta(self):
+        """The shift, another name for ``bias`` (the same array; setting one sets the other)."""
         return self.bias
 
     @beta.setter
@@ -368,6 +407,7 @@ class BatchNorm:
         return state
 
     def extra_repr(self):
+        """The arguments part of the repr, as PyTorch's ``extra_repr``."""
         # PyTorch's form; bias only when it is off, as the common case reads like older PyTorch's repr
         s = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
         if not self.has_bias:

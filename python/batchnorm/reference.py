@@ -4,7 +4,7 @@ Every function here mirrors one in :mod:`batchnorm` (same arguments, same result
 clarity, not speed, and computes in float64. The tests compare the kernels with these functions; the
 benchmark uses them as the "NumPy" column. They validate little: pass well-formed input.
 
-Notation, for a channel c reduced over the M = x.size / C values that share it:
+Notation, for a channel c reduced over the M = x.size / C values that share it::
 
     mean   = sum(x) / M
     var    = sum((x - mean)**2) / M                 (biased: used to normalize)
@@ -138,8 +138,10 @@ def batch_stats(x, *, axis=1):
 def merge_stats(counts, means, m2s):
     """Merge parts k = 0..K-1 in order with Chan's pairwise formula; parts with count 0 are skipped.
 
-    For parts a and b with n = n_a + n_b and delta = mean_b - mean_a:
+    For parts a and b with n = n_a + n_b and delta = mean_b - mean_a::
+
         mean = mean_a + delta * n_b / n,    m2 = m2_a + m2_b + delta**2 * n_a * n_b / n
+
     except that where delta is not finite (a part's mean is +-inf or NaN) the mean is the weighted sum
     mean_a * n_a / n + mean_b * n_b / n: +-inf for one sign of infinity, NaN for both, as np.mean.
     """
@@ -184,7 +186,10 @@ def backward_reduce(dy, x, mean, *, axis=1):
 
 
 def backward_apply(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, *, axis=1, out=None):
-    """The training gradient of x's rows given sums over a whole batch of `count` values per channel:
+    """The training gradient of x's rows given sums over a whole batch.
+
+    With ``count`` values per channel in the whole batch::
+
         dx = gamma * invstd * (dy - sum_dy / count - (x - mean) * invstd**2 * sum_dy_xmu / count)
     """
     flat, moved_shape, axis = _layout(x, axis)
