@@ -9,6 +9,7 @@ fails them, so that CI cannot pass without building the docs. The docstring test
 
 from __future__ import annotations
 
+import html as html_module
 import importlib
 import importlib.util
 import inspect
@@ -141,7 +142,8 @@ def test_layer_attributes_are_documented(name, cls):
     for kwargs in ({}, {"affine": False, "track_running_stats": False}):
         layer = cls(3, **kwargs)
         public = {a for a in vars(layer) if not a.startswith("_")}
-        assert public - documented == set(), f"{name}: attributes missing from the docstring"
+        undocumented = sorted(public - documented)
+        assert not undocumented, f"{name}: attributes {undocumented} are not in an Attributes section"
     assert {"weight", "running_mean"} <= documented  # the parser found the section
 
 
@@ -216,25 +218,41 @@ def test_reference_lists_every_public_name(built_site):
     assert "stats_dtype" in page and "running_mean" in page
 
 
+def _readme_between(start, end):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    return readme.split(start, 1)[1].split(end, 1)[0]
+
+
 def test_pages_include_readme_and_notebook(built_site):
-    """The guide pages carry the README's sections, figures and tables; the notebook page its cells."""
+    """The guide pages carry the README's sections with their figures and tables, the quick start its
+    two commands, the notebook page the notebook's cells and plot."""
     _, html = built_site
+
     def page(name):
         with open(html / name, encoding="utf-8") as f:
             return f.read()
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    quick = re.search(r"```bash\n(# 1\..*?)```", readme, re.S).group(1)
-    commands = [line for line in quick.splitlines() if line and not line.startswith("#")]
+
+    def text(name):
+        return html_module.unescape(re.sub(r"<[^>]+>", "", page(name)))
+
+    quick = _readme_between("## Quick start", "## Documentation")
+    commands = [line for line in re.search(r"```bash\n(.*?)```", quick, re.S).group(1).splitlines()
+                if line and not line.startswith("#")]
     assert len(commands) == 2
-    import html as html_module
-    started = html_module.unescape(re.sub(r"<[^>]+>", "", page("getting-started.html")))
     for command in commands:
-        assert command in started, command
-    assert "demo_curves.png" in page("user-guide.html") and "steps to 95% test acc" in page("user-guide.html")
-    assert "bench.png" in page("performance.html") and "ours/torch" in page("performance.html")
-    assert (html / "_images" / "demo_curves.png").exists() and (html / "_images" / "bench.png").exists()
-    assert "SyncBatchNorm" in page("scaling-out.html") and "mpiexec -n 4" in page("scaling-out.html")
+        assert command in text("getting-started.html"), command
+    for name, start, end in [("user-guide.html", "<!-- demo:start -->", "<!-- demo:end -->"),
+                             ("performance.html", "<!-- bench:start -->", "<!-- bench:end -->")]:
+        section = _readme_between(start, end)
+        images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section)
+        assert images, f"no figure between {start} and {end}"
+        for image in images:
+            base = os.path.basename(image)
+            assert f"_images/{base}" in page(name) and (html / "_images" / base).exists(), base
+        tables = len(re.findall(r"^\|[-:| ]+\|$", section, re.M))
+        assert page(name).count("<table") >= tables > 0, name
+    assert "SyncBatchNorm" in text("scaling-out.html") and "mpiexec -n 4" in text("scaling-out.html")
     notebook = page("notebook.html")
     assert "batchnorm quickstart" in notebook and "data:image/png;base64," in notebook
     assert "fold_into" in notebook

@@ -96,7 +96,9 @@ class PublicAPI(SphinxDirective):
         except Exception as exc:
             logger.warning(f"public-api: cannot document {modname}: {exc}", location=self.get_location())
             return []
-        self.env.note_dependency(inspect.getsourcefile(module) or "")
+        source = inspect.getsourcefile(module)
+        if source:  # __all__ lives there: a name added to it rebuilds this page
+            self.env.note_dependency(source)
         groups = {kind: [] for kind, _ in KINDS}
         for name, obj in members:
             if obj is None and not hasattr(module, name):
@@ -106,9 +108,10 @@ class PublicAPI(SphinxDirective):
             groups[classify(obj)].append((name, obj))
 
         lines = [f".. automodule:: {modname}", ""]
-        lines += [".. rubric:: Summary", "", ".. autosummary::", "   :nosignatures:", ""]
-        lines += [f"   {name}" for kind, _ in KINDS if kind not in ("modules", "data") for name, _ in groups[kind]]
-        lines.append("")
+        summary = [name for kind, _ in KINDS if kind not in ("modules", "data") for name, _ in groups[kind]]
+        if summary:
+            lines += [".. rubric:: Summary", "", ".. autosummary::", "   :nosignatures:", ""]
+            lines += [f"   {name}" for name in summary] + [""]
         for kind, title in KINDS:
             if not groups[kind]:
                 continue
@@ -116,9 +119,8 @@ class PublicAPI(SphinxDirective):
             for name, obj in groups[kind]:
                 lines += self._entry(modname, kind, name, obj)
         content = StringList()
-        source = f"<public-api {modname}>"
         for i, line in enumerate(lines):
-            content.append(line, source, i)
+            content.append(line, f"<public-api {modname}>", i)
         node = nodes.section()
         node.document = self.state.document
         nested_parse_with_titles(self.state, content, node)
