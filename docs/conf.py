@@ -54,6 +54,7 @@ numpydoc_show_class_members = False  # autodoc's :members: lists them (see bn_do
 numpydoc_xref_param_type = False
 
 autodoc_typehints = "none"  # signatures as written; the docstrings give the types
+autodoc_preserve_defaults = True  # dtype=np.float32, not dtype=<class 'numpy.float32'>
 autodoc_inherit_docstrings = True
 autosummary_generate = False  # the summary tables link to entries on the same page; no stub files
 

@@ -6,7 +6,8 @@ layers, other classes, exceptions, modules, data), with a summary table on top. 
 ``__all__`` appears without editing the docs; a name ``__all__`` lists but the module lacks, a public
 name or member without a docstring (numpydoc's GL08 check, see conf.py) and a data name without a
 ``#:`` doc comment are build warnings, which ``sphinx-build -W`` (tests/test_docs.py) turns into
-failures.
+failures. So are the docstrings numpydoc cannot parse (it reports those with ``warnings.warn``, which
+``-W`` would not see; they are logged as Sphinx warnings here).
 
 The page ``notebook`` gets ``examples/quickstart.ipynb`` converted to MyST Markdown when it is read:
 markdown cells as they are, code cells as code blocks, text outputs as literal blocks and PNG outputs
@@ -20,6 +21,7 @@ import importlib
 import inspect
 import json
 import os
+import warnings
 
 from docutils import nodes
 from docutils.statemachine import StringList
@@ -200,7 +202,29 @@ def _insert_notebook(app, docname, source):
     source[0] = notebook_to_myst(path) + "\n" + source[0]
 
 
+def _drop_object_base(app, name, obj, options, bases):
+    # "Bases: object" says nothing
+    bases[:] = [b for b in bases if b is not object]
+
+
+def _route_numpydoc_warnings():
+    """numpydoc reports a docstring it cannot parse (an unknown section such as "Example") with
+    warnings.warn, which sphinx-build -W does not see: log those as Sphinx warnings instead."""
+    warnings.filterwarnings("always", category=UserWarning, module=r"numpydoc(\..*)?$")
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if f"{os.sep}numpydoc{os.sep}" in filename:
+            logger.warning(f"numpydoc: {message}")
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+
+
 def setup(app):
+    _route_numpydoc_warnings()
     app.add_directive("public-api", PublicAPI)
+    app.connect("autodoc-process-bases", _drop_object_base)
     app.connect("source-read", _insert_notebook)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
