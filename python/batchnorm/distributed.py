@@ -209,7 +209,7 @@ class SyncBatchNorm(BatchNorm):
     def forward(self, x, residual=None):
         """Normalize x with the statistics of every process's batch (training mode, collective) or
         with the running statistics (eval mode, local). Returns y; ``residual`` and the layer's
-        ``activation`` as in :meth:`BatchNorm.forward`."""
+        ``activation`` as in :meth:`batchnorm.BatchNorm.forward`."""
         if not self.training:
             return super().forward(x, residual)
         comm = self._communicator()

@@ -98,7 +98,7 @@ class BatchNorm:
         Training batches seen (empty ones excepted), None with ``track_running_stats=False``.
     training : bool
         True in training mode (the default), False after :meth:`eval`.
-    num_features, eps, momentum, affine, track_running_stats, axis, dtype
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype, activation
         The constructor's arguments (``eps`` a float, ``dtype`` a :class:`numpy.dtype`).
     has_bias : bool
         The constructor's ``bias`` argument.
