@@ -769,7 +769,15 @@ PyDoc_STRVAR(update_running_stats_doc,
 "------\n"
 "TypeError, ValueError\n"
 "    For wrong types or shapes, a read-only running statistic, count <= 1, or momentum outside\n"
-"    [0, 1]. Nothing is modified when it raises.\n");
+"    [0, 1]. Nothing is modified when it raises.\n\n"
+"Examples\n"
+"--------\n"
+">>> import numpy as np, batchnorm as bn\n"
+">>> running_mean, running_var = np.zeros(2), np.ones(2)\n"
+">>> count, mean, m2 = bn.batch_stats(np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]]))\n"
+">>> bn.update_running_stats(running_mean, running_var, mean, m2, count, momentum=0.5)\n"
+">>> running_mean, running_var     # 0.5 * (0, 1) + 0.5 * (mean, m2 / (count - 1))\n"
+"(array([ 1.5, 10. ]), array([ 2.5, 50.5]))\n");
 
 static PyObject *py_update_running_stats(PyObject *self, PyObject *args, PyObject *kwds)
 {
@@ -998,7 +1006,15 @@ PyDoc_STRVAR(backward_reduce_doc,
 "Raises\n"
 "------\n"
 "TypeError, ValueError\n"
-"    As :func:`backward`.\n");
+"    As :func:`backward`.\n\n"
+"Examples\n"
+"--------\n"
+">>> import numpy as np, batchnorm as bn\n"
+">>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])\n"
+">>> dy = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])\n"
+">>> count, mean, m2 = bn.batch_stats(x)\n"
+">>> bn.backward_reduce(dy, x, mean)\n"
+"(array([2., 2.]), array([ 0., 10.]))\n");
 
 static PyObject *py_backward_reduce(PyObject *self, PyObject *args, PyObject *kwds)
 {
@@ -1064,7 +1080,24 @@ PyDoc_STRVAR(backward_apply_doc,
 "Raises\n"
 "------\n"
 "TypeError, ValueError\n"
-"    As :func:`backward`, and for a count that is not a whole number at least x's count (and 1).\n");
+"    As :func:`backward`, and for a count that is not a whole number at least x's count (and 1).\n\n"
+"Examples\n"
+"--------\n"
+"A batch split into two parts (two processes, say): each part gets its rows of the whole batch's dx.\n"
+"\n"
+">>> import numpy as np, batchnorm as bn\n"
+">>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])\n"
+">>> dy = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])\n"
+">>> parts = [(x[:1], dy[:1]), (x[1:], dy[1:])]\n"
+">>> stats = [bn.batch_stats(xp) for xp, _ in parts]\n"
+">>> count, mean, m2 = bn.merge_stats(*zip(*stats))\n"
+">>> invstd = 1 / np.sqrt(m2 / count + 1e-5)\n"
+">>> sums = [bn.backward_reduce(dyp, xp, mean) for xp, dyp in parts]\n"
+">>> sum_dy, sum_dy_xmu = sums[0][0] + sums[1][0], sums[0][1] + sums[1][1]\n"
+">>> dx = [bn.backward_apply(dyp, xp, mean, invstd, None, sum_dy, sum_dy_xmu, count) for xp, dyp in parts]\n"
+">>> whole, _, _ = bn.backward(dy, x, mean, invstd)\n"
+">>> bool(np.allclose(np.concatenate(dx), whole))\n"
+"True\n");
 
 static PyObject *py_backward_apply(PyObject *self, PyObject *args, PyObject *kwds)
 {
@@ -1272,7 +1305,15 @@ PyDoc_STRVAR(set_num_threads_doc,
 "never starts more than twice as many threads as the processors OpenMP may use. In a child process\n"
 "forked after a parallel call the kernels run on one thread (GNU libgomp's threads do not survive\n"
 "fork) until this function is called there. Without OpenMP (a serial build) this is accepted and has\n"
-"no effect.\n");
+"no effect.\n\n"
+"Examples\n"
+"--------\n"
+">>> import batchnorm as bn\n"
+">>> before = bn.get_num_threads()\n"
+">>> bn.set_num_threads(1)\n"
+">>> bn.get_num_threads()\n"
+"1\n"
+">>> bn.set_num_threads(before)\n");
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *args, PyObject *kwds)
 {
@@ -1306,7 +1347,12 @@ PyDoc_STRVAR(get_num_threads_doc,
 "-------\n"
 "int\n"
 "    By default the number of cores, or ``OMP_NUM_THREADS`` when set; 1 in a build without OpenMP,\n"
-"    and in a child forked after a parallel call (until :func:`set_num_threads` is called there).\n");
+"    and in a child forked after a parallel call (until :func:`set_num_threads` is called there).\n\n"
+"Examples\n"
+"--------\n"
+">>> import batchnorm as bn\n"
+">>> bn.get_num_threads() >= 1\n"
+"True\n");
 
 static PyObject *py_get_num_threads(PyObject *self, PyObject *unused)
 {

@@ -10,8 +10,8 @@ process's few samples. It is PyTorch's ``SyncBatchNorm`` (GPU only there) on the
 - training backward: one ``Allgather`` of each part's ``(sum_dy, sum_dy_xmu)``
   (:func:`batchnorm.backward_reduce`), summed in rank order on every process (deterministic, not left to
   the MPI library's reduction order), then :func:`batchnorm.backward_apply` with the global sums;
-- eval mode communicates nothing: it normalizes with the running statistics like :class:`BatchNorm`;
-  neither does a communicator of one process, where the layer is :class:`BatchNorm` (same bits).
+- eval mode communicates nothing: it normalizes with the running statistics like :class:`batchnorm.BatchNorm`;
+  neither does a communicator of one process, where the layer is :class:`batchnorm.BatchNorm` (same bits).
 
 Two collectives per training step, each of ``processes x (2 C + 2)`` float64 values. ``dx`` on each
 process is that process's rows of the gradient of single-process BN over the concatenated batch.
@@ -102,6 +102,12 @@ class SyncBatchNorm(BatchNorm):
         As :class:`batchnorm.BatchNorm`. With ``activation="relu"`` the forward is fused as BatchNorm's;
         the backward masks dy in a NumPy pass of its own before the phases (they have no fused form).
 
+    Attributes
+    ----------
+    comm : mpi4py communicator or None
+        The communicator; None until a training forward looks up ``MPI.COMM_WORLD``. May be set.
+        The other attributes are :class:`batchnorm.BatchNorm`'s.
+
     Notes
     -----
     Every process in ``comm`` must call the layer (forward, and backward after a training forward)
@@ -110,6 +116,18 @@ class SyncBatchNorm(BatchNorm):
     layout (channel axis ``axis``) and ndim >= 2 is accepted; the processes may split the batch unevenly.
     The communicator is not pickled or put into ``state_dict``: an unpickled layer uses ``MPI.COMM_WORLD``
     until ``layer.comm`` is set; ``copy.deepcopy`` shares it with the original.
+
+    Examples
+    --------
+    Converting a layer needs no MPI; a training forward does (run the script under ``mpiexec -n P``):
+
+    >>> import batchnorm as bn
+    >>> from batchnorm.distributed import SyncBatchNorm
+    >>> sync = SyncBatchNorm.from_layer(bn.BatchNorm2d(8))
+    >>> sync
+    SyncBatchNorm(8, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+    >>> sync.to_layer()
+    BatchNorm2d(8, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
     """
 
     def __init__(self, num_features, *, comm=None, eps=1e-5, momentum=0.1, affine=True,
@@ -198,8 +216,8 @@ class SyncBatchNorm(BatchNorm):
     def forward(self, x, residual=None):
         """Normalize x with the statistics of every process's batch (training mode, collective) or
         with the running statistics (eval mode, local); the ``use_batch_stats`` and
-        ``update_running_stats`` flags act as on :class:`BatchNorm`. Returns y; ``residual`` and the
-        layer's ``activation`` as in :meth:`BatchNorm.forward`."""
+        ``update_running_stats`` flags act as on :class:`batchnorm.BatchNorm`. Returns y; ``residual`` and the
+        layer's ``activation`` as in :meth:`batchnorm.BatchNorm.forward`."""
         precise = self._precise is not None
         use = precise or self._uses_batch_stats()
         update = not precise and self._updates_running_stats(use)

@@ -99,10 +99,10 @@ class BatchNorm:
         Batch Renormalization (Ioffe, 2017) whenever batch statistics normalize:
         ``y = gamma * (xhat * r + d) + beta`` with ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and
         ``d = clip((mu_B - mu) / sigma, -dmax, dmax)`` against the running statistics (from before this
-        batch updates them), r and d constants in backward (see :mod:`batchnorm.variants`). Eval mode is
+        batch updates them), r and d constants in backward (see ``batchnorm.variants``). Eval mode is
         ordinary BN. Needs ``track_running_stats=True``.
     rmax, dmax : float, default 3.0 and 5.0 (keyword only)
-        The bounds of r (at least 1) and of |d| (at least 0); attributes, changeable between steps (the
+        The bounds of r (at least 1) and of ``|d|`` (at least 0); attributes, changeable between steps (the
         paper ramps them up from 1 and 0).
     ghost_batch_size : int or None, default None (keyword only)
         Ghost Batch Normalization (Hoffer et al., 2017) whenever batch statistics normalize: consecutive
@@ -112,8 +112,27 @@ class BatchNorm:
         ``virtual_batch_size`` rule). An attribute, changeable at any time; None is ordinary BN. Not
         with ``renorm=True``.
 
-    The first five arguments may be given positionally, in PyTorch's order:
-    ``BatchNorm1d(10, 1e-3, 0.3, False, True)``.
+    Attributes
+    ----------
+    weight, bias : ndarray of shape (C,) or None
+        The learned scale (gamma, init 1) and shift (beta, init 0), in ``dtype``; None when not
+        ``affine`` (``bias`` also with ``bias=False``). Optimizers update them in place.
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        Their gradients, overwritten by each :meth:`backward`.
+    gamma, beta
+        The paper's names for ``weight`` and ``bias`` (the same arrays).
+    running_mean, running_var : ndarray of shape (C,) or None
+        Running estimates (init 0 and 1), None with ``track_running_stats=False``.
+    num_batches_tracked : int or None
+        Training batches seen (empty ones excepted), None with ``track_running_stats=False``.
+    training : bool
+        True in training mode (the default), False after :meth:`eval`.
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype, activation
+        The constructor's arguments (``eps`` a float, ``dtype`` a :class:`numpy.dtype`).
+    use_batch_stats, update_running_stats, renorm, rmax, dmax, ghost_batch_size
+        The variants' options, as given to the constructor; changeable between calls.
+    has_bias : bool
+        The constructor's ``bias`` argument.
 
     Notes
     -----
@@ -133,6 +152,26 @@ class BatchNorm:
     the update. Without running statistics (``track_running_stats=False``) ``use_batch_stats=False`` and
     ``update_running_stats=True`` are refused (ValueError). The flags are attributes of the layer: they are
     pickled and copied with it, and are not ``state_dict`` keys (PyTorch would reject them).
+
+    The first five arguments may be given positionally, in PyTorch's order:
+    ``BatchNorm1d(10, 1e-3, 0.3, False, True)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import batchnorm as bn
+    >>> layer = bn.BatchNorm1d(3)
+    >>> x = np.array([[1.0, 2.0, 3.0], [3.0, 6.0, 9.0]], dtype=np.float32)
+    >>> layer(x).round(4)                          # training mode: the batch's statistics
+    array([[-1., -1., -1.],
+           [ 1.,  1.,  1.]], dtype=float32)
+    >>> layer.running_mean                         # 0.9 * 0 + 0.1 * batch mean
+    array([0.2, 0.4, 0.6], dtype=float32)
+    >>> dx = layer.backward(np.ones_like(x))       # fills grad_weight and grad_bias
+    >>> layer.grad_bias
+    array([2., 2., 2.], dtype=float32)
+    >>> layer.eval()                               # now the running statistics
+    BatchNorm1d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
     """
 
     _valid_ndims: tuple[int, ...] | None = None  # None: any ndim >= 2
@@ -232,6 +271,7 @@ class BatchNorm:
     # gamma/beta are the paper's names for weight/bias.
     @property
     def gamma(self):
+        """The scale, another name for ``weight`` (the same array; setting one sets the other)."""
         return self.weight
 
     @gamma.setter
@@ -240,6 +280,7 @@ class BatchNorm:
 
     @property
     def beta(self):
+        """The shift, another name for ``bias`` (the same array; setting one sets the other)."""
         return self.bias
 
     @beta.setter
@@ -643,6 +684,7 @@ class BatchNorm:
         return state
 
     def extra_repr(self):
+        """The arguments part of the repr, as PyTorch's ``extra_repr``."""
         # PyTorch's form; bias only when it is off, as the common case reads like older PyTorch's repr
         s = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
         if not self.has_bias:

@@ -24,14 +24,14 @@ __all__ = ["Moments", "precise_stats"]
 
 
 class Moments:
-    """Streaming per-channel count, mean and variance of everything passed to :meth:`update`.
+    """Streaming per-channel count, mean and variance of everything passed to :meth:`Moments.update`.
 
     Parameters
     ----------
     num_features : int
         C, the number of channels.
     axis : int, default 1 (keyword only)
-        The channel axis of the arrays given to :meth:`update` (-1 for channels-last data).
+        The channel axis of the arrays given to :meth:`Moments.update` (-1 for channels-last data).
 
     Attributes
     ----------
@@ -157,18 +157,22 @@ class Moments:
 
     @property
     def count(self):
+        """Values per channel accumulated so far (int)."""
         return self._count
 
     @property
     def mean(self):
+        """Per-channel mean, float64 (C,); NaN before any value."""
         return self._mean.copy() if self._count else np.full(self.num_features, np.nan)
 
     @property
     def var(self):
+        """Per-channel biased variance ``m2 / count``, float64 (C,); NaN before any value."""
         return self._m2 / self._count if self._count else np.full(self.num_features, np.nan)
 
     @property
     def var_unbiased(self):
+        """Per-channel unbiased variance ``m2 / (count - 1)``, float64 (C,); NaN below two values."""
         return self._m2 / (self._count - 1) if self._count > 1 else np.full(self.num_features, np.nan)
 
     def normalize(self, x, *, eps=0.0, out=None):

@@ -4,7 +4,7 @@ Every function here mirrors one in :mod:`batchnorm` (same arguments, same result
 clarity, not speed, and computes in float64. The tests compare the kernels with these functions; the
 benchmark uses them as the "NumPy" column. They validate little: pass well-formed input.
 
-Notation, for a channel c reduced over the M = x.size / C values that share it:
+Notation, for a channel c reduced over the M = x.size / C values that share it::
 
     mean   = sum(x) / M
     var    = sum((x - mean)**2) / M                 (biased: used to normalize)
@@ -93,7 +93,8 @@ def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=No
     With ``activation="relu"`` and/or ``residual``: y = max(bn(x) + residual, 0).
     Updates ``running_mean``/``running_var`` in place when given, with the unbiased batch variance.
     An empty batch gives an empty y, zero mean and invstd, and leaves the running statistics alone.
-    With ``ghost_batch_size`` see :func:`_ghost_forward_train`.
+    With ``ghost_batch_size`` each chunk of that many samples along axis 0 is normalized on its own (see
+    ``_ghost_forward_train``).
     """
     if ghost_batch_size is not None:
         return _ghost_forward_train(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out,
@@ -240,8 +241,10 @@ def batch_stats(x, *, axis=1):
 def merge_stats(counts, means, m2s):
     """Merge parts k = 0..K-1 in order with Chan's pairwise formula; parts with count 0 are skipped.
 
-    For parts a and b with n = n_a + n_b and delta = mean_b - mean_a:
+    For parts a and b with n = n_a + n_b and delta = mean_b - mean_a::
+
         mean = mean_a + delta * n_b / n,    m2 = m2_a + m2_b + delta**2 * n_a * n_b / n
+
     except that where delta is not finite (a part's mean is +-inf or NaN) the mean is the weighted sum
     mean_a * n_a / n + mean_b * n_b / n: +-inf for one sign of infinity, NaN for both, as np.mean.
     """
@@ -286,7 +289,10 @@ def backward_reduce(dy, x, mean, *, axis=1):
 
 
 def backward_apply(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, *, axis=1, out=None):
-    """The training gradient of x's rows given sums over a whole batch of `count` values per channel:
+    """The training gradient of x's rows given sums over a whole batch.
+
+    With ``count`` values per channel in the whole batch::
+
         dx = gamma * invstd * (dy - sum_dy / count - (x - mean) * invstd**2 * sum_dy_xmu / count)
     """
     flat, moved_shape, axis = _layout(x, axis)
@@ -319,9 +325,12 @@ def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *,
                          momentum=0.1, eps=1e-5, axis=1, out=None, update=True):
     """Batch Renormalization (Ioffe, 2017), training forward; returns (y, mean, invstd, r, d).
 
+    ::
+
         sigma_B = sqrt(var + eps),  sigma = sqrt(running_var + eps)      (the running stats before update)
         r = clip(sigma_B / sigma, 1/rmax, rmax),  d = clip((mean - running_mean) / sigma, -dmax, dmax)
         y = gamma * (xhat * r + d) + beta
+
     then the running statistics are updated as forward_train updates them (when ``update``).
     """
     flat, moved_shape, axis = _layout(x, axis)
@@ -345,8 +354,10 @@ def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *,
 def backward_renorm(dy, x, mean, invstd, r, d, gamma=None, *, axis=1, out=None):
     """Gradients of Batch Renormalization with r and d constants; returns (dx, dgamma, dbeta).
 
-    With g = dL/dxhat = dy * gamma * r, the batch-statistics chain rule of xhat gives
+    With g = dL/dxhat = dy * gamma * r, the batch-statistics chain rule of xhat gives ::
+
         dx = invstd * (g - mean(g) - xhat * mean(g * xhat)),
+
     and dgamma = sum(dy * (xhat * r + d)), dbeta = sum(dy).
     """
     flat, moved_shape, axis = _layout(x, axis)

@@ -89,7 +89,7 @@ def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *,
     rmax : float, default 3.0
         Bound of r, at least 1 (1 gives r = 1).
     dmax : float, default 5.0
-        Bound of |d|, at least 0 (0 gives d = 0).
+        Bound of ``|d|``, at least 0 (0 gives d = 0).
     momentum : float, default 0.1
         Weight of the batch in the running statistics, in [0, 1].
     eps : float, default 1e-5
