@@ -2,11 +2,11 @@
  * and the thread controls over the OpenMP runtime. */
 #include "bn_internal.h"
 
-void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads)
+void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads, ptrdiff_t min_elems)
 {
     p->N = d.N; p->C = d.C; p->S = d.S; p->W = d.C * d.S;
     p->colmode = d.S < BN_ROW_MIN_S;
-    if ((double)d.N * (double)p->W < (double)BN_PARALLEL_MIN_ELEMS || nthreads < 1) nthreads = 1;
+    if ((double)d.N * (double)p->W < (double)min_elems || nthreads < 1) nthreads = 1;
     if (p->colmode) {
         /* Whole rows where they fit the scratch: long unit-stride inner loops over the channels, and
          * the hardware prefetcher sees plain sequential streams. A channel's statistics then need all
