@@ -402,3 +402,123 @@ def test_cli_rejects_unknown_ops():
     with pytest.raises(SystemExit):
         cli.parse_args(["--ops", "train", "no-such-op"])
     assert isinstance(cli.parse_args(["--quick"]), argparse.Namespace)
+
+
+# ----------------------------------------------------------------------------------------------------
+# benchmarks/train_step.py
+
+
+import train_step  # noqa: E402  (benchmarks/ is on sys.path above)
+
+
+class FusedLayerStandIn(batchnorm.BatchNorm1d):
+    """BatchNorm1d(..., activation="relu") of issue 9, built from the layer and a NumPy ReLU: stands in
+    for the fused layer where this build lacks it, so that the "ours fused" model is exercised."""
+
+    def __init__(self, *args, activation=None, **kw):
+        super().__init__(*args, **kw)
+        self._activation = activation
+
+    def __call__(self, x, residual=None):
+        y = super().forward(x)
+        if residual is not None:
+            y = y + residual
+        if self._activation == "relu":
+            self._mask = y > 0
+            y = y * self._mask
+        return y
+
+    def backward(self, dy):
+        if self._activation == "relu":
+            dy = dy * self._mask
+        return super().backward(dy)
+
+
+class _WithFusedLayer:
+    def __init__(self, real):
+        self._real = real
+        self.BatchNorm1d = FusedLayerStandIn
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def _tiny_args(*extra):
+    return train_step.parse_args(["--quick", "--quiet", "--threads", "1", "--batch", "16", "--width", "24",
+                                  "--in-features", "12", "--classes", "5", *extra])
+
+
+def test_numpy_batchnorm_layer_matches_the_reference():
+    """The plain-NumPy BN layer of train_step computes BN and its backward (against batchnorm.reference)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((32, 6)) * 3 + 1
+    dy = rng.standard_normal((32, 6))
+    layer = train_step.NumpyBatchNorm1d(6, dtype=np.float64)
+    layer.weight[...] = rng.uniform(0.5, 1.5, 6)
+    layer.bias[...] = rng.uniform(-1, 1, 6)
+    rm, rv = np.zeros(6), np.ones(6)
+    y_ref, mean, invstd = batchnorm.reference.forward_train(x, layer.weight, layer.bias, running_mean=rm,
+                                                            running_var=rv)
+    np.testing.assert_allclose(layer(x), y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.running_mean, rm, rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var, rv, rtol=1e-12)
+    dx_ref, dg_ref, db_ref = batchnorm.reference.backward(dy, x, mean, invstd, layer.weight)
+    np.testing.assert_allclose(layer.backward(dy), dx_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.grad_weight, dg_ref, rtol=1e-10)
+    np.testing.assert_allclose(layer.grad_bias, db_ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("fused", ["build", "stand-in"])
+def test_train_step_models_take_the_same_step(monkeypatch, fused):
+    """Every model (ours fused, ours unfused, NumPy BN, torch) starts from the same weights and takes the
+    same first step: same loss, same updated weights, and each has a timed row."""
+    build_has = train_step.fused_layers()[0]
+    if fused == "build" and not build_has:
+        pytest.skip("fused layers not in this build")
+    if fused == "stand-in":
+        monkeypatch.setattr(train_step, "bn", _WithFusedLayer(batchnorm))
+    assert train_step.fused_layers()[0]
+    out = train_step.run(_tiny_args())
+    (res,) = out["results"]
+    names = {"ours fused", "ours unfused", "numpy BN"} | ({"torch"} if torch is not None else set())
+    assert set(res["check"]) == set(res["impls"]) == names
+    for name, c in res["check"].items():
+        assert c["ok"], (name, c)
+        assert c["weight_diff_scaled"] < 1e-5 and c["loss_diff"] < 1e-5
+    for name, r in res["impls"].items():
+        assert r["steps_per_s"] > 0 and math.isclose(r["steps_per_s"], 1 / r["step_s"])
+        full = res["rounds"][name]
+        assert math.isclose(r["step_s"], statistics.median(full))
+
+
+def test_train_step_check_catches_a_different_model(monkeypatch):
+    """The first-step check is not vacuous: a NumPy BN layer that forgets its shift is a mismatch."""
+    real = train_step.NumpyBatchNorm1d.__call__
+
+    def no_shift(self, x):
+        return real(self, x) - self.bias + 0.5
+
+    monkeypatch.setattr(train_step.NumpyBatchNorm1d, "__call__", no_shift)
+    out = train_step.run(_tiny_args("--no-torch"))
+    assert not out["results"][0]["check"]["numpy BN"]["ok"]
+    assert out["results"][0]["check"]["ours unfused"]["ok"]
+
+
+def test_train_step_script_runs(tmp_path):
+    """train_step.py as a user runs it: exit 0, the report's rows, a JSON with every model's speed."""
+    out = tmp_path / "s.json"
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(batchnorm.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
+    script = os.path.join(BENCH_DIR, "train_step.py")
+    r = subprocess.run([sys.executable, script, "--quick", "--quiet", "--threads", "1", "2", "--batch", "32",
+                        "--width", "64", "--in-features", "16", "--json", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert [res["threads"] for res in d["results"]] == [1, 2]
+    assert ("fused layers not in this build" in r.stdout) == (not d["meta"]["fused"])
+    for res in d["results"]:
+        assert all(c["ok"] for c in res["check"].values())
+        for name in res["impls"]:
+            assert re.search(re.escape(train_step.LABELS[name]) + r"\s+%d\s+\d+\.\d" % res["threads"], r.stdout)
+    assert "MISMATCH" not in r.stdout
