@@ -1,7 +1,7 @@
 """Benchmark of batchnorm against PyTorch (CPU), the NumPy reference and the memory-bandwidth limit.
 
-    python benchmarks/bench.py                  # full run: every case, op, and thread count 1 and all CPUs
-    python benchmarks/bench.py --quick          # fewer rounds, same cases (a few minutes on 2 cores)
+    python benchmarks/bench.py                  # full run: every case and op at 1, 2 and all CPUs' threads
+    python benchmarks/bench.py --quick          # fewer rounds, same cases and ops
     python benchmarks/bench.py --json out.json  # also write every number for tools (see plot.py)
     python benchmarks/bench.py --cases "in cache" --ops train backward step+relu --threads 1 2
 

@@ -485,26 +485,39 @@ def families(case, d, op, *, fused, torch=True, numpy=True, shared=None):
 # what each family computes, against a float64 reference
 
 
-def expected(case, d, op, shared, y_mask=None):
-    """The outputs op must give, by name, in float64, from batchnorm.reference and NumPy. The backward's
-    ReLU mask is ``y_mask > 0`` when given (a step: the family's own forward output, so that an element
-    that rounds to the other side of 0 in one family does not count as a mismatch), else the shared
-    input's."""
+def _reference_forward(case, d, kind, cache):
+    """batchnorm.reference's forward of the case's data in float64: {"y", ...}; kept in cache (one per
+    case: every op with this forward shares it, and nobody writes to it)."""
+    key = ("forward", kind)
+    if key in cache:
+        return cache[key]
     ref, ax = bn.reference, case.axis
     x = d["x"].astype(np.float64)
     g, b = d["gamma"].astype(np.float64), d["beta"].astype(np.float64)
-    r = d["residual"].astype(np.float64)
-    out = {}
-    if op.forward == "train":
+    if kind == "train":
         rm, rv = d["rmean"].astype(np.float64), d["rvar"].astype(np.float64)
         y, mean, invstd = ref.forward_train(x, g, b, running_mean=rm, running_var=rv, momentum=MOMENTUM,
                                             eps=EPS, axis=ax)
-        out.update(mean=mean, invstd=invstd, running_mean=rm, running_var=rv)
-    elif op.forward == "infer":
-        y = ref.forward_infer(x, d["rmean"], d["rvar"], g, b, eps=EPS, axis=ax)
+        res = dict(y=y, mean=mean, invstd=invstd, running_mean=rm, running_var=rv)
+    else:
+        res = dict(y=ref.forward_infer(x, d["rmean"], d["rvar"], g, b, eps=EPS, axis=ax))
+    cache[key] = res
+    return res
+
+
+def expected(case, d, op, shared, y_mask=None, cache=None):
+    """The outputs op must give, by name, in float64, from batchnorm.reference and NumPy. The backward's
+    ReLU mask is ``y_mask > 0`` when given (a step: the family's own forward output, so that an element
+    that rounds to the other side of 0 in one family does not count as a mismatch), else the shared
+    input's. ``cache``: a dict kept across the ops of one case, for the reference forward."""
+    ref, ax = bn.reference, case.axis
+    cache = {} if cache is None else cache
+    out = {}
     if op.forward is not None:
+        out.update(_reference_forward(case, d, op.forward, cache))
+        y = out["y"]
         if op.residual:
-            y = y + r
+            y = y + d["residual"].astype(np.float64)
         if op.relu:
             y = np.maximum(y, 0.0)
         out["y"] = y
@@ -516,8 +529,9 @@ def expected(case, d, op, shared, y_mask=None):
             mask_src, mean, invstd = shared.inputs(op)
         dy = d["dy"].astype(np.float64)
         dz = dy * (np.asarray(mask_src) > 0) if op.relu else dy
-        dx, dgamma, dbeta = ref.backward(dz, x, np.asarray(mean, np.float64), np.asarray(invstd, np.float64),
-                                         g, training=True, axis=ax)
+        dx, dgamma, dbeta = ref.backward(dz, d["x"].astype(np.float64), np.asarray(mean, np.float64),
+                                         np.asarray(invstd, np.float64), d["gamma"].astype(np.float64),
+                                         training=True, axis=ax)
         out.update(dx=dx, dgamma=dgamma, dbeta=dbeta)
         if op.residual:
             out["dresidual"] = dz
@@ -553,8 +567,9 @@ def compare(got, want):
     return worst_abs, worst_scaled
 
 
-def check(case, d, op, *, fused, torch=True):
-    """Run each family's callable for op once, on fresh running statistics; compare with ``expected``.
+def check(case, d, op, *, fused, torch=True, cache=None):
+    """Run each family's callable for op once, on fresh running statistics; compare with ``expected``
+    (``cache``: a dict to share the reference's forward between the ops of one case).
 
     Returns {family: {"maxabs", "scaled", "ok"} or {"error"}}, and "tolerance_scaled"."""
     shared = Shared(case, d, fused)
@@ -568,9 +583,9 @@ def check(case, d, op, *, fused, torch=True):
             res[name] = {"error": f"{type(e).__name__}: {e}", "ok": False}
             continue
         if op.step and op.relu:
-            want = expected(case, d, op, shared, y_mask=got["y"])
+            want = expected(case, d, op, shared, y_mask=got["y"], cache=cache)
         else:
-            want = want_shared = want_shared or expected(case, d, op, shared)
+            want = want_shared = want_shared or expected(case, d, op, shared, cache=cache)
         mx, sc = compare(got, want)
         res[name] = {"maxabs": mx, "scaled": sc, "ok": bool(sc <= tol)}
     return res

@@ -100,9 +100,15 @@ def print_targets(tg, p):
             if key not in TARGETS_IN_FULL and t["status"] != "MISS":
                 continue
             lines.setdefault((t["case"], t["op"]), []).append(t)
+        omitted = 0
         for (case, op), ts in lines.items():
+            if all(t["status"] == "n/a" for t in ts):
+                omitted += 1
+                continue
             cells = "  ".join(f"T={t['threads']} {fmt_r(t['value']):>5s} {t['status']:4s}" for t in ts)
             p(f"    {case:32s} {op:17s} {cells}")
+        if omitted:
+            p(f"    ({omitted} (case, op) lines with nothing to compare omitted)")
 
 
 def print_report(out, file=sys.stdout):

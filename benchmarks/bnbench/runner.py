@@ -95,8 +95,10 @@ def bench_case(case, ops, threads, prof, *, fused, want_torch, want_rss, llc, lo
                memory={}, errors={})
     shared = Shared(case, d, fused)
     set_threads(threads[-1])
+    ref_cache = {}
     for op in ops:
-        res["check"][op.name] = check(case, d, op, fused=fused, torch=want_torch)
+        res["check"][op.name] = check(case, d, op, fused=fused, torch=want_torch, cache=ref_cache)
+    del ref_cache
     copier = Copier(x_bytes)
     numpy_first = {}
     try:
