@@ -114,8 +114,10 @@ def test_traffic_is_the_issues_count():
     assert t["train+add+relu"] == (4, 3)
     assert t["train+relu"] == t["train"]          # ReLU in the same pass that writes y costs nothing
     assert t["backward+relu"] == t["backward"]    # mask from beta: recomputed from x, nothing extra
-    # with a residual the mask's source (y here) is read at both passes and d_residual is written
-    assert t["backward+add+relu"] == (5 + 2 + 1, 3 + 1 + 1)
+    # the mask from y: y read at both passes; with a residual, y at the first pass only, d_residual
+    # written by it and read back by the second instead of dy and y
+    assert ops.Op("b", None, True, relu=True, mask="y").traffic() == (5 + 2, 3 + 1)
+    assert t["backward+add+relu"] == (5 + 1 + 1, 3 + 1 + 1)
     # a step is its forward and its backward
     for step in (o for o in ops.OPS if o.step):
         fwd = next(o for o in ops.OPS if o.forward == step.forward and not o.backward

@@ -111,12 +111,14 @@ class Op:
     def traffic(self):
         """(two_pass, one_read): the least memory traffic, in units of x.nbytes.
 
-        two_pass is what the op must move when its tensors do not fit in the last-level cache: a
-        training forward reads x once for the statistics and again to normalize; a training backward
-        reads x and dy once for its two per-channel sums and again to apply them, and the ReLU mask's
-        source (y, or the residual when recomputed from beta) at both passes too. one_read is the ideal
-        for tensors that fit in cache: each input read once, each output written once. A step is its
-        forward plus its backward (the backward reads what the forward wrote)."""
+        two_pass is what the op must move when its tensors do not fit in the last-level cache. A
+        training forward reads x once for the statistics and again to normalize. A training backward
+        reads x, dy and the ReLU mask's source (y; or, with the mask recomputed from beta, nothing
+        beyond x, or the residual when there is one) for its two per-channel sums, then x again and the
+        masked gradient g: dy and the mask's source once more, or, with a residual, g itself, which the
+        first pass wrote as d_residual (an output anyway) and the second reads back. one_read is the
+        ideal for tensors that fit in cache: each input read once, each output written once. A step is
+        its forward plus its backward (the backward reads what the forward wrote)."""
         two = one = 0
         if self.forward == "train":
             two, one = two + 2, one + 1           # x
@@ -127,12 +129,16 @@ class Op:
                 two, one = two + 1, one + 1       # residual
             two, one = two + 1, one + 1           # y written
         if self.backward:
-            two, one = two + 4, one + 2           # x and dy, twice / once
-            if self.relu and (self.mask == "y" or self.residual):
-                two, one = two + 2, one + 1       # the mask's source (y, or the residual with beta)
-            two, one = two + 1, one + 1           # dx written
+            mask_src = self.relu and (self.mask == "y" or self.residual)
+            two, one = two + 2, one + 1           # x, at both passes
+            two, one = two + 1, one + 1           # dy, first pass
+            if mask_src:
+                two, one = two + 1, one + 1       # the mask's source, first pass
             if self.residual:
-                two, one = two + 1, one + 1       # d_residual written
+                two, one = two + 2, one + 1       # d_residual: written by the first pass, read by the second
+            else:
+                two += 1 + (1 if mask_src else 0)  # dy (and the mask's source) again, second pass
+            two, one = two + 1, one + 1           # dx written
         return two, one
 
     def output_names(self):
@@ -248,7 +254,8 @@ class Shared:
             d, ax = self.d, self.case.axis
             kw = {}
             if self.fused and op.relu:
-                kw = dict(activation="relu", residual=d["residual"] if op.residual else None)
+                kw = dict(activation="relu", residual=d["residual"] if op.residual else None,
+                          stats_dtype=np.float64)  # as Ours.forward, for the same reason
             y, mean, invstd = bn.forward_train(d["x"], d["gamma"], d["beta"], eps=EPS, axis=ax, **kw)
             if op.relu and not self.fused:
                 if op.residual:
@@ -322,6 +329,10 @@ class Ours(Family):
         d, ax, o = self.d, self.case.axis, self.out
         x, g, b = d["x"], d["gamma"], d["beta"]
         kw = self._epilogue_kw(op)
+        if op.forward == "train" and op.fused:
+            # float64 statistics, as the layers keep them: the backward's mask recomputed from beta is
+            # then the forward's y > 0 bit for bit (float32 ones may differ within a rounding of 0)
+            kw["stats_dtype"] = np.float64
         if op.forward == "train":
             rm, rv = self.rm, self.rv
             return lambda: bn.forward_train(x, g, b, running_mean=rm, running_var=rv, momentum=MOMENTUM,
@@ -454,8 +465,10 @@ class Torch(Family):
         return bwd
 
     def shared(self, y, mean, invstd):
-        torch = self.torch
-        return (None if y is None else to_torch(self.case, y)), torch.from_numpy(mean), torch.from_numpy(invstd)
+        torch, dt = self.torch, np.dtype(self.case.dtype)
+        # in the data's dtype: torch's backward wants its own forward's statistics' type
+        return ((None if y is None else to_torch(self.case, y)), torch.from_numpy(mean.astype(dt)),
+                torch.from_numpy(invstd.astype(dt)))
 
     def to_numpy(self, result):
         return [from_torch(self.case, t) for t in result]
