@@ -16,6 +16,9 @@ a table, a verdict per claim computed from the measured numbers, and saves a PNG
 
 ``fig1`` (:mod:`batchnorm.demo.fig1`) redoes Ioffe & Szegedy (2015), Figure 1: faster convergence and
 higher learning rates with BN, and BN before vs after the nonlinearity.
+``variants`` (:mod:`batchnorm.demo.variants`, ``python -m batchnorm.demo variants``) measures what Batch
+Renormalization and Ghost BN buy with 4-sample normalization batches, against plain BN and no BN, and
+what precise statistics (:func:`batchnorm.precise_stats`) buy at evaluation against the running averages.
 
 The package's modules:
 
@@ -24,7 +27,8 @@ The package's modules:
 - :mod:`~batchnorm.demo.claims`: how a claim's verdict is decided and phrased;
 - :mod:`~batchnorm.demo.plots`: matplotlib without a display, small PNGs;
 - :mod:`~batchnorm.demo.cli`: the command line and the registry of experiments;
-- one module per experiment (:mod:`~batchnorm.demo.fig1`): its runs, tables, verdicts and figure.
+- one module per experiment (:mod:`~batchnorm.demo.fig1`, :mod:`~batchnorm.demo.variants`): its runs, tables,
+  verdicts and figure.
 
 The names importable from here are those of the demo from before it was a package (the demo
 was ``fig1`` alone then): the first experiment's, and the parts it is built from.

@@ -35,12 +35,12 @@ import numpy as np
 
 import batchnorm
 
-from . import fig1
+from . import fig1, variants
 
 __all__ = ["EXPERIMENTS", "DEFAULT", "build_parser", "main"]
 
 #: The experiments by subcommand name, in the order ``--help`` lists them.
-EXPERIMENTS = {fig1.NAME: fig1}
+EXPERIMENTS = {fig1.NAME: fig1, variants.NAME: variants}
 
 #: The experiment that runs when none is named (the demo's original and only one, before subcommands).
 DEFAULT = fig1.NAME

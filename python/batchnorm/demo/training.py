@@ -27,7 +27,7 @@ HIDDEN = (100, 100, 100)
 BN_LABEL = {"none": "no BN", "before": "BN before act.", "after": "BN after act."}
 
 
-def make_model(n_in, n_out, *, activation="sigmoid", bn="none", hidden=HIDDEN, seed=0):
+def make_model(n_in, n_out, *, activation="sigmoid", bn="none", hidden=HIDDEN, seed=0, bn_options=None):
     """A fully connected net ``n_in -> hidden... -> n_out``.
 
     Parameters
@@ -44,6 +44,9 @@ def make_model(n_in, n_out, *, activation="sigmoid", bn="none", hidden=HIDDEN, s
         Widths of the hidden layers.
     seed : int, optional
         Seed of the initial weights: the same seed gives the same weights whatever ``bn`` is.
+    bn_options : dict, optional
+        Keyword arguments of every :class:`batchnorm.BatchNorm1d` (e.g. ``{"renorm": True}`` or
+        ``{"ghost_batch_size": 4}``); they do not change the initial weights.
 
     Returns
     -------
@@ -52,14 +55,15 @@ def make_model(n_in, n_out, *, activation="sigmoid", bn="none", hidden=HIDDEN, s
     if bn not in BN_LABEL:
         raise ValueError(f"bn must be one of {sorted(BN_LABEL)}, got {bn!r}")
     act = {"sigmoid": Sigmoid, "relu": ReLU}[activation]
+    bn_options = {} if bn_options is None else dict(bn_options)
     rng = np.random.default_rng(seed)
     layers, width = [], n_in
     for h in hidden:
         layers.append(Linear(width, h, bias=(bn != "before"), rng=rng))
         if bn == "before":
-            layers += [batchnorm.BatchNorm1d(h), act()]
+            layers += [batchnorm.BatchNorm1d(h, **bn_options), act()]
         elif bn == "after":
-            layers += [act(), batchnorm.BatchNorm1d(h)]
+            layers += [act(), batchnorm.BatchNorm1d(h, **bn_options)]
         else:
             layers.append(act())
         width = h
@@ -122,7 +126,8 @@ def evaluation_steps(steps, eval_every):
     return at
 
 
-def train(model, data, *, lr, steps, eval_every, seed=0, progress=None, batch_size=BATCH_SIZE):
+def train(model, data, *, lr, steps, eval_every, seed=0, progress=None, batch_size=BATCH_SIZE,
+          before_step=None):
     """Minibatch SGD on ``data = (x_train, y_train, x_test, y_test)``; returns a dict of curves.
 
     Parameters
@@ -141,6 +146,9 @@ def train(model, data, *, lr, steps, eval_every, seed=0, progress=None, batch_si
         ``progress(step, test_acc)`` is called after each evaluation.
     batch_size : int, optional
         Samples per SGD step.
+    before_step : callable, optional
+        ``before_step(step)`` is called before each training step's forward pass (steps count from 1),
+        e.g. to follow a schedule of a layer's attributes.
 
     Returns
     -------
@@ -163,6 +171,8 @@ def train(model, data, *, lr, steps, eval_every, seed=0, progress=None, batch_si
     with np.errstate(all="ignore"):          # a diverging net overflows; we detect it below
         for step in range(1, steps + 1):
             idx = next(batches)
+            if before_step is not None:
+                before_step(step)
             loss = loss_fn(model(x_tr[idx]), y_tr[idx])     # forward
             if not math.isfinite(loss):
                 diverged_at = step
