@@ -91,3 +91,30 @@ def test_build_flags_forbid_contraction():
     assert '"-ffp-contract=off"' in text and '"/fp:precise"' in text
     makefile = open(os.path.join(REPO, "csrc", "Makefile"), encoding="utf-8").read()
     assert makefile.count("-ffp-contract=off") >= 2
+
+
+def test_numpy_bounds_agree_with_noxfile():
+    """pyproject.toml's per-Python NumPy lower bounds are the 'oldest' versions noxfile.py tests."""
+    pyproject, noxfile = os.path.join(REPO, "pyproject.toml"), os.path.join(REPO, "noxfile.py")
+    if not (os.path.exists(pyproject) and os.path.exists(noxfile)):
+        pytest.skip("the tests run outside the source tree")
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11: pytest brings tomli there
+        tomllib = pytest.importorskip("tomli")
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = tomllib.loads(open(pyproject, encoding="utf-8").read())["project"]["dependencies"]
+    numpy_reqs = [Requirement(d) for d in deps if d.startswith("numpy")]
+    text = open(noxfile, encoding="utf-8").read()
+    oldest = eval(re.search(r"^OLDEST_NUMPY = (\{.*\})$", text, re.M).group(1))  # a literal dict
+    pythons = eval(re.search(r"^PYTHONS = (\[.*\])$", text, re.M).group(1))
+    assert set(oldest) == set(pythons) == {"3.9", "3.10", "3.11", "3.12", "3.13"}
+    for py, version in oldest.items():
+        env = {"python_version": py, "python_full_version": py + ".0"}
+        active = [r for r in numpy_reqs if r.marker is None or r.marker.evaluate(env)]
+        assert len(active) == 1, (py, active)
+        spec = active[0].specifier
+        lower = [Version(s.version) for s in spec if s.operator == ">="]
+        assert lower == [Version(version)], (py, str(spec))
