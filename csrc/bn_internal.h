@@ -255,9 +255,13 @@ static inline double bn_lanes_sum(const double *a)
 }
 
 /* AVX2 and AVX-512 variants are built by GCC and clang on x86-64 (their per-function target pragmas,
- * bn_avx2.c); elsewhere (MSVC, aarch64, ...) only the baseline. AVX-512 needs GCC 9 (prefer-vector-width in
- * a target pragma) or clang 8 (the pragma clang attribute's target list with avx512vl). */
-#if defined(__x86_64__) && defined(__clang__)
+ * bn_avx2.c); elsewhere (MSVC, clang-cl, aarch64, ...) only the baseline. clang-cl defines __clang__ and
+ * __x86_64__, but its __builtin_cpu_supports needs compiler-rt, which an MSVC-style link may lack. AVX-512 needs GCC 9 (prefer-vector-width
+ * in a target pragma) or clang 8 (the pragma clang attribute's target list with avx512vl). */
+#if defined(_MSC_VER)
+#define BN_HAVE_AVX2 0
+#define BN_HAVE_AVX512 0
+#elif defined(__x86_64__) && defined(__clang__)
 #define BN_HAVE_AVX2 1
 #define BN_HAVE_AVX512 (__clang_major__ >= 8)
 #elif defined(__x86_64__) && defined(__GNUC__)
