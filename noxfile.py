@@ -11,7 +11,8 @@ wheels for it. torch (PyTorch parity tests) installs offline only for Python 3.1
 other sessions skip those tests, as the suite does wherever torch is absent.
 
 Interpreters are taken from pyenv (~/.pyenv/versions/X.Y.*) where it has them, else from PATH.
-Extra arguments go to pytest: ``nox -- -x -k forward``.
+Extra arguments go to pytest: ``nox -- -x -k forward``, ``nox -- tests/test_functional.py`` (paths relative
+to the checkout; without a path, the whole of tests/).
 """
 
 from __future__ import annotations
@@ -68,5 +69,9 @@ def tests(session, numpy):
     session.run("python", "-c", "import batchnorm, sys; assert 'site-packages' in batchnorm.__file__, "
                 "batchnorm.__file__; batchnorm.show_config()")
     session.chdir(run)  # away from the checkout: the installed wheel is imported
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests"),
-                *session.posargs)
+    # posargs: pytest's arguments, test paths included (absolute, or relative to the checkout)
+    args = [a if a.startswith("-") or os.path.isabs(a) or not os.path.exists(os.path.join(ROOT, a.split("::")[0]))
+            else os.path.join(ROOT, a) for a in session.posargs]
+    if not any(os.path.exists(a.split("::")[0]) for a in args):
+        args.append(os.path.join(ROOT, "tests"))
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *args)
