@@ -38,13 +38,13 @@ int main(int argc, char **argv)
     for (int r = 0; r < reps; r++) {
         double t[5];
         t[0] = now();
-        bn_forward_train_f32(x, y, d, gamma, NULL, 1e-5, mean, m2, invstd, threads);
+        bn_forward_train_f32(x, y, d, gamma, NULL, 1e-5, mean, m2, invstd, NULL, threads);
         t[1] = now();
-        bn_normalize_f32(x, y, d, mean, invstd, gamma, NULL, threads);
+        bn_normalize_f32(x, y, d, mean, invstd, gamma, NULL, NULL, threads);
         t[2] = now();
-        bn_backward_f32(dy, x, y, d, mean, invstd, gamma, 1, dg, db, threads);
+        bn_backward_f32(dy, x, y, d, mean, invstd, gamma, 1, dg, db, NULL, threads);
         t[3] = now();
-        bn_backward_f32(dy, x, y, d, mean, invstd, gamma, 0, dg, db, threads);
+        bn_backward_f32(dy, x, y, d, mean, invstd, gamma, 0, dg, db, NULL, threads);
         t[4] = now();
         for (int k = 0; k < 4; k++)
             if (t[k + 1] - t[k] < best[k]) best[k] = t[k + 1] - t[k];

@@ -370,3 +370,19 @@ PyObject *bn_kernel_failed(int status)
     (void)status; /* BN_ENOMEM is the only failure */
     return PyErr_NoMemory();
 }
+
+int bn_parse_activation(PyObject *obj, int *relu)
+{
+    *relu = 0;
+    if (obj == NULL || obj == Py_None) return 0;
+    if (!PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "activation must be None or 'relu', got %.200R", obj);
+        return -1;
+    }
+    if (PyUnicode_CompareWithASCIIString(obj, "relu") != 0) {
+        PyErr_Format(PyExc_ValueError, "activation must be None or 'relu', got %.200R", obj);
+        return -1;
+    }
+    *relu = 1;
+    return 0;
+}

@@ -53,6 +53,8 @@ PyObject *bn_quiet_begin(void);
 int bn_quiet_end(PyObject *ctx);
 PyArrayObject *bn_new_vector(npy_intp C);  /* float64 (C,) of zeros */
 PyObject *bn_kernel_failed(int status);
+/* activation=: None (NULL) or "relu" (*relu = 1). */
+int bn_parse_activation(PyObject *obj, int *relu);
 
 /* ---- _layout.c ------------------------------------------------------------------------------- */
 
@@ -80,9 +82,9 @@ int bn_prepare_like(PyObject *obj, const char *name, const bn_input *in, PyArray
 void bn_input_clear(bn_input *in);
 /* The result (what the caller gets: out, or a new array in x's layout) and the target the kernel writes
  * (the result itself when the kernel can write it directly, else a scratch array copied over by
- * bn_finish_output). in1/in2: arrays the kernel reads while it writes (NULL for none). */
+ * bn_finish_output). in1..in3: arrays the kernel reads while it writes (NULL for none). */
 int bn_prepare_output(PyObject *out_obj, const bn_input *in, PyArrayObject *in1, PyArrayObject *in2,
-                      PyArrayObject **result, PyArrayObject **target);
+                      PyArrayObject *in3, PyArrayObject **result, PyArrayObject **target);
 int bn_finish_output(PyArrayObject *result, PyArrayObject *target);
 /* Replace a per-channel vector that shares memory with target by a copy. */
 int bn_detach_from(PyArrayObject **v, PyArrayObject *target);

@@ -192,7 +192,7 @@ fail:
 }
 
 int bn_prepare_output(PyObject *out_obj, const bn_input *in, PyArrayObject *in1, PyArrayObject *in2,
-                      PyArrayObject **result, PyArrayObject **target)
+                      PyArrayObject *in3, PyArrayObject **result, PyArrayObject **target)
 {
     char b1[200], b2[200];
     PyArrayObject *ref = in->arr;
@@ -226,7 +226,8 @@ int bn_prepare_output(PyObject *out_obj, const bn_input *in, PyArrayObject *in1,
         *result = out;
     }
     if (PyArray_TYPE(*result) == in->work && PyArray_ISALIGNED(*result) && PyArray_ISNOTSWAPPED(*result) &&
-        same_layout(*result, ref) && !unsafe_overlap(*result, in1) && !unsafe_overlap(*result, in2)) {
+        same_layout(*result, ref) && !unsafe_overlap(*result, in1) && !unsafe_overlap(*result, in2) &&
+        !unsafe_overlap(*result, in3)) {
         Py_INCREF(*result);
         *target = *result;
         return 0;

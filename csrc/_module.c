@@ -62,11 +62,22 @@ static int nonempty(const bn_input *in)
     return PyArray_SIZE(in->arr) != 0;
 }
 
+/* The fused epilogue of a forward entry point: activation= (None or "relu") and residual= (None or an
+ * array of x's shape, read in x's layout and work type: a copy only when its layout differs). */
+static int forward_epilogue(PyObject *act_obj, PyObject *res_obj, const bn_input *in, int *relu,
+                            PyArrayObject **res)
+{
+    *res = NULL;
+    if (bn_parse_activation(act_obj, relu) < 0) return -1;
+    if (res_obj != NULL && res_obj != Py_None && bn_prepare_like(res_obj, "residual", in, res) < 0) return -1;
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------------ */
 /* forward_train                                                                                     */
 
 PyDoc_STRVAR(forward_train_doc,
-"forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-05, axis=1, out=None, stats_dtype=None)\n"
+"forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-05, axis=1, out=None, stats_dtype=None, activation=None, residual=None)\n"
 "--\n\n"
 "Batch Normalization forward pass in training mode.\n\n"
 "Normalizes x with the statistics of the batch itself, per channel:\n"
@@ -94,7 +105,13 @@ PyDoc_STRVAR(forward_train_doc,
 "stats_dtype : dtype, optional\n"
 "    dtype of the returned mean and invstd: None (default) gives the result's dtype, as PyTorch does;\n"
 "    ``numpy.float64`` gives the statistics exactly as computed (the layers keep those for backward:\n"
-"    float32 statistics of float32 data with a large mean cost dx digits).\n\n"
+"    float32 statistics of float32 data with a large mean cost dx digits).\n"
+"activation : None or 'relu', default None\n"
+"    A ReLU fused into the pass that writes y: ``y = max(bn(x) + residual, 0)``, evaluated in float64\n"
+"    and rounded once. NaN stays NaN (as ``np.maximum``).\n"
+"residual : array_like, optional\n"
+"    Added to the normalized values before the activation (a residual connection); x's shape, any\n"
+"    layout (read in place when its memory order is x's, else copied once). ``out`` may be residual.\n\n"
 "Returns\n"
 "-------\n"
 "y : ndarray\n"
@@ -131,21 +148,21 @@ PyDoc_STRVAR(forward_train_doc,
 static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"x", "gamma", "beta", "running_mean", "running_var", "momentum", "eps", "axis",
-                             "out", "stats_dtype", NULL};
+                             "out", "stats_dtype", "activation", "residual", NULL};
     static const char *const vnames[] = {"gamma", "beta"};
     PyObject *x_obj, *vobj[2] = {NULL, NULL}, *rm_obj = NULL, *rv_obj = NULL, *mom_obj = NULL, *eps_obj = NULL,
-             *axis_obj = NULL, *out_obj = NULL, *sd_obj = NULL;
+             *axis_obj = NULL, *out_obj = NULL, *sd_obj = NULL, *act_obj = NULL, *res_obj = NULL;
     bn_input in = {0};
     PyArrayObject *vec[2] = {NULL, NULL}, *rm = NULL, *rv = NULL, *result = NULL, *target = NULL, *mean = NULL,
-                  *m2 = NULL, *invstd = NULL;
+                  *m2 = NULL, *invstd = NULL, *res = NULL;
     PyObject *mean_r = NULL, *invstd_r = NULL, *ret = NULL;
     double momentum = 0.1, eps = 1e-5;
-    int status, stats_type;
+    int status, stats_type, relu = 0;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$OOOOOOO:forward_train", kwlist, &x_obj, &vobj[0],
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$OOOOOOOOO:forward_train", kwlist, &x_obj, &vobj[0],
                                      &vobj[1], &rm_obj, &rv_obj, &mom_obj, &eps_obj, &axis_obj, &out_obj,
-                                     &sd_obj))
+                                     &sd_obj, &act_obj, &res_obj))
         return NULL;
     if (bn_parse_momentum(mom_obj, &momentum) < 0 || bn_parse_eps(eps_obj, &eps) < 0) return NULL;
     if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
@@ -155,14 +172,16 @@ static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds
         channel_vectors(&in, 2, vnames, vobj, vec) < 0 ||
         bn_running_stat(rm_obj, "running_mean", C, in.of, &rm) < 0 ||
         bn_running_stat(rv_obj, "running_var", C, in.of, &rv) < 0 ||
-        bn_prepare_output(out_obj, &in, in.arr, NULL, &result, &target) < 0 || detach_all(2, vec, target) < 0)
+        forward_epilogue(act_obj, res_obj, &in, &relu, &res) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, res, NULL, &result, &target) < 0 || detach_all(2, vec, target) < 0)
         goto fail;
+    const bn_epilogue ep = {relu, res ? DATA(res) : NULL};
     if (!(mean = bn_new_vector(C)) || !(m2 = bn_new_vector(C)) || !(invstd = bn_new_vector(C))) goto fail;
     status = BN_OK;
     if (nonempty(&in)) {
         Py_BEGIN_ALLOW_THREADS
         status = BN_KERNEL(in.work, bn_forward_train, DATA(in.arr), DATA(target), in.L.dims, DDATA(vec[0]),
-                           DDATA(vec[1]), eps, DATA(mean), DATA(m2), DATA(invstd), bn_get_num_threads());
+                           DDATA(vec[1]), eps, DATA(mean), DATA(m2), DATA(invstd), &ep, bn_get_num_threads());
         Py_END_ALLOW_THREADS
     }
     if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
@@ -176,7 +195,7 @@ fail:
     bn_input_clear(&in);
     clear_all(2, vec);
     Py_XDECREF(rm); Py_XDECREF(rv); Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(mean); Py_XDECREF(m2);
-    Py_XDECREF(invstd); Py_XDECREF(mean_r); Py_XDECREF(invstd_r);
+    Py_XDECREF(invstd); Py_XDECREF(mean_r); Py_XDECREF(invstd_r); Py_XDECREF(res);
     return ret;
 }
 
@@ -446,7 +465,7 @@ fail:
 /* normalize, forward_infer                                                                          */
 
 PyDoc_STRVAR(normalize_doc,
-"normalize(x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None)\n"
+"normalize(x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None, activation=None, residual=None)\n"
 "--\n\n"
 "The normalize phase: ``y = gamma * (x - mean) * invstd + beta`` with given per-channel statistics.\n\n"
 "With the statistics of :func:`batch_stats` (or of :func:`merge_stats` over the parts of a batch) and\n"
@@ -462,7 +481,11 @@ PyDoc_STRVAR(normalize_doc,
 "axis : int, default 1\n"
 "    The channel axis (-1 for channels-last).\n"
 "out : ndarray, optional\n"
-"    Where to write y (x's shape, the result's dtype); ``out=x`` works in place.\n\n"
+"    Where to write y (x's shape, the result's dtype); ``out=x`` works in place.\n"
+"activation : None or 'relu', default None\n"
+"    Fused ReLU, as in :func:`forward_train`: ``y = max(bn(x) + residual, 0)``.\n"
+"residual : array_like, optional\n"
+"    Added before the activation, as in :func:`forward_train`.\n\n"
 "Returns\n"
 "-------\n"
 "y : ndarray\n"
@@ -479,7 +502,7 @@ PyDoc_STRVAR(normalize_doc,
 "       [ 1.,  1.]])\n");
 
 PyDoc_STRVAR(forward_infer_doc,
-"forward_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-05, axis=1, out=None)\n"
+"forward_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-05, axis=1, out=None, activation=None, residual=None)\n"
 "--\n\n"
 "Batch Normalization forward pass in inference mode.\n\n"
 "Normalizes x with given (running) statistics:\n"
@@ -498,7 +521,11 @@ PyDoc_STRVAR(forward_infer_doc,
 "axis : int, default 1\n"
 "    The channel axis (-1 for channels-last).\n"
 "out : ndarray, optional\n"
-"    Where to write y (x's shape, the result's dtype); ``out=x`` works in place.\n\n"
+"    Where to write y (x's shape, the result's dtype); ``out=x`` works in place.\n"
+"activation : None or 'relu', default None\n"
+"    Fused ReLU, as in :func:`forward_train`: ``y = max(bn(x) + residual, 0)``.\n"
+"residual : array_like, optional\n"
+"    Added before the activation, as in :func:`forward_train`.\n\n"
 "Returns\n"
 "-------\n"
 "y : ndarray\n"
@@ -510,19 +537,21 @@ PyDoc_STRVAR(forward_infer_doc,
 
 /* normalize (eps < 0: stat is invstd) and forward_infer (stat is running_var, invstd from eps). */
 static PyObject *normalize_impl(PyObject *x_obj, PyObject *const *vobj, const char *const *vnames, double eps,
-                                PyObject *axis_obj, PyObject *out_obj, int allow_empty)
+                                PyObject *axis_obj, PyObject *out_obj, PyObject *act_obj, PyObject *res_obj,
+                                int allow_empty)
 {
     bn_input in = {0};
-    PyArrayObject *vec[4] = {NULL, NULL, NULL, NULL}, *result = NULL, *target = NULL, *invstd = NULL;
+    PyArrayObject *vec[4] = {NULL, NULL, NULL, NULL}, *result = NULL, *target = NULL, *invstd = NULL, *res = NULL;
     PyObject *ret = NULL;
-    int status = BN_OK;
+    int status = BN_OK, relu = 0;
 
     if (required(vobj, vnames, 2, "") < 0) return NULL;
     if (bn_prepare_input(x_obj, axis_obj, allow_empty, &in) < 0) return NULL;
     /* vec: mean, invstd (or running_var), gamma, beta */
-    if (channel_vectors(&in, 4, vnames, vobj, vec) < 0 ||
-        bn_prepare_output(out_obj, &in, in.arr, NULL, &result, &target) < 0 || detach_all(4, vec, target) < 0)
+    if (channel_vectors(&in, 4, vnames, vobj, vec) < 0 || forward_epilogue(act_obj, res_obj, &in, &relu, &res) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, res, NULL, &result, &target) < 0 || detach_all(4, vec, target) < 0)
         goto fail;
+    const bn_epilogue ep = {relu, res ? DATA(res) : NULL};
     if (eps >= 0) {
         const npy_intp C = in.L.dims.C;
         if (!(invstd = bn_new_vector(C))) goto fail;
@@ -536,7 +565,7 @@ static PyObject *normalize_impl(PyObject *x_obj, PyObject *const *vobj, const ch
     if (nonempty(&in)) {
         Py_BEGIN_ALLOW_THREADS
         status = BN_KERNEL(in.work, bn_normalize, DATA(in.arr), DATA(target), in.L.dims, DDATA(vec[0]),
-                           DDATA(invstd), DDATA(vec[2]), DDATA(vec[3]), bn_get_num_threads());
+                           DDATA(invstd), DDATA(vec[2]), DDATA(vec[3]), &ep, bn_get_num_threads());
         Py_END_ALLOW_THREADS
     }
     if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
@@ -546,38 +575,41 @@ static PyObject *normalize_impl(PyObject *x_obj, PyObject *const *vobj, const ch
 fail:
     bn_input_clear(&in);
     clear_all(4, vec);
-    Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(invstd);
+    Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(invstd); Py_XDECREF(res);
     return ret;
 }
 
 static PyObject *py_normalize(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"x", "mean", "invstd", "gamma", "beta", "axis", "out", NULL};
+    static char *kwlist[] = {"x", "mean", "invstd", "gamma", "beta", "axis", "out", "activation", "residual", NULL};
     static const char *const vnames[] = {"mean", "invstd", "gamma", "beta"};
-    PyObject *x_obj, *v[4] = {NULL, NULL, NULL, NULL}, *axis_obj = NULL, *out_obj = NULL;
+    PyObject *x_obj, *v[4] = {NULL, NULL, NULL, NULL}, *axis_obj = NULL, *out_obj = NULL, *act_obj = NULL,
+             *res_obj = NULL;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OO$OO:normalize", kwlist, &x_obj, &v[0], &v[1], &v[2],
-                                     &v[3], &axis_obj, &out_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OO$OOOO:normalize", kwlist, &x_obj, &v[0], &v[1], &v[2],
+                                     &v[3], &axis_obj, &out_obj, &act_obj, &res_obj))
         return NULL;
-    return normalize_impl(x_obj, v, vnames, -1.0, axis_obj, out_obj, BN_ALLOW_EMPTY);
+    return normalize_impl(x_obj, v, vnames, -1.0, axis_obj, out_obj, act_obj, res_obj, BN_ALLOW_EMPTY);
 }
 
 static PyObject *py_forward_infer(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"x", "running_mean", "running_var", "gamma", "beta", "eps", "axis", "out", NULL};
+    static char *kwlist[] = {"x", "running_mean", "running_var", "gamma", "beta", "eps", "axis", "out",
+                             "activation", "residual", NULL};
     static const char *const vnames[] = {"running_mean", "running_var", "gamma", "beta"};
-    PyObject *x_obj, *v[4] = {NULL, NULL, NULL, NULL}, *eps_obj = NULL, *axis_obj = NULL, *out_obj = NULL;
+    PyObject *x_obj, *v[4] = {NULL, NULL, NULL, NULL}, *eps_obj = NULL, *axis_obj = NULL, *out_obj = NULL,
+             *act_obj = NULL, *res_obj = NULL;
     double eps = 1e-5;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OO$OOO:forward_infer", kwlist, &x_obj, &v[0], &v[1],
-                                     &v[2], &v[3], &eps_obj, &axis_obj, &out_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OO$OOOOO:forward_infer", kwlist, &x_obj, &v[0], &v[1],
+                                     &v[2], &v[3], &eps_obj, &axis_obj, &out_obj, &act_obj, &res_obj))
         return NULL;
     if (bn_parse_eps(eps_obj, &eps) < 0) return NULL;
     if (v[0] == Py_None || v[1] == Py_None) {
         PyErr_SetString(PyExc_TypeError, "running_mean and running_var are required for inference, got None");
         return NULL;
     }
-    return normalize_impl(x_obj, v, vnames, eps, axis_obj, out_obj, BN_ALLOW_EMPTY);
+    return normalize_impl(x_obj, v, vnames, eps, axis_obj, out_obj, act_obj, res_obj, BN_ALLOW_EMPTY);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -697,7 +729,7 @@ static PyObject *py_backward_apply(PyObject *self, PyObject *args, PyObject *kwd
     const int64_t local = (int64_t)in.L.dims.N * (int64_t)in.L.dims.S;
     if (bn_parse_count(count_obj, "count", local > 1 ? local : 1, &count) < 0 ||
         bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 || channel_vectors(&in, 5, vnames, v, vec) < 0 ||
-        bn_prepare_output(out_obj, &in, in.arr, dy, &result, &target) < 0 || detach_all(5, vec, target) < 0)
+        bn_prepare_output(out_obj, &in, in.arr, dy, NULL, &result, &target) < 0 || detach_all(5, vec, target) < 0)
         goto fail;
     if (nonempty(&in)) {
         Py_BEGIN_ALLOW_THREADS
@@ -718,12 +750,13 @@ fail:
 }
 
 PyDoc_STRVAR(backward_doc,
-"backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None)\n"
+"backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None, activation=None, residual=None, y=None, beta=None)\n"
 "--\n\n"
 "Batch Normalization backward pass.\n\n"
 "Gradients of ``y = gamma * (x - mean) * invstd + beta`` given the upstream gradient dy. In training\n"
 "mode it is :func:`backward_reduce` followed by :func:`backward_apply` with x's own count, run as one\n"
-"kernel, with the same bits.\n\n"
+"kernel, with the same bits. With ``activation`` and ``residual`` it is the backward of the fused\n"
+"forward ``y = max(bn(x) + residual, 0)``, with no pass over memory beyond BN's own.\n\n"
 "Parameters\n"
 "----------\n"
 "dy : array_like\n"
@@ -742,35 +775,81 @@ PyDoc_STRVAR(backward_doc,
 "axis : int, default 1\n"
 "    The channel axis (-1 for channels-last).\n"
 "out : ndarray, optional\n"
-"    Where to write dx (x's shape, the result's dtype); may be dy or x itself.\n\n"
+"    Where to write dx (x's shape, the result's dtype); may be dy or x itself.\n"
+"activation : None or 'relu', default None\n"
+"    The forward ended with a ReLU: dy reaches BN only where the forward's output was > 0 (the\n"
+"    derivative at 0 is 0, as PyTorch's). Where that was comes from ``y`` or ``beta``, exactly one.\n"
+"residual : None, True or array_like, optional\n"
+"    The forward added a residual before the activation: also return d_residual, the gradient with\n"
+"    respect to the residual (dy masked by the ReLU). Pass the residual array itself with ``beta``\n"
+"    (the mask needs it); True is enough with ``y``.\n"
+"y : array_like, optional\n"
+"    The forward's output; the mask is ``y > 0``.\n"
+"beta : array_like of shape (C,), optional\n"
+"    The forward's shift: the mask is recomputed from x (and residual) with the forward's own\n"
+"    arithmetic, nothing else is read. It is the forward's ``y > 0`` bit for bit when mean and invstd\n"
+"    are the float64 values the forward normalized with (``stats_dtype=np.float64``, or the running\n"
+"    statistics as above); with float32 statistics values within a rounding of 0 may differ. Use\n"
+"    ``np.zeros(C)`` when the forward had no shift.\n\n"
 "Returns\n"
 "-------\n"
 "dx : ndarray\n"
 "    Gradient with respect to x.\n"
 "dgamma : ndarray of shape (C,)\n"
-"    ``sum(dy * xhat)`` per channel, with ``xhat = (x - mean) * invstd``; in the result's dtype, but\n"
-"    float32 for float16 input (a sum over the batch overflows float16 easily).\n"
+"    ``sum(g * xhat)`` per channel, with ``xhat = (x - mean) * invstd`` and g the gradient at BN's\n"
+"    output (dy, masked by the ReLU if any); in the result's dtype, but float32 for float16 input (a\n"
+"    sum over the batch overflows float16 easily).\n"
 "dbeta : ndarray of shape (C,)\n"
-"    ``sum(dy)`` per channel, the same dtype.\n\n"
+"    ``sum(g)`` per channel, the same dtype.\n"
+"d_residual : ndarray\n"
+"    Only with ``residual``: g, x's shape and dtype.\n\n"
 "Raises\n"
 "------\n"
 "TypeError, ValueError\n"
-"    As :func:`forward_train`, and when dy's shape differs from x's.\n");
+"    As :func:`forward_train`, when dy's (y's, residual's) shape differs from x's, and for a ReLU\n"
+"    without exactly one of y and beta.\n\n"
+"Examples\n"
+"--------\n"
+">>> import numpy as np, batchnorm as bn\n"
+">>> x = np.array([[1.0, 10.0], [3.0, 30.0]])\n"
+">>> y, mean, invstd = bn.forward_train(x, eps=0.0, activation='relu')\n"
+">>> y\n"
+"array([[0., 0.],\n"
+"       [1., 1.]])\n"
+">>> dx, dgamma, dbeta = bn.backward(np.ones_like(x), x, mean, invstd, activation='relu', y=y)\n"
+">>> dbeta\n"
+"array([1., 1.])\n");
+
+/* residual= of backward: None/False (no d_residual), True, or the residual array. */
+static int backward_residual(PyObject *obj, const bn_input *in, int *want, PyArrayObject **arr)
+{
+    *want = 0;
+    *arr = NULL;
+    if (obj == NULL || obj == Py_None) return 0;
+    if (PyBool_Check(obj) || PyArray_IsScalar(obj, Bool)) {
+        *want = PyObject_IsTrue(obj);
+        return 0;
+    }
+    *want = 1;
+    return bn_prepare_like(obj, "residual", in, arr);
+}
 
 static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"dy", "x", "mean", "invstd", "gamma", "training", "axis", "out", NULL};
-    static const char *const vnames[] = {"mean", "invstd", "gamma"};
-    PyObject *dy_obj, *x_obj, *v[3] = {NULL, NULL, NULL}, *training_obj = NULL, *axis_obj = NULL, *out_obj = NULL;
+    static char *kwlist[] = {"dy", "x", "mean", "invstd", "gamma", "training", "axis", "out", "activation",
+                             "residual", "y", "beta", NULL};
+    static const char *const vnames[] = {"mean", "invstd", "gamma", "beta"};
+    PyObject *dy_obj, *x_obj, *v[4] = {NULL, NULL, NULL, NULL}, *training_obj = NULL, *axis_obj = NULL,
+             *out_obj = NULL, *act_obj = NULL, *res_obj = NULL, *y_obj = NULL;
     bn_input in = {0};
-    PyArrayObject *dy = NULL, *vec[3] = {NULL, NULL, NULL}, *result = NULL, *target = NULL, *dgamma = NULL,
-                  *dbeta = NULL;
+    PyArrayObject *dy = NULL, *vec[4] = {NULL, NULL, NULL, NULL}, *result = NULL, *target = NULL, *dgamma = NULL,
+                  *dbeta = NULL, *res = NULL, *ya = NULL, *dres_r = NULL, *dres_t = NULL;
     PyObject *dgamma_r = NULL, *dbeta_r = NULL, *ret = NULL;
-    int status, training = 1;
+    int status, training = 1, relu = 0, want_dres = 0;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|O$OOO:backward", kwlist, &dy_obj, &x_obj, &v[0], &v[1],
-                                     &v[2], &training_obj, &axis_obj, &out_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|O$OOOOOOO:backward", kwlist, &dy_obj, &x_obj, &v[0], &v[1],
+                                     &v[2], &training_obj, &axis_obj, &out_obj, &act_obj, &res_obj, &y_obj, &v[3]))
         return NULL;
     if (training_obj != NULL) {
         if (!PyBool_Check(training_obj) && !PyArray_IsScalar(training_obj, Bool)) {
@@ -783,31 +862,59 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "mean and invstd are required, got None");
         return NULL;
     }
+    if (bn_parse_activation(act_obj, &relu) < 0) return NULL;
+    const int has_y = y_obj != NULL && y_obj != Py_None, has_beta = v[3] != NULL && v[3] != Py_None;
+    if (!relu && (has_y || has_beta)) {
+        PyErr_SetString(PyExc_ValueError, "y and beta locate the ReLU of a fused forward: they need "
+                        "activation='relu'");
+        return NULL;
+    }
+    if (relu && has_y == has_beta) {
+        PyErr_SetString(PyExc_ValueError, has_y ? "activation='relu' takes one of y and beta, not both"
+                        : "activation='relu' needs the forward's output y=, or its beta= to recompute where "
+                          "the ReLU was active");
+        return NULL;
+    }
     if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
-    if (bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 || channel_vectors(&in, 3, vnames, v, vec) < 0 ||
-        bn_prepare_output(out_obj, &in, in.arr, dy, &result, &target) < 0 || detach_all(3, vec, target) < 0)
+    if (bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 || backward_residual(res_obj, &in, &want_dres, &res) < 0 ||
+        (has_y && bn_prepare_like(y_obj, "y", &in, &ya) < 0) || channel_vectors(&in, 4, vnames, v, vec) < 0)
         goto fail;
+    if (relu && has_beta && want_dres && res == NULL) {
+        PyErr_SetString(PyExc_ValueError, "recomputing the ReLU mask from beta needs the residual array itself: "
+                        "pass residual=<the array the forward added>, or y=");
+        goto fail;
+    }
+    if (bn_prepare_output(out_obj, &in, in.arr, dy, ya ? ya : res, &result, &target) < 0 ||
+        detach_all(4, vec, target) < 0)
+        goto fail;
+    if (want_dres && bn_prepare_output(NULL, &in, NULL, NULL, NULL, &dres_r, &dres_t) < 0) goto fail;
     const npy_intp C = in.L.dims.C;
     if (!(dgamma = bn_new_vector(C)) || !(dbeta = bn_new_vector(C))) goto fail;
+    const bn_grad_epilogue ep = {!relu ? BN_MASK_NONE : has_y ? BN_MASK_Y : BN_MASK_RECOMPUTE, ya ? DATA(ya) : NULL,
+                                 DDATA(vec[3]), res ? DATA(res) : NULL, relu && dres_t ? DATA(dres_t) : NULL};
     status = BN_OK;
     if (nonempty(&in)) {
         Py_BEGIN_ALLOW_THREADS
         status = BN_KERNEL(in.work, bn_backward, DATA(dy), DATA(in.arr), DATA(target), in.L.dims,
                            DDATA(vec[0]), DDATA(vec[1]), DDATA(vec[2]), training, DATA(dgamma), DATA(dbeta),
-                           bn_get_num_threads());
+                           &ep, bn_get_num_threads());
         Py_END_ALLOW_THREADS
     }
     if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    /* without a ReLU the residual's gradient is dy itself (a copy: the caller's dy stays theirs) */
+    if (dres_t && !relu && PyArray_CopyInto(dres_t, dy) < 0) goto fail;
     /* sums over a whole batch overflow float16 easily: those of float16 input come back in float32 */
     const int grad_type = in.result == NPY_HALF ? NPY_FLOAT : in.result;
     if (!(dgamma_r = bn_cast_vector(dgamma, grad_type)) || !(dbeta_r = bn_cast_vector(dbeta, grad_type))) goto fail;
-    if (bn_finish_output(result, target) < 0) goto fail;
-    ret = Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
+    if (bn_finish_output(result, target) < 0 || (dres_r && bn_finish_output(dres_r, dres_t) < 0)) goto fail;
+    ret = want_dres ? Py_BuildValue("(OOOO)", result, dgamma_r, dbeta_r, dres_r)
+                    : Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
 fail:
     bn_input_clear(&in);
-    clear_all(3, vec);
+    clear_all(4, vec);
     Py_XDECREF(dy); Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(dgamma); Py_XDECREF(dbeta);
-    Py_XDECREF(dgamma_r); Py_XDECREF(dbeta_r);
+    Py_XDECREF(dgamma_r); Py_XDECREF(dbeta_r); Py_XDECREF(res); Py_XDECREF(ya); Py_XDECREF(dres_r);
+    Py_XDECREF(dres_t);
     return ret;
 }
 

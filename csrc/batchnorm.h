@@ -51,20 +51,32 @@ int bn_batch_stats_f64(const double *x, bn_dims d, double *mean, double *m2, int
 int bn_merge_stats(ptrdiff_t K, ptrdiff_t C, const int64_t *counts, const double *means, const double *m2s,
                    int64_t *count, double *mean, double *m2);
 
+/*
+ * Fused epilogues of the forward kernels (NULL: none): y = relu(bn(x) + residual), evaluated in double
+ * with the normalized value and rounded once. residual: NULL or an array of x's type and (N, C, S) layout;
+ * y may alias it exactly. The ReLU is v < 0 ? 0 : v (NaN stays NaN, as np.maximum and torch.relu).
+ */
+typedef struct {
+    int relu;
+    const void *residual;
+} bn_epilogue;
+
 /* y = (x - mean) * (invstd * gamma) + beta with given per-channel mean and invstd (float32 channels with
  * |mean| * invstd <= 2^16 are normalized as y = x * alpha + (beta - mean * alpha), in double, which is
- * as exact there; see bn_forward.tmpl.h and bn_internal.h). */
+ * as exact there; see bn_forward.tmpl.h and bn_internal.h), then the epilogue. */
 int bn_normalize_f32(const float *x, float *y, bn_dims d, const double *mean, const double *invstd,
-                     const double *gamma, const double *beta, int nthreads);
+                     const double *gamma, const double *beta, const bn_epilogue *ep, int nthreads);
 int bn_normalize_f64(const double *x, double *y, bn_dims d, const double *mean, const double *invstd,
-                     const double *gamma, const double *beta, int nthreads);
+                     const double *gamma, const double *beta, const bn_epilogue *ep, int nthreads);
 
-/* Training forward: batch statistics, invstd = 1 / sqrt(m2 / (N * S) + eps), then normalize.
- * mean, m2, invstd: double[C] outputs (the biased variance is m2 / (N * S)). */
+/* Training forward: batch statistics, invstd = 1 / sqrt(m2 / (N * S) + eps), then normalize (and the
+ * epilogue). mean, m2, invstd: double[C] outputs (the biased variance is m2 / (N * S)). */
 int bn_forward_train_f32(const float *x, float *y, bn_dims d, const double *gamma, const double *beta,
-                         double eps, double *mean, double *m2, double *invstd, int nthreads);
+                         double eps, double *mean, double *m2, double *invstd, const bn_epilogue *ep,
+                         int nthreads);
 int bn_forward_train_f64(const double *x, double *y, bn_dims d, const double *gamma, const double *beta,
-                         double eps, double *mean, double *m2, double *invstd, int nthreads);
+                         double eps, double *mean, double *m2, double *invstd, const bn_epilogue *ep,
+                         int nthreads);
 
 /* Per channel, sum_dy = sum(dy) and sum_dy_xmu = sum(dy * (x - mean)), cut and added as bn_backward
  * does. sum_dy, sum_dy_xmu: double[C] outputs. */
@@ -83,17 +95,38 @@ int bn_backward_apply_f64(const double *dy, const double *x, double *dx, bn_dims
                           const double *sum_dy_xmu, double count, int nthreads);
 
 /*
- * Backward of y = gamma * (x - mean) * invstd + beta (backward_reduce then backward_apply, fused).
- *   dbeta  = sum(dy),  dgamma = invstd * sum(dy * (x - mean))          (double[C] outputs)
- *   training != 0:  dx = gamma * invstd * (dy - dbeta / M - (x - mean) * invstd * dgamma / M),  M = N * S
- *   training == 0:  dx = gamma * invstd * dy          (mean and invstd are constants: frozen BN)
+ * The backward of a fused epilogue (NULL: none). With a ReLU, the gradient that reaches BN is
+ * g = dy where the forward's output was > 0, else 0 (ReLU's derivative at 0 is 0, as PyTorch's). Where
+ * the output was > 0 comes from one of:
+ *   mask = BN_MASK_Y:         y, the forward's output (x's type and layout);
+ *   mask = BN_MASK_RECOMPUTE: the forward's own arithmetic on x (and residual, when the forward added
+ *                             one) with beta (NULL: 0) and the mean, invstd and gamma given to backward:
+ *                             bit-identical to the forward's y > 0 when those are the values the forward
+ *                             normalized with. Nothing beyond x is read.
+ * d_residual (NULL: not wanted) receives g, the gradient of the sum bn(x) + residual, x's type and layout.
+ */
+enum { BN_MASK_NONE = 0, BN_MASK_Y = 1, BN_MASK_RECOMPUTE = 2 };
+typedef struct {
+    int mask;
+    const void *y;
+    const double *beta;
+    const void *residual;
+    void *d_residual;
+} bn_grad_epilogue;
+
+/*
+ * Backward of y = gamma * (x - mean) * invstd + beta (backward_reduce then backward_apply, fused), with g
+ * (dy, or the epilogue's masked dy) as the gradient at y:
+ *   dbeta  = sum(g),  dgamma = invstd * sum(g * (x - mean))          (double[C] outputs)
+ *   training != 0:  dx = gamma * invstd * (g - dbeta / M - (x - mean) * invstd * dgamma / M),  M = N * S
+ *   training == 0:  dx = gamma * invstd * g          (mean and invstd are constants: frozen BN)
  */
 int bn_backward_f32(const float *dy, const float *x, float *dx, bn_dims d, const double *mean,
                     const double *invstd, const double *gamma, int training, double *dgamma,
-                    double *dbeta, int nthreads);
+                    double *dbeta, const bn_grad_epilogue *ep, int nthreads);
 int bn_backward_f64(const double *dy, const double *x, double *dx, bn_dims d, const double *mean,
                     const double *invstd, const double *gamma, int training, double *dgamma,
-                    double *dbeta, int nthreads);
+                    double *dbeta, const bn_grad_epilogue *ep, int nthreads);
 
 /* Threads: a thin layer over the OpenMP runtime, so OMP_NUM_THREADS and threadpoolctl act on us. */
 int bn_get_num_threads(void);      /* omp_get_max_threads(); 1 without OpenMP, and in a child forked after

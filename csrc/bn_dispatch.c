@@ -53,14 +53,15 @@ const char *bn_simd_name(void)
         return BN_PICK(bn_batch_stats, TS, x, d, mean, m2, nthreads);                                   \
     }                                                                                                   \
     int bn_normalize_##TS(const T *x, T *y, bn_dims d, const double *mean, const double *invstd,        \
-                          const double *gamma, const double *beta, int nthreads)                        \
+                          const double *gamma, const double *beta, const bn_epilogue *ep, int nthreads) \
     {                                                                                                   \
-        return BN_PICK(bn_normalize, TS, x, y, d, mean, invstd, gamma, beta, nthreads);                \
+        return BN_PICK(bn_normalize, TS, x, y, d, mean, invstd, gamma, beta, ep, nthreads);            \
     }                                                                                                   \
     int bn_forward_train_##TS(const T *x, T *y, bn_dims d, const double *gamma, const double *beta,     \
-                              double eps, double *mean, double *m2, double *invstd, int nthreads)       \
+                              double eps, double *mean, double *m2, double *invstd,                     \
+                              const bn_epilogue *ep, int nthreads)                                      \
     {                                                                                                   \
-        return BN_PICK(bn_forward_train, TS, x, y, d, gamma, beta, eps, mean, m2, invstd, nthreads);   \
+        return BN_PICK(bn_forward_train, TS, x, y, d, gamma, beta, eps, mean, m2, invstd, ep, nthreads); \
     }                                                                                                   \
     int bn_backward_reduce_##TS(const T *dy, const T *x, bn_dims d, const double *mean, double *sum_dy, \
                                 double *sum_dy_xmu, int nthreads)                                       \
@@ -76,10 +77,10 @@ const char *bn_simd_name(void)
     }                                                                                                   \
     int bn_backward_##TS(const T *dy, const T *x, T *dx, bn_dims d, const double *mean,                 \
                          const double *invstd, const double *gamma, int training, double *dgamma,      \
-                         double *dbeta, int nthreads)                                                   \
+                         double *dbeta, const bn_grad_epilogue *ep, int nthreads)                       \
     {                                                                                                   \
         return BN_PICK(bn_backward, TS, dy, x, dx, d, mean, invstd, gamma, training, dgamma, dbeta,    \
-                       nthreads);                                                                       \
+                       ep, nthreads);                                                                   \
     }
 
 BN_DEFINE_PUBLIC(float, f32)

@@ -215,24 +215,71 @@ static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t
 
 #define BN_FOLD (sizeof(BN_T) < sizeof(double))
 
-/* y over one contiguous run of a channel: (x - centre) * a + b, or x * a + b when the channel is folded
- * (centre +0.0, a float32 channel: the same bits, one subtraction fewer). Callers that know every
- * channel they cover is folded say so (`folded`), which spares a test per run. */
-static inline void BN_NAME(apply_run)(const BN_T *xr, BN_T *yr, ptrdiff_t len, int folded, double centre,
-                                      double a, double b)
+/* The fused epilogue of one normalized value v, then its rounding to the element type: + residual,
+ * ReLU as v < 0 ? 0 : v (NaN stays NaN, as np.maximum). epi is a constant where this is inlined. */
+static BN_ALWAYS_INLINE BN_T BN_NAME(epilogue)(double v, const BN_T *r, ptrdiff_t i, const int epi)
 {
-    if (BN_FOLD && (folded || bn_is_plus_zero(centre)))
-        for (ptrdiff_t s = 0; s < len; s++) yr[s] = (BN_T)((double)xr[s] * a + b);
-    else
-        for (ptrdiff_t s = 0; s < len; s++) yr[s] = (BN_T)(((double)xr[s] - centre) * a + b);
+    if (epi & BN_EPI_ADD) v += (double)r[i];
+    if (epi & BN_EPI_RELU) v = v < 0.0 ? 0.0 : v;
+    return (BN_T)v;
 }
 
-/* y over one item, from the per-channel centre, alpha and offset. In column mode an item whose channels
- * are all folded runs the two-array loop; otherwise the folded channels' centre is +0.0 in the three-
- * array loop, which gives them the same bits. Column mode needs 3 * (c1 - c0) * S doubles of scratch. */
-static void BN_NAME(apply_item)(const BN_T *x, BN_T *y, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
-                                ptrdiff_t n0, ptrdiff_t n1, const double *centre, const double *alpha,
-                                const double *offset, double *scratch)
+static BN_ALWAYS_INLINE void BN_NAME(apply_run_epi)(const BN_T *xr, const BN_T *rr, BN_T *yr, ptrdiff_t len,
+                                                     int fold, double centre, double a, double b,
+                                                     const int epi)
+{
+    if (fold)
+        for (ptrdiff_t s = 0; s < len; s++) yr[s] = BN_NAME(epilogue)((double)xr[s] * a + b, rr, s, epi);
+    else
+        for (ptrdiff_t s = 0; s < len; s++)
+            yr[s] = BN_NAME(epilogue)(((double)xr[s] - centre) * a + b, rr, s, epi);
+}
+
+/* y over one contiguous run of a channel: (x - centre) * a + b, or x * a + b when the channel is folded
+ * (centre +0.0, a float32 channel: the same bits, one subtraction fewer), then the epilogue (rr: the
+ * residual's run, when epi has BN_EPI_ADD). Callers that know every channel they cover is folded say so
+ * (`folded`), which spares a test per run. */
+static inline void BN_NAME(apply_run)(const BN_T *xr, const BN_T *rr, BN_T *yr, ptrdiff_t len, int folded,
+                                      double centre, double a, double b, int epi)
+{
+    const int fold = BN_FOLD && (folded || bn_is_plus_zero(centre));
+    switch (epi) {
+    case BN_EPI_RELU: BN_NAME(apply_run_epi)(xr, rr, yr, len, fold, centre, a, b, BN_EPI_RELU); break;
+    case BN_EPI_ADD: BN_NAME(apply_run_epi)(xr, rr, yr, len, fold, centre, a, b, BN_EPI_ADD); break;
+    case BN_EPI_ADD | BN_EPI_RELU:
+        BN_NAME(apply_run_epi)(xr, rr, yr, len, fold, centre, a, b, BN_EPI_ADD | BN_EPI_RELU);
+        break;
+    default: BN_NAME(apply_run_epi)(xr, rr, yr, len, fold, centre, a, b, 0);
+    }
+}
+
+/* Column mode: rows [n0, n1) of an item, wb positions from offset `first` of each row, with per-position
+ * coefficients (em unused when folded). */
+static BN_ALWAYS_INLINE void BN_NAME(apply_cols_epi)(const BN_T *x, const BN_T *res, BN_T *y, const bn_plan *p,
+                                                      ptrdiff_t first, ptrdiff_t wb, ptrdiff_t n0, ptrdiff_t n1,
+                                                      int folded, const double *BN_RESTRICT em,
+                                                      const double *BN_RESTRICT ea, const double *BN_RESTRICT eb,
+                                                      const int epi)
+{
+    for (ptrdiff_t n = n0; n < n1; n++) {
+        ptrdiff_t off = n * p->W + first;
+        const BN_T *xr = x + off, *rr = (epi & BN_EPI_ADD) ? res + off : NULL;
+        BN_T *yr = y + off;
+        if (folded)
+            for (ptrdiff_t q = 0; q < wb; q++) yr[q] = BN_NAME(epilogue)((double)xr[q] * ea[q] + eb[q], rr, q, epi);
+        else
+            for (ptrdiff_t q = 0; q < wb; q++)
+                yr[q] = BN_NAME(epilogue)(((double)xr[q] - em[q]) * ea[q] + eb[q], rr, q, epi);
+    }
+}
+
+/* y over one item, from the per-channel centre, alpha and offset, then the epilogue. In column mode an item
+ * whose channels are all folded runs the two-array loop; otherwise the folded channels' centre is +0.0 in
+ * the three-array loop, which gives them the same bits. Column mode needs 3 * (c1 - c0) * S doubles of
+ * scratch. */
+static void BN_NAME(apply_item)(const BN_T *x, const BN_T *res, BN_T *y, const bn_plan *p, ptrdiff_t c0,
+                                ptrdiff_t c1, ptrdiff_t n0, ptrdiff_t n1, const double *centre,
+                                const double *alpha, const double *offset, int epi, double *scratch)
 {
     const ptrdiff_t S = p->S;
     const int folded = BN_FOLD && bn_all_plus_zero(centre, c0, c1);
@@ -240,11 +287,12 @@ static void BN_NAME(apply_item)(const BN_T *x, BN_T *y, const bn_plan *p, ptrdif
         for (ptrdiff_t n = n0; n < n1; n++)
             for (ptrdiff_t c = c0; c < c1; c++) {
                 ptrdiff_t off = (n * p->C + c) * S;
-                BN_NAME(apply_run)(x + off, y + off, S, folded, centre[c], alpha[c], offset[c]);
+                BN_NAME(apply_run)(x + off, res ? res + off : NULL, y + off, S, folded, centre[c], alpha[c],
+                                   offset[c], epi);
             }
         return;
     }
-    const ptrdiff_t wb = (c1 - c0) * S;
+    const ptrdiff_t wb = (c1 - c0) * S, first = c0 * S;
     double *em = scratch, *ea = scratch + wb, *eb = scratch + 2 * wb;
     for (ptrdiff_t k = 0; k < c1 - c0; k++)
         for (ptrdiff_t s = 0; s < S; s++) {
@@ -254,14 +302,17 @@ static void BN_NAME(apply_item)(const BN_T *x, BN_T *y, const bn_plan *p, ptrdif
     if (!folded)
         for (ptrdiff_t k = 0; k < c1 - c0; k++)
             for (ptrdiff_t s = 0; s < S; s++) em[k * S + s] = centre[c0 + k];
-    for (ptrdiff_t n = n0; n < n1; n++) {
-        ptrdiff_t off = n * p->W + c0 * S;
-        const BN_T *xr = x + off;
-        BN_T *yr = y + off;
-        if (folded)
-            for (ptrdiff_t q = 0; q < wb; q++) yr[q] = (BN_T)((double)xr[q] * ea[q] + eb[q]);
-        else
-            for (ptrdiff_t q = 0; q < wb; q++) yr[q] = (BN_T)(((double)xr[q] - em[q]) * ea[q] + eb[q]);
+    switch (epi) {
+    case BN_EPI_RELU:
+        BN_NAME(apply_cols_epi)(x, res, y, p, first, wb, n0, n1, folded, em, ea, eb, BN_EPI_RELU);
+        break;
+    case BN_EPI_ADD:
+        BN_NAME(apply_cols_epi)(x, res, y, p, first, wb, n0, n1, folded, em, ea, eb, BN_EPI_ADD);
+        break;
+    case BN_EPI_ADD | BN_EPI_RELU:
+        BN_NAME(apply_cols_epi)(x, res, y, p, first, wb, n0, n1, folded, em, ea, eb, BN_EPI_ADD | BN_EPI_RELU);
+        break;
+    default: BN_NAME(apply_cols_epi)(x, res, y, p, first, wb, n0, n1, folded, em, ea, eb, 0);
     }
 }
 
@@ -285,6 +336,8 @@ typedef struct {
     double *mean, *m2, *invstd;   /* statistics: written by batch_stats and forward_train */
     const double *norm_mean;      /* the mean normalize is given */
     double *alpha, *offset, *centre; /* per-channel coefficients of apply */
+    const BN_T *res;              /* the epilogue's residual, or NULL */
+    int epi;                      /* its BN_EPI_* flags */
 } BN_NAME(fwd_args);
 
 /* Column mode needs per-position scratch: 6 arrays for the statistics, 3 for apply, one after another
@@ -317,11 +370,7 @@ static inline bn_moments BN_NAME(merged_moments)(const bn_job *job, ptrdiff_t c,
 /* alpha, centre and offset of channel c from its mean and invstd (see the algebra at the top). */
 static inline void BN_NAME(normalize_coefs)(const BN_NAME(fwd_args) *a, ptrdiff_t c, double mean, double invstd)
 {
-    const double alpha = a->gamma ? invstd * a->gamma[c] : invstd;
-    const int fold = BN_FOLD && bn_fold_exact(mean, invstd);
-    a->alpha[c] = alpha;
-    a->centre[c] = fold ? 0.0 : mean;
-    a->offset[c] = (a->beta ? a->beta[c] : 0.0) - (fold ? mean * alpha : 0.0);
+    bn_forward_coefs(BN_FOLD, a->gamma, a->beta, c, mean, invstd, &a->alpha[c], &a->centre[c], &a->offset[c]);
 }
 
 static void BN_NAME(stats_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t c1, const void *parts)
@@ -357,8 +406,8 @@ static void BN_NAME(normalize_finish)(const bn_job *job, ptrdiff_t c0, ptrdiff_t
 static void BN_NAME(normalize_apply)(const bn_job *job, bn_item w, double *scratch)
 {
     const BN_NAME(fwd_args) *a = job->args;
-    BN_NAME(apply_item)(a->x, a->y, job->plan, w.c0, w.c1, w.n0, w.n1, a->centre, a->alpha, a->offset,
-                        scratch);
+    BN_NAME(apply_item)(a->x, a->res, a->y, job->plan, w.c0, w.c1, w.n0, w.n1, a->centre, a->alpha,
+                        a->offset, a->epi, scratch);
 }
 
 static void BN_NAME(normalize_rows)(const bn_job *job, ptrdiff_t r0, ptrdiff_t r1)
@@ -368,29 +417,38 @@ static void BN_NAME(normalize_rows)(const bn_job *job, ptrdiff_t r0, ptrdiff_t r
     const int folded = BN_FOLD && bn_all_plus_zero(a->centre, 0, C);
     for (ptrdiff_t r = r0; r < r1; r++) {
         const ptrdiff_t c = r % C;
-        BN_NAME(apply_run)(a->x + r * S, a->y + r * S, S, folded, a->centre[c], a->alpha[c], a->offset[c]);
+        BN_NAME(apply_run)(a->x + r * S, a->res ? a->res + r * S : NULL, a->y + r * S, S, folded, a->centre[c],
+                           a->alpha[c], a->offset[c], a->epi);
     }
+}
+
+static void BN_NAME(set_epilogue)(BN_NAME(fwd_args) *a, const bn_epilogue *ep)
+{
+    if (!ep) return;
+    a->res = ep->residual;
+    a->epi = (ep->relu ? BN_EPI_RELU : 0) | (ep->residual ? BN_EPI_ADD : 0);
 }
 
 int BN_NAME(bn_batch_stats)(const BN_T *x, bn_dims d, double *mean, double *m2, int nthreads)
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads);
-    BN_NAME(fwd_args) a = {x, NULL, NULL, NULL, 0.0, mean, m2, NULL, NULL, NULL, NULL, NULL};
+    BN_NAME(fwd_args) a = {x, NULL, NULL, NULL, 0.0, mean, m2, NULL, NULL, NULL, NULL, NULL, NULL, 0};
     bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(stats_finish), NULL, NULL, sizeof(bn_moments),
                   BN_NAME(fwd_scratch)(&p, 6), &a};
     return bn_drive(&job);
 }
 
 int BN_NAME(bn_normalize)(const BN_T *x, BN_T *y, bn_dims d, const double *mean, const double *invstd,
-                          const double *gamma, const double *beta, int nthreads)
+                          const double *gamma, const double *beta, const bn_epilogue *ep, int nthreads)
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads);
     double *coefs = malloc(sizeof(double) * bn_padded_size(d.C, 3));
     if (!coefs) return BN_ENOMEM;
     BN_NAME(fwd_args) a = {x, y, gamma, beta, 0.0, NULL, NULL, (double *)invstd, mean, coefs,
-                           bn_padded_array(coefs, d.C, 1), bn_padded_array(coefs, d.C, 2)};
+                           bn_padded_array(coefs, d.C, 1), bn_padded_array(coefs, d.C, 2), NULL, 0};
+    BN_NAME(set_epilogue)(&a, ep);
     bn_job job = {&p, NULL, BN_NAME(normalize_finish), BN_NAME(normalize_apply), BN_NAME(normalize_rows), 0,
                   BN_NAME(fwd_scratch)(&p, 3), &a};
     int status = bn_drive(&job);
@@ -399,14 +457,16 @@ int BN_NAME(bn_normalize)(const BN_T *x, BN_T *y, bn_dims d, const double *mean,
 }
 
 int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *gamma, const double *beta,
-                              double eps, double *mean, double *m2, double *invstd, int nthreads)
+                              double eps, double *mean, double *m2, double *invstd, const bn_epilogue *ep,
+                              int nthreads)
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads);
     double *coefs = malloc(sizeof(double) * bn_padded_size(d.C, 3));
     if (!coefs) return BN_ENOMEM;
     BN_NAME(fwd_args) a = {x, y, gamma, beta, eps, mean, m2, invstd, NULL, coefs, bn_padded_array(coefs, d.C, 1),
-                           bn_padded_array(coefs, d.C, 2)};
+                           bn_padded_array(coefs, d.C, 2), NULL, 0};
+    BN_NAME(set_epilogue)(&a, ep);
     bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(train_finish), BN_NAME(normalize_apply), NULL,
                   sizeof(bn_moments), BN_NAME(fwd_scratch)(&p, 6), &a};
     int status = bn_drive(&job);

@@ -144,6 +144,44 @@ static inline int bn_fold_exact(double mean, double invstd)
     return fabs(mean * invstd) <= BN_FOLD_MAX_RHO;
 }
 
+/* How channel c is normalized, by the forward kernels and by the backward's recomputed ReLU mask alike:
+ * y = (x - centre) * alpha + offset in double, alpha = invstd * gamma; with fold (float32 data whose
+ * channel passes bn_fold_exact) centre = +0.0 and offset = beta - mean * alpha, else centre = mean and
+ * offset = beta. gamma/beta NULL: 1 and 0. */
+static inline void bn_forward_coefs(int fold_type, const double *gamma, const double *beta, ptrdiff_t c,
+                                    double mean, double invstd, double *alpha, double *centre, double *offset)
+{
+    const double a = gamma ? invstd * gamma[c] : invstd;
+    const int fold = fold_type && bn_fold_exact(mean, invstd);
+    *alpha = a;
+    *centre = fold ? 0.0 : mean;
+    *offset = (beta ? beta[c] : 0.0) - (fold ? mean * a : 0.0);
+}
+
+/* The fused epilogues as flags (see bn_epilogue in batchnorm.h): the loops that apply them take the
+ * flags as a constant, so each combination is its own loop with nothing tested per value. */
+enum { BN_EPI_RELU = 1, BN_EPI_ADD = 2 };
+/* The ReLU masks of the backward (bn_grad_epilogue), as the constants its loops are specialized on: none,
+ * read from y, or recomputed from x (and the residual, GM_XR) with the forward's coefficients and the
+ * forward's very expression, so that it is the forward's y > 0 bit for bit. */
+enum { BN_GM_NONE = 0, BN_GM_Y = 1, BN_GM_X = 2, BN_GM_XR = 3 };
+
+/* restrict for the per-position coefficient arrays and scratch that a loop reads beside the data it writes:
+ * without it GCC gives up on the runtime alias checks of loops with many pointers and runs them scalar. */
+#if defined(_MSC_VER)
+#define BN_RESTRICT __restrict
+#else
+#define BN_RESTRICT restrict
+#endif
+
+#if defined(__GNUC__)
+#define BN_ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define BN_ALWAYS_INLINE __forceinline
+#else
+#define BN_ALWAYS_INLINE inline
+#endif
+
 /* A folded channel is centred on +0.0, which x - centre returns unchanged (bit for bit, -0.0 and NaN
  * included), so the folded loops are an exact shortcut of the centred ones. */
 static inline int bn_is_plus_zero(double v)
@@ -256,8 +294,9 @@ static inline double bn_lanes_sum(const double *a)
 
 /* AVX2 and AVX-512 variants are built by GCC and clang on x86-64 (their per-function target pragmas,
  * bn_avx2.c); elsewhere (MSVC, clang-cl, aarch64, ...) only the baseline. clang-cl defines __clang__ and
- * __x86_64__, but its __builtin_cpu_supports needs compiler-rt, which an MSVC-style link may lack. AVX-512 needs GCC 9 (prefer-vector-width
- * in a target pragma) or clang 8 (the pragma clang attribute's target list with avx512vl). */
+ * __x86_64__, but its __builtin_cpu_supports needs compiler-rt, which an MSVC-style link may lack.
+ * AVX-512 needs GCC 9 (prefer-vector-width in a target pragma) or clang 8 (the pragma clang attribute's
+ * target list with avx512vl). */
 #if defined(_MSC_VER)
 #define BN_HAVE_AVX2 0
 #define BN_HAVE_AVX512 0
@@ -277,9 +316,11 @@ static inline double bn_lanes_sum(const double *a)
 #define BN_DECLARE_KERNELS(T, SUFFIX)                                                                  \
     int bn_batch_stats_##SUFFIX(const T *x, bn_dims d, double *mean, double *m2, int nthreads);          \
     int bn_normalize_##SUFFIX(const T *x, T *y, bn_dims d, const double *mean, const double *invstd,    \
-                              const double *gamma, const double *beta, int nthreads);                   \
+                              const double *gamma, const double *beta, const bn_epilogue *ep,          \
+                              int nthreads);                                                            \
     int bn_forward_train_##SUFFIX(const T *x, T *y, bn_dims d, const double *gamma, const double *beta, \
-                                  double eps, double *mean, double *m2, double *invstd, int nthreads);  \
+                                  double eps, double *mean, double *m2, double *invstd,                 \
+                                  const bn_epilogue *ep, int nthreads);                                 \
     int bn_backward_reduce_##SUFFIX(const T *dy, const T *x, bn_dims d, const double *mean,            \
                                     double *sum_dy, double *sum_dy_xmu, int nthreads);                  \
     int bn_backward_apply_##SUFFIX(const T *dy, const T *x, T *dx, bn_dims d, const double *mean,       \
@@ -287,7 +328,7 @@ static inline double bn_lanes_sum(const double *a)
                                    const double *sum_dy_xmu, double count, int nthreads);               \
     int bn_backward_##SUFFIX(const T *dy, const T *x, T *dx, bn_dims d, const double *mean,             \
                              const double *invstd, const double *gamma, int training, double *dgamma,  \
-                             double *dbeta, int nthreads);
+                             double *dbeta, const bn_grad_epilogue *ep, int nthreads);
 BN_DECLARE_KERNELS(float, f32_base)
 BN_DECLARE_KERNELS(double, f64_base)
 #if BN_HAVE_AVX2

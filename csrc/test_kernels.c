@@ -40,7 +40,7 @@ static void hand_case(void)
     const double x[4] = {1, 10, 3, 30}, dy[4] = {1, 0, 0, 2};
     const bn_dims d = {2, 2, 1};
     double y[4], mean[2], m2[2], invstd[2], sdy[2], sdyxm[2], dx[4], dg[2], db[2];
-    CHECK(bn_forward_train_f64(x, y, d, NULL, NULL, 0.0, mean, m2, invstd, 1) == BN_OK, "hand: train");
+    CHECK(bn_forward_train_f64(x, y, d, NULL, NULL, 0.0, mean, m2, invstd, NULL, 1) == BN_OK, "hand: train");
     CHECK(mean[0] == 2 && mean[1] == 20 && m2[0] == 2 && m2[1] == 200, "hand: mean %g %g m2 %g %g", mean[0],
           mean[1], m2[0], m2[1]);
     CHECK(invstd[0] == 1 && invstd[1] == 0.1, "hand: invstd %g %g", invstd[0], invstd[1]);
@@ -48,7 +48,7 @@ static void hand_case(void)
     CHECK(bn_backward_reduce_f64(dy, x, d, mean, sdy, sdyxm, 1) == BN_OK, "hand: reduce");
     CHECK(sdy[0] == 1 && sdy[1] == 2 && sdyxm[0] == -1 && sdyxm[1] == 20, "hand: sums %g %g %g %g", sdy[0],
           sdy[1], sdyxm[0], sdyxm[1]);
-    CHECK(bn_backward_f64(dy, x, dx, d, mean, invstd, NULL, 1, dg, db, 1) == BN_OK, "hand: backward");
+    CHECK(bn_backward_f64(dy, x, dx, d, mean, invstd, NULL, 1, dg, db, NULL, 1) == BN_OK, "hand: backward");
     /* channel 0: xhat = (-1, 1), dy - 1/2 = (0.5, -0.5), xhat * (-1)/2 = (0.5, -0.5) -> dx = (0, 0);
      * channel 1: invstd 0.1, xhat = (-1, 1), dy - 1 = (-1, 1), xhat * 2/2 = (-1, 1) -> dx = (0, 0) */
     CHECK(dx[0] == 0 && dx[1] == 0 && dx[2] == 0 && dx[3] == 0, "hand: dx %g %g %g %g", dx[0], dx[1], dx[2], dx[3]);
@@ -92,8 +92,8 @@ typedef struct {
 static int train(tinfo t, const void *x, void *y, bn_dims d, const double *g, const double *b, double *mean,
                  double *m2, double *inv, int nt)
 {
-    return t.f32 ? bn_forward_train_f32(x, y, d, g, b, 1e-5, mean, m2, inv, nt)
-                 : bn_forward_train_f64(x, y, d, g, b, 1e-5, mean, m2, inv, nt);
+    return t.f32 ? bn_forward_train_f32(x, y, d, g, b, 1e-5, mean, m2, inv, NULL, nt)
+                 : bn_forward_train_f64(x, y, d, g, b, 1e-5, mean, m2, inv, NULL, nt);
 }
 static int stats(tinfo t, const void *x, bn_dims d, double *mean, double *m2, int nt)
 {
@@ -102,13 +102,13 @@ static int stats(tinfo t, const void *x, bn_dims d, double *mean, double *m2, in
 static int norm(tinfo t, const void *x, void *y, bn_dims d, const double *mean, const double *inv,
                 const double *g, const double *b, int nt)
 {
-    return t.f32 ? bn_normalize_f32(x, y, d, mean, inv, g, b, nt) : bn_normalize_f64(x, y, d, mean, inv, g, b, nt);
+    return t.f32 ? bn_normalize_f32(x, y, d, mean, inv, g, b, NULL, nt) : bn_normalize_f64(x, y, d, mean, inv, g, b, NULL, nt);
 }
 static int bwd(tinfo t, const void *dy, const void *x, void *dx, bn_dims d, const double *mean, const double *inv,
                const double *g, int training, double *dg, double *db, int nt)
 {
-    return t.f32 ? bn_backward_f32(dy, x, dx, d, mean, inv, g, training, dg, db, nt)
-                 : bn_backward_f64(dy, x, dx, d, mean, inv, g, training, dg, db, nt);
+    return t.f32 ? bn_backward_f32(dy, x, dx, d, mean, inv, g, training, dg, db, NULL, nt)
+                 : bn_backward_f64(dy, x, dx, d, mean, inv, g, training, dg, db, NULL, nt);
 }
 static int reduce(tinfo t, const void *dy, const void *x, bn_dims d, const double *mean, double *s1, double *s2,
                   int nt)
@@ -286,8 +286,8 @@ static void large_mean_case(int f32, bn_dims d)
     }
     /* forward_train's statistics are batch_stats' */
     void *y = malloc((f32 ? sizeof(float) : sizeof(double)) * (size_t)total);
-    CHECK((f32 ? bn_forward_train_f32(x, y, d, NULL, NULL, 1e-5, tm, dq, inv, 1)
-               : bn_forward_train_f64(x, y, d, NULL, NULL, 1e-5, tm, dq, inv, 1)) == BN_OK, "large mean: train");
+    CHECK((f32 ? bn_forward_train_f32(x, y, d, NULL, NULL, 1e-5, tm, dq, inv, NULL, 1)
+               : bn_forward_train_f64(x, y, d, NULL, NULL, 1e-5, tm, dq, inv, NULL, 1)) == BN_OK, "large mean: train");
     CHECK(memcmp(tm, mean, sizeof(double) * C) == 0 && memcmp(dq, m2, sizeof(double) * C) == 0,
           "large mean: forward_train's statistics differ from batch_stats'");
     free(x); free(y); free(dv); free(v);
@@ -310,8 +310,8 @@ static void huge_mean_f32_case(bn_dims d)
             x[IDX(d, n, 1, s)] = (float)rnd(&seed);
         }
     for (int phase = 0; phase < 2; phase++) {
-        if (phase == 0) CHECK(bn_forward_train_f32(x, y, d, NULL, beta, 1e-5, mean, m2, inv, 2) == BN_OK, "train");
-        else CHECK(bn_normalize_f32(x, y, d, mean, inv, NULL, beta, 2) == BN_OK, "normalize");
+        if (phase == 0) CHECK(bn_forward_train_f32(x, y, d, NULL, beta, 1e-5, mean, m2, inv, NULL, 2) == BN_OK, "train");
+        else CHECK(bn_normalize_f32(x, y, d, mean, inv, NULL, beta, NULL, 2) == BN_OK, "normalize");
         int exact = 1;
         for (ptrdiff_t n = 0; n < d.N; n++)
             for (ptrdiff_t s = 0; s < d.S; s++) exact &= y[IDX(d, n, 0, s)] == (float)beta[0];
@@ -324,8 +324,8 @@ static void huge_mean_f32_case(bn_dims d)
     float *x1 = malloc(sizeof(float) * (size_t)(d.N * d.S)), *y1 = malloc(sizeof(float) * (size_t)(d.N * d.S));
     for (ptrdiff_t n = 0; n < d.N; n++)
         for (ptrdiff_t s = 0; s < d.S; s++) x1[IDX(d1, n, 0, s)] = x[IDX(d, n, 1, s)];
-    CHECK(bn_forward_train_f32(x, y, d, NULL, beta, 1e-5, mean, m2, inv, 2) == BN_OK, "train");
-    CHECK(bn_forward_train_f32(x1, y1, d1, NULL, beta + 1, 1e-5, mean, m2, inv, 2) == BN_OK, "train");
+    CHECK(bn_forward_train_f32(x, y, d, NULL, beta, 1e-5, mean, m2, inv, NULL, 2) == BN_OK, "train");
+    CHECK(bn_forward_train_f32(x1, y1, d1, NULL, beta + 1, 1e-5, mean, m2, inv, NULL, 2) == BN_OK, "train");
     int same = 1;
     for (ptrdiff_t n = 0; n < d.N; n++)
         for (ptrdiff_t s = 0; s < d.S; s++) same &= memcmp(&y1[IDX(d1, n, 0, s)], &y[IDX(d, n, 1, s)], sizeof(float)) == 0;
@@ -352,8 +352,8 @@ static void inf_case(int f32, bn_dims d, ptrdiff_t at_n, ptrdiff_t at_s, int bot
     else { ((double *)x)[i1] = INFINITY; if (both) ((double *)x)[i2] = -INFINITY; }
     void *y = malloc(es * (size_t)total);
     for (int nt = 1; nt <= 2; nt++) {
-        CHECK((f32 ? bn_forward_train_f32((float *)x, y, d, NULL, NULL, 1e-5, mean, m2, inv, nt)
-                   : bn_forward_train_f64((double *)x, y, d, NULL, NULL, 1e-5, mean, m2, inv, nt)) == BN_OK, "inf: train");
+        CHECK((f32 ? bn_forward_train_f32((float *)x, y, d, NULL, NULL, 1e-5, mean, m2, inv, NULL, nt)
+                   : bn_forward_train_f64((double *)x, y, d, NULL, NULL, 1e-5, mean, m2, inv, NULL, nt)) == BN_OK, "inf: train");
         CHECK(both ? isnan(mean[1]) : mean[1] == INFINITY, "inf: mean %g (n=%td s=%td both=%d)", mean[1], at_n, at_s, both);
         CHECK(isnan(m2[1]) && isnan(inv[1]), "inf: m2 %g invstd %g", m2[1], inv[1]);
         CHECK(isfinite(mean[0]) && isfinite(m2[0]) && isfinite(mean[2]) && isfinite(m2[2]), "inf leaked");

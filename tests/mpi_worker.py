@@ -107,6 +107,37 @@ def scenario_parity(comm=WORLD):
                 check(rel_err(sync(xg[lo:hi]), ref(xg)[lo:hi]) <= tol, f"{name}/{kind}: eval y")
 
 
+def scenario_fused(comm=WORLD):
+    """activation='relu' and a residual: y, dx and d_residual equal single-process BatchNorm's on the whole
+    batch; the ReLU mask is the fused forward's (d_residual is exactly dy where y > 0)."""
+    P, rank = comm.Get_size(), comm.Get_rank()
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 2e-5)):
+        for name in ("3d", "nhwc"):
+            shape, axis, make = LAYOUTS[name]
+            for kind in ("even", "empty"):
+                rng = np.random.default_rng(zlib.crc32(f"fused/{name}/{kind}".encode()))
+                C, N = shape[axis], shape[0]
+                sizes = split_sizes(N, P, kind)
+                lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+                ref = bn.BatchNorm(C, axis=axis, dtype=np.float64, activation="relu")
+                sync = SyncBatchNorm(C, comm=comm, axis=axis, dtype=np.float64, activation="relu")
+                ref.bias[...] = sync.bias[...] = rng.normal(0, 0.5, C)
+                for step in range(2):
+                    xg = make(rng.normal(1.0, 2.0, shape).astype(dtype))
+                    rg = make(rng.normal(0, 1, shape).astype(dtype))
+                    dyg = make(rng.normal(0, 1, shape).astype(dtype))
+                    y_ref = ref(xg, residual=rg)
+                    dx_ref, dr_ref = ref.backward(dyg)
+                    y = sync(xg[lo:hi], residual=rg[lo:hi])
+                    dx, dr = sync.backward(dyg[lo:hi])
+                    what = f"fused {name}/{kind}/{np.dtype(dtype).name}/step {step}"
+                    check(rel_err(y, y_ref[lo:hi]) <= tol, f"{what}: y off by {rel_err(y, y_ref[lo:hi])}")
+                    check(rel_err(dx, dx_ref[lo:hi]) <= tol, f"{what}: dx off by {rel_err(dx, dx_ref[lo:hi])}")
+                    check(dr.dtype == y.dtype and np.array_equal(dr, np.where(y > 0, dyg[lo:hi], 0)),
+                          f"{what}: d_residual is not dy masked by the forward's y > 0")
+                    check(rel_err(dr, dr_ref[lo:hi]) <= tol, f"{what}: d_residual")
+
+
 def scenario_deterministic():
     """Two runs of the same steps give the same bits, and the statistics are the same on every rank."""
     P, rank = WORLD.Get_size(), WORLD.Get_rank()

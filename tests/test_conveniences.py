@@ -165,28 +165,31 @@ def test_pickled_layer_state_dict_equal(rng):
 # ------------------------------------------------------------------------------------------------
 
 P = inspect.Parameter
+EPILOGUE = [("activation", P.KEYWORD_ONLY, None), ("residual", P.KEYWORD_ONLY, None)]
 SIGNATURES = {
     "forward_train": [("x", P.POSITIONAL_OR_KEYWORD, P.empty), ("gamma", P.POSITIONAL_OR_KEYWORD, None),
                       ("beta", P.POSITIONAL_OR_KEYWORD, None), ("running_mean", P.KEYWORD_ONLY, None),
                       ("running_var", P.KEYWORD_ONLY, None), ("momentum", P.KEYWORD_ONLY, 0.1),
                       ("eps", P.KEYWORD_ONLY, 1e-5), ("axis", P.KEYWORD_ONLY, 1), ("out", P.KEYWORD_ONLY, None),
-                      ("stats_dtype", P.KEYWORD_ONLY, None)],
+                      ("stats_dtype", P.KEYWORD_ONLY, None)] + EPILOGUE,
     "forward_infer": [("x", P.POSITIONAL_OR_KEYWORD, P.empty),
                       ("running_mean", P.POSITIONAL_OR_KEYWORD, P.empty),
                       ("running_var", P.POSITIONAL_OR_KEYWORD, P.empty),
                       ("gamma", P.POSITIONAL_OR_KEYWORD, None), ("beta", P.POSITIONAL_OR_KEYWORD, None),
-                      ("eps", P.KEYWORD_ONLY, 1e-5), ("axis", P.KEYWORD_ONLY, 1), ("out", P.KEYWORD_ONLY, None)],
+                      ("eps", P.KEYWORD_ONLY, 1e-5), ("axis", P.KEYWORD_ONLY, 1), ("out", P.KEYWORD_ONLY, None)]
+                     + EPILOGUE,
     "backward": [("dy", P.POSITIONAL_OR_KEYWORD, P.empty), ("x", P.POSITIONAL_OR_KEYWORD, P.empty),
                  ("mean", P.POSITIONAL_OR_KEYWORD, P.empty), ("invstd", P.POSITIONAL_OR_KEYWORD, P.empty),
                  ("gamma", P.POSITIONAL_OR_KEYWORD, None), ("training", P.KEYWORD_ONLY, True),
-                 ("axis", P.KEYWORD_ONLY, 1), ("out", P.KEYWORD_ONLY, None)],
+                 ("axis", P.KEYWORD_ONLY, 1), ("out", P.KEYWORD_ONLY, None)] + EPILOGUE
+                + [("y", P.KEYWORD_ONLY, None), ("beta", P.KEYWORD_ONLY, None)],
     "batch_stats": [("x", P.POSITIONAL_OR_KEYWORD, P.empty), ("axis", P.KEYWORD_ONLY, 1)],
     "merge_stats": [("counts", P.POSITIONAL_OR_KEYWORD, P.empty), ("means", P.POSITIONAL_OR_KEYWORD, P.empty),
                     ("m2s", P.POSITIONAL_OR_KEYWORD, P.empty)],
     "normalize": [("x", P.POSITIONAL_OR_KEYWORD, P.empty), ("mean", P.POSITIONAL_OR_KEYWORD, P.empty),
                   ("invstd", P.POSITIONAL_OR_KEYWORD, P.empty), ("gamma", P.POSITIONAL_OR_KEYWORD, None),
                   ("beta", P.POSITIONAL_OR_KEYWORD, None), ("axis", P.KEYWORD_ONLY, 1),
-                  ("out", P.KEYWORD_ONLY, None)],
+                  ("out", P.KEYWORD_ONLY, None)] + EPILOGUE,
     "backward_reduce": [("dy", P.POSITIONAL_OR_KEYWORD, P.empty), ("x", P.POSITIONAL_OR_KEYWORD, P.empty),
                         ("mean", P.POSITIONAL_OR_KEYWORD, P.empty), ("axis", P.KEYWORD_ONLY, 1)],
     "backward_apply": [(n, P.POSITIONAL_OR_KEYWORD, P.empty)

@@ -1,13 +1,17 @@
-"""The demo (``python -m batchnorm.demo``) and the NumPy toolkit it trains with (batchnorm.examples)."""
+"""The demo package (``python -m batchnorm.demo``: its command line, the ``fig1`` experiment and the parts
+it is made of) and the NumPy toolkit it trains with (batchnorm.examples)."""
 
 from __future__ import annotations
 
 import builtins
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ import pytest
 import batchnorm
 from batchnorm import demo
 from batchnorm import examples as ex
+from batchnorm.demo import cli, fig1
 from helpers import numeric_grad
 
 
@@ -76,8 +81,8 @@ def test_quick_completes_and_reports(quick_run):
     s = quick_run["results"]["settings"]
     assert s["quick"] and s["n_train"] + s["n_test"] == 1797
     # one row per run in the printed tables
-    assert out.count("| sigmoid 3x100 |") == 2 * len(demo.SIGMOID_LRS)
-    assert out.count("| relu 3x100 |") == 3 * len(demo.RELU_LRS)
+    assert out.count("| sigmoid 3x100 |") == 2 * len(fig1.SIGMOID_LRS)
+    assert out.count("| relu 3x100 |") == 3 * len(fig1.RELU_LRS)
     # "well under 20 s" on a quiet 2-core machine; generous here for a loaded CI box
     assert quick_run["elapsed"] < 120, quick_run["elapsed"]
 
@@ -95,14 +100,14 @@ def test_bn_beats_plain_at_high_learning_rate(quick_run):
     more accurate than the plain one, and reaches the target accuracy where the plain one does not
     (or later)."""
     res = quick_run["results"]
-    lr = max(demo.SIGMOID_LRS)
+    lr = max(fig1.SIGMOID_LRS)
     bn, plain = _run(res, "sigmoid", "before", lr), _run(res, "sigmoid", "none", lr)
     assert bn["final_test_acc"] > plain["final_test_acc"]
     assert bn["final_test_acc"] >= res["settings"]["target"]
     assert bn["steps_to_target"] is not None
     assert plain["steps_to_target"] is None or plain["steps_to_target"] > bn["steps_to_target"]
     # and with ReLU units too
-    lr = max(demo.RELU_LRS)
+    lr = max(fig1.RELU_LRS)
     assert (_run(res, "relu", "before", lr)["final_test_acc"]
             > _run(res, "relu", "none", lr)["final_test_acc"])
 
@@ -150,7 +155,7 @@ def test_missing_sklearn_gives_clear_message(monkeypatch, capsys):
 def test_plain_progress_without_tqdm(monkeypatch, capsys):
     pytest.importorskip("sklearn")
     block_import(monkeypatch, "tqdm")
-    from batchnorm.demo import run_demo
+    from batchnorm.demo.fig1 import run_demo
 
     run_demo(steps=10, eval_every=5, progress=True)
     err = capsys.readouterr().err
@@ -158,7 +163,7 @@ def test_plain_progress_without_tqdm(monkeypatch, capsys):
 
 
 def test_make_model_structure():
-    from batchnorm.demo import make_model
+    from batchnorm.demo.training import make_model
 
     names = lambda m: [type(layer).__name__ for layer in m.layers]
     assert names(make_model(64, 10)) == ["Linear", "Sigmoid"] * 3 + ["Linear"]
@@ -175,12 +180,12 @@ def test_make_model_structure():
 
 def _fake_results(steps_plain, steps_bn, acc_plain, acc_bn, relu_before=0.98, relu_after=0.98):
     runs = []
-    for lr in demo.SIGMOID_LRS:
+    for lr in fig1.SIGMOID_LRS:
         for bn, st, acc in (("none", steps_plain, acc_plain), ("before", steps_bn, acc_bn)):
             runs.append({"experiment": "sigmoid", "activation": "sigmoid", "bn": bn, "lr": lr, "label": "x",
                          "steps_to_target": st, "final_test_acc": acc, "diverged": False,
                          "curves": {"diverged_at": None}})
-    for lr in demo.RELU_LRS:
+    for lr in fig1.RELU_LRS:
         for bn, acc in (("none", 0.97), ("before", relu_before), ("after", relu_after)):
             runs.append({"experiment": "relu", "activation": "relu", "bn": bn, "lr": lr, "label": "y",
                          "steps_to_target": 50, "final_test_acc": acc, "diverged": False,
@@ -189,7 +194,7 @@ def _fake_results(steps_plain, steps_bn, acc_plain, acc_bn, relu_before=0.98, re
 
 
 def test_verdicts_follow_the_numbers():
-    from batchnorm.demo import verdicts
+    from batchnorm.demo.fig1 import verdicts
 
     v = verdicts(_fake_results(None, 100, 0.5, 0.98))
     assert [held for _, held, _ in v] == [True, True, None]
@@ -204,12 +209,141 @@ def test_verdicts_follow_the_numbers():
 
 
 def test_evaluation_steps():
-    from batchnorm.demo import evaluation_steps
+    from batchnorm.demo.training import evaluation_steps
 
     at = evaluation_steps(1000, 25)
     assert {5, 10, 25, 250, 275, 1000} <= at and 255 not in at and 0 not in at
     assert max(at) == 1000 and 1001 not in at
     assert evaluation_steps(7, 5) == {1, 2, 3, 4, 5, 6, 7}
+
+
+# ------------------------------------------------------------------------------------------------
+# the package's layout and command line: experiments by name, the first one by default
+# ------------------------------------------------------------------------------------------------
+
+# Every name the one-module demo (batchnorm/demo.py, before it became a package) defined, with the module
+# of the package that defines it now; tests, examples/sync_digits.py and users import them from
+# batchnorm.demo.
+_OLD_NAMES = {
+    "fig1": ["BASE_LR", "FULL", "PCT_LR", "QUICK", "RELU_LRS", "RELU_YMIN", "SIGMOID_LRS", "TARGET",
+             "experiment_plan", "format_tables", "format_verdicts", "plot", "run_demo", "verdicts"],
+    "training": ["BATCH_SIZE", "HIDDEN", "evaluate", "evaluation_steps", "make_model", "train"],
+    "data": ["load_data"],
+    "claims": ["CHANCE"],
+    "cli": ["main"],
+}
+
+
+def test_old_names_are_importable_from_the_package():
+    import importlib
+
+    for module, names in _OLD_NAMES.items():
+        mod = importlib.import_module(f"batchnorm.demo.{module}")
+        for name in names:
+            assert getattr(demo, name) is getattr(mod, name), name
+    assert set(demo.__all__) <= {n for names in _OLD_NAMES.values() for n in names}
+
+
+def _tidy(text):
+    """Printed output with its wall-clock times masked (they differ from run to run)."""
+    return re.sub(r"\d+\.\d s\b", "T s", text)
+
+
+def _without_seconds(obj):
+    """A results dict without its wall-clock times, nan made comparable."""
+    if isinstance(obj, dict):
+        return {k: _without_seconds(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_without_seconds(v) for v in obj]
+    return "nan" if isinstance(obj, float) and math.isnan(obj) else obj
+
+
+def test_default_experiment_is_fig1(tmp_path, capsys):
+    """No experiment named, or 'fig1' named: the same runs, the same numbers, the same printout."""
+    pytest.importorskip("sklearn")
+    assert cli.DEFAULT == "fig1" and cli.EXPERIMENTS["fig1"] is fig1
+    tiny = ["--steps", "20", "--eval-every", "10", "--seed", "2", "--no-plot", "--no-progress"]
+    outs, results = [], []
+    for i, argv in enumerate((tiny, ["fig1"] + tiny)):
+        js = tmp_path / f"r{i}.json"
+        assert cli.main(argv + ["--json", str(js)]) == 0
+        outs.append(_tidy(capsys.readouterr().out.replace(str(js), "PATH")))
+        results.append(json.loads(js.read_text()))
+    assert outs[0] == outs[1]
+    assert _without_seconds(results[0]) == _without_seconds(results[1])
+    assert results[0]["settings"]["steps"] == 20 and results[0]["settings"]["seed"] == 2
+    assert len(results[0]["runs"]) == len(fig1.experiment_plan())
+
+
+def test_unknown_experiment_is_refused_with_the_list(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["nonesuch", "--quick"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "nonesuch" in err and "fig1" in err
+
+
+def test_registering_an_experiment_module_makes_a_subcommand(monkeypatch, tmp_path, capsys):
+    """A second experiment is one module in the registry: it gets its subcommand with its own options
+    and the shared ones, its report is printed, its results written and its figure saved; the default
+    stays the default."""
+    pytest.importorskip("sklearn")
+    calls = {}
+    other = types.ModuleType("other")
+    other.NAME, other.HELP, other.DESCRIPTION = "other", "a second experiment", "What it measures."
+    other.DEFAULT_OUT = "other.png"
+    other.add_arguments = lambda p: p.add_argument("--batch-size", type=int, default=4)
+    other.run = lambda args: calls.setdefault("run", {"batch_size": args.batch_size, "seed": args.seed})
+    other.report = lambda results: f"report of {results}"
+
+    def plot(results, path):
+        calls["plot"] = path
+        return path
+
+    other.plot = plot
+    monkeypatch.setattr(cli, "EXPERIMENTS", {"fig1": fig1, "other": other})
+
+    js = tmp_path / "o.json"
+    assert cli.main(["other", "--batch-size", "8", "--seed", "5", "--no-progress", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert calls == {"run": {"batch_size": 8, "seed": 5}, "plot": "other.png"}
+    assert "report of {'batch_size': 8, 'seed': 5}" in out
+    assert json.loads(js.read_text()) == {"batch_size": 8, "seed": 5}
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    listing = capsys.readouterr().out
+    assert "a second experiment" in listing and "(the default)" in listing
+    with pytest.raises(SystemExit):                 # fig1's options are not the other's
+        cli.main(["other", "--quick"])
+    capsys.readouterr()
+    calls.clear()
+    assert cli.main(["--steps", "2", "--eval-every", "1", "--no-plot", "--no-progress"]) == 0
+    assert not calls and "Claims of Ioffe & Szegedy" in capsys.readouterr().out
+
+
+def test_registered_experiments_provide_the_interface():
+    for name, experiment in cli.EXPERIMENTS.items():
+        assert experiment.NAME == name
+        assert all(isinstance(getattr(experiment, a), str) for a in ("HELP", "DESCRIPTION", "DEFAULT_OUT"))
+        assert all(callable(getattr(experiment, f)) for f in ("add_arguments", "run", "report", "plot"))
+    assert cli.DEFAULT in cli.EXPERIMENTS
+
+
+@pytest.mark.parametrize("command", [["batchnorm.demo"], ["batchnorm", "demo"]])
+def test_help_lists_experiments_and_the_default_options(command):
+    proc = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True,
+                          env=_subprocess_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "usage: python -m batchnorm.demo [EXPERIMENT]" in out
+    assert re.search(r"^\s+fig1\s.*\(the default\)", out, re.M | re.S), out
+    # every option of the one-module demo is still listed
+    for option in ("--quick", "--out", "--no-plot", "--json", "--steps", "--eval-every", "--seed",
+                   "--threads", "--blas-threads", "--no-progress"):
+        assert option in out, option
+    sub = subprocess.run([sys.executable, "-m", *command, "fig1", "--help"], capture_output=True,
+                         text=True, env=_subprocess_env(), timeout=120)
+    assert sub.returncode == 0 and "usage: python -m batchnorm.demo fig1" in sub.stdout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +402,8 @@ def test_sgd_updates_in_place_and_momentum():
 
 def test_training_loop_learns_and_eval_mode_propagates():
     pytest.importorskip("sklearn")
-    from batchnorm.demo import load_data, make_model, train
+    from batchnorm.demo.data import load_data
+    from batchnorm.demo.training import make_model, train
 
     data = load_data()
     model = make_model(64, 10, activation="relu", bn="before")

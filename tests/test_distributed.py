@@ -75,6 +75,12 @@ def test_matches_single_process_bn(nprocs):
 
 
 @needs_mpi
+@pytest.mark.parametrize("nprocs", [1, 3])
+def test_fused_relu_residual_matches_single_process_bn(nprocs):
+    run_mpi(nprocs, "fused")
+
+
+@needs_mpi
 def test_one_process_gives_batchnorm_bits():
     run_mpi(1, "world1")
 

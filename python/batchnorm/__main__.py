@@ -1,4 +1,5 @@
-"""Command line: ``python -m batchnorm info`` (build configuration), ``python -m batchnorm demo [...]``."""
+"""Command line: ``python -m batchnorm info`` (build configuration), ``python -m batchnorm demo [...]``
+(the same as ``python -m batchnorm.demo [...]``)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="show the build and runtime configuration (batchnorm.show_config())")
     sub.add_parser("demo", add_help=False,
-                   help="train small nets with and without BN (python -m batchnorm demo --help)")
-    # Everything after 'demo' belongs to the demo's own parser.
+                   help="train small nets with and without BN on digits; an experiment name may "
+                        "follow (python -m batchnorm demo --help)")
+    # Everything after 'demo' (an experiment name, options) belongs to the demo's own parser.
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
         return demo_main(argv[1:])

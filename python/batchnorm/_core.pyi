@@ -1,6 +1,6 @@
 """Type stubs for the C extension batchnorm._core (the kernels re-exported by the batchnorm package)."""
 
-from typing import Optional, Tuple, TypedDict, Union
+from typing import Literal, Optional, Tuple, TypedDict, Union
 
 from numpy.typing import DTypeLike
 
@@ -26,6 +26,8 @@ def forward_train(
     axis: int = 1,
     out: Optional[NDArray[np.floating]] = None,
     stats_dtype: DTypeLike = None,
+    activation: Optional[Literal["relu"]] = None,
+    residual: Optional[ArrayLike] = None,
 ) -> Tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]:
     """Training forward pass: returns ``(y, mean, invstd)``; updates the running statistics in place."""
     ...
@@ -40,6 +42,8 @@ def forward_infer(
     eps: float = 1e-05,
     axis: int = 1,
     out: Optional[NDArray[np.floating]] = None,
+    activation: Optional[Literal["relu"]] = None,
+    residual: Optional[ArrayLike] = None,
 ) -> NDArray[np.floating]:
     """Inference forward pass with given (running) statistics: returns ``y``."""
     ...
@@ -54,8 +58,12 @@ def backward(
     training: bool = True,
     axis: int = 1,
     out: Optional[NDArray[np.floating]] = None,
-) -> Tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]:
-    """Backward pass: returns ``(dx, dgamma, dbeta)``."""
+    activation: Optional[Literal["relu"]] = None,
+    residual: Union[None, bool, ArrayLike] = None,
+    y: Optional[ArrayLike] = None,
+    beta: Optional[ArrayLike] = None,
+) -> Tuple[NDArray[np.floating], ...]:
+    """Backward pass: returns ``(dx, dgamma, dbeta)``, and ``d_residual`` fourth with ``residual``."""
     ...
 
 def batch_stats(x: ArrayLike, *, axis: int = 1) -> Tuple[int, NDArray[np.float64], NDArray[np.float64]]:
@@ -77,6 +85,8 @@ def normalize(
     *,
     axis: int = 1,
     out: Optional[NDArray[np.floating]] = None,
+    activation: Optional[Literal["relu"]] = None,
+    residual: Optional[ArrayLike] = None,
 ) -> NDArray[np.floating]:
     """Normalize phase: ``y = gamma * (x - mean) * invstd + beta``."""
     ...

@@ -41,6 +41,7 @@ from ._core import (
     update_running_stats,
 )
 from .layers import BatchNorm
+from .reference import _result_dtype
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormError", "world"]
 
@@ -94,8 +95,9 @@ class SyncBatchNorm(BatchNorm):
     comm : mpi4py communicator, optional
         The processes that share statistics (any intracommunicator, e.g. one from ``comm.Split``).
         None means ``MPI.COMM_WORLD``, looked up when first needed.
-    eps, momentum, affine, track_running_stats, axis, dtype, bias
-        As :class:`batchnorm.BatchNorm`.
+    eps, momentum, affine, track_running_stats, axis, dtype, bias, activation
+        As :class:`batchnorm.BatchNorm`. With ``activation="relu"`` the forward is fused as BatchNorm's;
+        the backward masks dy in a NumPy pass of its own before the phases (they have no fused form).
 
     Notes
     -----
@@ -108,9 +110,10 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features, *, comm=None, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32, bias=True):
+                 track_running_stats=True, axis=1, dtype=np.float32, bias=True, activation=None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats, axis=axis, dtype=dtype, bias=bias)
+                         track_running_stats=track_running_stats, axis=axis, dtype=dtype, bias=bias,
+                         activation=activation)
         self.comm = None if comm is None else _check_comm(comm)
         self._layer_class = BatchNorm
 
@@ -123,7 +126,7 @@ class SyncBatchNorm(BatchNorm):
             raise TypeError(f"layer must be a batchnorm.BatchNorm, got {type(layer).__name__}")
         new = cls(layer.num_features, comm=comm, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
                   track_running_stats=layer.track_running_stats, axis=layer.axis, dtype=layer.dtype,
-                  bias=layer.has_bias)
+                  bias=layer.has_bias, activation=layer.activation)
         _copy_state(layer, new)
         new._layer_class = layer._layer_class if isinstance(layer, SyncBatchNorm) else type(layer)
         return new
@@ -146,7 +149,7 @@ class SyncBatchNorm(BatchNorm):
         cls = self._layer_class
         new = cls(self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
                   track_running_stats=self.track_running_stats, axis=self.axis, dtype=self.dtype,
-                  bias=self.has_bias)
+                  bias=self.has_bias, activation=self.activation)
         _copy_state(self, new)
         return new
 
@@ -185,16 +188,17 @@ class SyncBatchNorm(BatchNorm):
             if value is not None and np.shape(value) != (self.num_features,):
                 raise ValueError(f"{name} has shape {np.shape(value)}, expected ({self.num_features},)")
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
         """Normalize x with the statistics of every process's batch (training mode, collective) or
-        with the running statistics (eval mode, local). Returns y."""
+        with the running statistics (eval mode, local). Returns y; ``residual`` and the layer's
+        ``activation`` as in :meth:`BatchNorm.forward`."""
         if not self.training:
-            return super().forward(x)
+            return super().forward(x, residual)
         comm = self._communicator()
         if comm.Get_size() == 1:
             # Nothing to share: the fused kernels give the phases' bits (running statistics included)
             # and save a pass of glue; backward then takes BatchNorm's path too.
-            return super().forward(x)
+            return super().forward(x, residual)
         C = self.num_features
         local = np.zeros(1 + 2 * C)
         error = None
@@ -213,12 +217,15 @@ class SyncBatchNorm(BatchNorm):
                              f"{len(counts)} processes of the communicator (input of shape {x.shape} here)")
         # every process's batch empty: nothing to normalize or count, as BatchNorm (invstd 0, as there)
         invstd = 1.0 / np.sqrt(m2 / count + self.eps) if count else np.zeros(C)
-        y = normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis)
+        if residual is not None:
+            residual = np.asarray(residual)
+        y = normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis, activation=self.activation,
+                      residual=residual)
         if self.track_running_stats and count:
             update_running_stats(self.running_mean, self.running_var, mean, m2, count,
                                  momentum=self._momentum_now())
             self.num_batches_tracked += 1
-        self._remember(x, mean, invstd, True, count)
+        self._remember(x, mean, invstd, True, count, residual=residual)
         return y
 
     __call__ = forward
@@ -234,6 +241,7 @@ class SyncBatchNorm(BatchNorm):
         error = None
         try:
             dy, x, mean, invstd, _, weight, count = self._cached(dy)
+            dy = self._grad_at_bn(dy, x, mean, invstd, weight)
             sum_dy, sum_dy_xmu = backward_reduce(dy, x, mean, axis=self.axis)
             local[:C], local[C:] = sum_dy, sum_dy_xmu
         except Exception as exc:
@@ -245,7 +253,19 @@ class SyncBatchNorm(BatchNorm):
         # count 0 (every batch empty): x is empty too, and 1 only keeps the divisor legal
         dx = backward_apply(dy, x, mean, invstd, weight, total[:C], total[C:], max(count, 1), axis=self.axis)
         self._set_gradients(invstd * sum_dy_xmu, sum_dy)
+        if self._cache_epilogue is not None and self._cache_epilogue[0] is not None:
+            return dx, dy.astype(_result_dtype(x), copy=False)
         return dx
+
+    def _grad_at_bn(self, dy, x, mean, invstd, weight):
+        """dy masked by the fused ReLU, if any: where the forward's output (recomputed by the same normalize
+        with the residual, which gives its bits) was > 0. The phases have no fused backward: these are
+        NumPy passes of their own."""
+        if self.activation is None or self._cache_epilogue is None:
+            return dy
+        residual, beta = self._cache_epilogue
+        pre = normalize(x, mean, invstd, weight, beta, axis=self.axis, residual=residual)
+        return np.where(pre > 0, dy, np.zeros((), dy.dtype))
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -78,6 +78,10 @@ class BatchNorm:
         With ``affine``, also learn the shift; ``bias=False`` learns ``weight`` alone (``bias`` is None).
     axis : int, default 1 (keyword only)
         The channel axis of the input; -1 for channels-last data.
+    activation : None or "relu", default None (keyword only)
+        A ReLU fused into the layer: ``y = max(bn(x) + residual, 0)`` in the pass that writes y, and
+        its mask recomputed from x in backward (nothing more is kept than without it). With a residual
+        (``layer(x, residual=r)``) this is the tail of a ResNet block.
 
     The first five arguments may be given positionally, in PyTorch's order:
     ``BatchNorm1d(10, 1e-3, 0.3, False, True)``.
@@ -96,7 +100,7 @@ class BatchNorm:
     _expected: str = "at least 2D"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=np.float32, *, bias=True, axis=1):
+                 device=None, dtype=np.float32, *, bias=True, axis=1, activation=None):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
         if num_features < 1:
@@ -116,6 +120,10 @@ class BatchNorm:
             raise ValueError(f"device must be None or 'cpu' (NumPy arrays live in host memory), got {device!r}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
+        if activation is not None and not isinstance(activation, str):
+            raise TypeError(f"activation must be None or 'relu', got {activation!r}")
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
         try:
             dtype = np.dtype(dtype)
         except TypeError as exc:
@@ -129,6 +137,7 @@ class BatchNorm:
         self.has_bias = bool(bias)
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
+        self.activation = activation
         self.dtype = dtype
         self.training = True
         C = self.num_features
@@ -147,6 +156,7 @@ class BatchNorm:
             self.running_mean = self.running_var = None
             self.num_batches_tracked = None
         self._cache = None
+        self._cache_epilogue = None
 
     def reset_running_stats(self):
         """Running mean 0, running variance 1, ``num_batches_tracked`` 0 (in place), as PyTorch's."""
@@ -217,13 +227,39 @@ class BatchNorm:
         invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         return mean, invstd
 
-    def _remember(self, x, mean, invstd, batch_stats, count=None):
+    def _remember(self, x, mean, invstd, batch_stats, count=None, residual=None):
         weight = None if self.weight is None else np.array(self.weight, copy=True)
         self._cache = (x, mean, invstd, batch_stats, weight, count)
+        # What the fused epilogue's backward needs: the residual (a reference, as x is) when the ReLU mask
+        # is recomputed with it, and beta as the forward used it.
+        beta = None
+        if self.activation is not None:
+            beta = np.zeros(self.num_features) if self.bias is None else np.array(self.bias, np.float64)
+        self._cache_epilogue = None if self.activation is None and residual is None else (residual, beta)
 
-    def forward(self, x):
-        """Normalize x; in training mode also update the running statistics. Returns y."""
+    def _epilogue_kwargs(self):
+        """The fused-epilogue arguments of the kernels' backward for the last forward."""
+        if self._cache_epilogue is None:
+            return {}
+        residual, beta = self._cache_epilogue
+        kw = {}
+        if self.activation is not None:
+            kw.update(activation=self.activation, beta=beta)
+        if residual is not None:
+            kw["residual"] = residual if self.activation is not None else True
+        return kw
+
+    def forward(self, x, residual=None):
+        """Normalize x; in training mode also update the running statistics. Returns y.
+
+        With ``residual`` (an array of x's shape) y is ``act(bn(x) + residual)``, with the layer's
+        ``activation`` (none or ReLU), fused into the same pass; ``backward`` then also returns the
+        gradient with respect to the residual.
+        """
         x = self._check_input(x)
+        if residual is not None:
+            residual = np.asarray(residual)
+        epilogue = {"activation": self.activation, "residual": residual}
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
             update = self.training and self.track_running_stats
@@ -234,15 +270,16 @@ class BatchNorm:
                 running_var=self.running_var if update else None,
                 momentum=momentum, eps=self.eps, axis=self.axis,
                 # float64 whatever x's type: backward from float32 statistics loses digits when the
-                # data's mean is large against its spread (5e-5 of dx at mean = 1e5 std)
-                stats_dtype=np.float64)
+                # data's mean is large against its spread (5e-5 of dx at mean = 1e5 std), and the ReLU
+                # mask is recomputed from exactly the statistics the forward used
+                stats_dtype=np.float64, **epilogue)
             if update and x.size:  # an empty batch is no batch: PyTorch's checkpoints count alike
                 self.num_batches_tracked += 1
         else:
             y = _forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
-                               eps=self.eps, axis=self.axis)
+                               eps=self.eps, axis=self.axis, **epilogue)
             mean, invstd = self._frozen_stats()
-        self._remember(x, mean, invstd, use_batch_stats)
+        self._remember(x, mean, invstd, use_batch_stats, residual=residual)
         return y
 
     __call__ = forward
@@ -268,14 +305,17 @@ class BatchNorm:
     def backward(self, dy):
         """Gradient of the loss with respect to the last forward's input, given dy = dL/dy.
 
-        Overwrites ``grad_weight`` and ``grad_bias`` (when affine) and returns dx. After a training-mode
-        forward the gradient flows through the batch statistics; after an eval-mode forward the running
-        statistics are constants (frozen BN).
+        Overwrites ``grad_weight`` and ``grad_bias`` (when affine) and returns dx, or ``(dx,
+        d_residual)`` when the last forward was given a residual. After a training-mode forward the
+        gradient flows through the batch statistics; after an eval-mode forward the running statistics
+        are constants (frozen BN). With ``activation="relu"`` dy passes only where the forward's output
+        was > 0.
         """
         dy, x, mean, invstd, batch_stats, weight, _ = self._cached(dy)
-        dx, dgamma, dbeta = _backward(dy, x, mean, invstd, weight, training=batch_stats, axis=self.axis)
-        self._set_gradients(dgamma, dbeta)
-        return dx
+        grads = _backward(dy, x, mean, invstd, weight, training=batch_stats, axis=self.axis,
+                          **self._epilogue_kwargs())
+        self._set_gradients(grads[1], grads[2])
+        return (grads[0], grads[3]) if len(grads) == 4 else grads[0]
 
     # -- parameters and state ------------------------------------------------------------------------
 
@@ -358,13 +398,15 @@ class BatchNorm:
 
     def __setstate__(self, state):
         state.setdefault("has_bias", state.get("bias") is not None or not state.get("affine", True))
+        state.setdefault("activation", None)
+        state.setdefault("_cache_epilogue", None)
         self.__dict__.update(state)
 
     def __getstate__(self):
         # The cached forward (which holds the last input batch) is not part of the layer's state, as
         # activations are not part of a PyTorch module's: a restored layer needs a forward before backward.
         state = self.__dict__.copy()
-        state["_cache"] = None
+        state["_cache"] = state["_cache_epilogue"] = None
         return state
 
     def extra_repr(self):
@@ -377,6 +419,8 @@ class BatchNorm:
             s += f", axis={self.axis}"
         if self.dtype != np.float32:
             s += f", dtype={self.dtype.name}"
+        if self.activation is not None:
+            s += f", activation={self.activation!r}"
         return s
 
     def __repr__(self):

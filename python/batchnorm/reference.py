@@ -55,10 +55,40 @@ def _param(p, C, default):
     return np.full(C, default, np.float64) if p is None else np.asarray(p, np.float64).reshape(C)
 
 
+def _epilogue(y, residual, activation, axis):
+    """The fused epilogue on the (M, C) float64 y: + residual, then ReLU (NaN stays NaN)."""
+    if residual is not None:
+        y = y + _layout(residual, axis)[0]
+    if activation == "relu":
+        y = np.where(y < 0, 0.0, y)
+    return y
+
+
+def _grad_at_bn(dy, x, mean, invstd, gamma, axis, activation, residual, y, beta):
+    """(M, C) float64 g, the gradient at BN's output: dy where the fused forward's output was > 0.
+
+    The output's sign comes from y, or is recomputed from x (and residual) and beta, rounded to the
+    result dtype as the forward's output was."""
+    dflat, _, _ = _layout(dy, axis)
+    if activation != "relu":
+        return dflat
+    if y is not None:
+        out = _layout(y, axis)[0]
+    else:
+        flat, _, _ = _layout(x, axis)
+        C = flat.shape[1]
+        pre = (flat - np.asarray(mean, np.float64).reshape(C)) * np.asarray(invstd, np.float64).reshape(C)
+        pre = pre * _param(gamma, C, 1.0) + _param(beta, C, 0.0)
+        out = _epilogue(pre, None if isinstance(residual, bool) else residual, None, axis)
+        out = out.astype(_result_dtype(x))
+    return np.where(out > 0, dflat, 0.0)
+
+
 def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1,
-                  eps=1e-5, axis=1, out=None, stats_dtype=None):
+                  eps=1e-5, axis=1, out=None, stats_dtype=None, activation=None, residual=None):
     """Training forward: normalize with batch statistics; returns (y, mean, invstd).
 
+    With ``activation="relu"`` and/or ``residual``: y = max(bn(x) + residual, 0).
     Updates ``running_mean``/``running_var`` in place when given, with the unbiased batch variance.
     An empty batch gives an empty y, zero mean and invstd, and leaves the running statistics alone.
     """
@@ -72,6 +102,7 @@ def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=No
     var = ((flat - mean) ** 2).mean(axis=0)
     invstd = 1.0 / np.sqrt(var + eps)
     y = (flat - mean) * invstd * _param(gamma, C, 1.0) + _param(beta, C, 0.0)
+    y = _epilogue(y, residual, activation, axis)
     if running_mean is not None:
         running_mean[...] = (1 - momentum) * running_mean + momentum * mean
     if running_var is not None:
@@ -82,21 +113,26 @@ def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=No
     return y, mean.astype(sdt), invstd.astype(sdt)
 
 
-def forward_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5, axis=1, out=None):
+def forward_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5, axis=1, out=None,
+                  activation=None, residual=None):
     """Inference forward: normalize with the given (running) statistics; returns y."""
     invstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
-    return normalize(x, running_mean, invstd, gamma, beta, axis=axis, out=out)
+    return normalize(x, running_mean, invstd, gamma, beta, axis=axis, out=out, activation=activation,
+                     residual=residual)
 
 
-def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None):
+def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None, activation=None,
+             residual=None, y=None, beta=None):
     """Gradients of y = gamma * (x - mean) * invstd + beta; returns (dx, dgamma, dbeta).
 
     With ``training=True`` mean and invstd are the batch statistics of x, so the gradient flows through
     them too:  dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
     With ``training=False`` they are constants (frozen BN):  dx = gamma * invstd * dy.
+    With ``activation="relu"`` dy is first masked where the forward's output (``y``, or recomputed with
+    ``beta``) was not > 0; with ``residual`` the masked dy is returned fourth, as d_residual.
     """
     flat, moved_shape, axis = _layout(x, axis)
-    dflat, _, _ = _layout(dy, axis)
+    dflat = _grad_at_bn(dy, x, mean, invstd, gamma, axis, activation, residual, y, beta)
     M, C = flat.shape
     mean = np.asarray(mean, np.float64).reshape(C)
     invstd = np.asarray(invstd, np.float64).reshape(C)
@@ -111,7 +147,10 @@ def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None
         dx = g * invstd * dflat
     dt = _result_dtype(x)
     gdt = np.dtype(np.float32) if dt == np.float16 else dt  # sums overflow float16: float32 at least
-    return _finish(dx, moved_shape, axis, x, out), dgamma.astype(gdt), dbeta.astype(gdt)
+    result = (_finish(dx, moved_shape, axis, x, out), dgamma.astype(gdt), dbeta.astype(gdt))
+    if residual is not None and residual is not False:
+        result += (_finish(dflat, moved_shape, axis, x, None),)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,14 +204,14 @@ def merge_stats(counts, means, m2s):
     return n, mean, m2
 
 
-def normalize(x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None):
-    """y = gamma * (x - mean) * invstd + beta with given statistics."""
+def normalize(x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None, activation=None, residual=None):
+    """y = gamma * (x - mean) * invstd + beta with given statistics (then the fused epilogue, if any)."""
     flat, moved_shape, axis = _layout(x, axis)
     C = flat.shape[1]
     mean = np.asarray(mean, np.float64).reshape(C)
     invstd = np.asarray(invstd, np.float64).reshape(C)
     y = (flat - mean) * invstd * _param(gamma, C, 1.0) + _param(beta, C, 0.0)
-    return _finish(y, moved_shape, axis, x, out)
+    return _finish(_epilogue(y, residual, activation, axis), moved_shape, axis, x, out)
 
 
 def backward_reduce(dy, x, mean, *, axis=1):
