@@ -4,8 +4,9 @@ bit for bit.
     python tools/bit_identity.py write OUT.npz      # under one build: run the calls, save every output
     python tools/bit_identity.py compare REF.npz    # under another: run them again, compare bit for bit
 
-The calls: forward_train (with running statistics), forward_infer, backward (training and eval), and the
-phases batch_stats, merge_stats, normalize, backward_reduce, backward_apply, update_running_stats; float32
+The calls: forward_train (with running statistics), forward_infer, backward (training and eval), the fused
+ReLU + residual epilogue of each, and the phases batch_stats, merge_stats, normalize, backward_reduce,
+backward_apply, update_running_stats; float32
 and float64; row-mode layouts (NCHW with H*W >= 32), column-mode ones ((N, C), NHWC through axis=-1, and
 NCHW with a small H*W); 1, 2 and 3 threads. Every SIMD path the CPU has is run (BATCHNORM_SIMD=baseline,
 avx2 and the default, each in a fresh process because the choice is made once per process), so a build
@@ -74,6 +75,19 @@ def run_calls():
                 dx, dgamma, dbeta = bn.backward(dy, x, mean, invstd, gamma, training=training, axis=axis)
                 tk = k + f"backward.training={training}."
                 out[tk + "dx"], out[tk + "dgamma"], out[tk + "dbeta"] = dx, dgamma, dbeta
+            # the fused epilogue y = relu(bn(x) + residual), forward and backward (mask from y and from beta)
+            res = np.flip(dy, axis=0).copy()
+            yf, fmean, finvstd = bn.forward_train(x, gamma, beta, axis=axis, activation="relu", residual=res,
+                                                  stats_dtype=np.float64)
+            out[k + "fused.forward_train.y"] = yf
+            out[k + "fused.forward_infer.y"] = bn.forward_infer(x, rm, rv, gamma, beta, axis=axis,
+                                                                activation="relu", residual=res)
+            out[k + "fused.normalize.y"] = bn.normalize(x, fmean, finvstd, gamma, beta, axis=axis,
+                                                        activation="relu", residual=res)
+            for how, kw in (("y", dict(y=yf, residual=True)), ("beta", dict(beta=beta, residual=res))):
+                for name, v in zip(("dx", "dgamma", "dbeta", "d_residual"),
+                                   bn.backward(dy, x, fmean, finvstd, gamma, axis=axis, activation="relu", **kw)):
+                    out[k + f"fused.backward.mask_from_{how}.{name}"] = v
             # the phases, as a synchronized BN composes them: two parts of the batch, merged
             n0 = x.shape[0] // 2 if axis != 0 else 1
             parts = [x[:n0], x[n0:]]
