@@ -118,3 +118,12 @@ def test_numpy_bounds_agree_with_noxfile():
         spec = active[0].specifier
         lower = [Version(s.version) for s in spec if s.operator == ">="]
         assert lower == [Version(version)], (py, str(spec))
+
+
+def test_error_message_numbers_are_formatted():
+    """The binding formats numbers itself: PyErr_Format has no %g (left verbatim before Python 3.12, a
+    SystemError since), so the count must appear in the message as digits."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"\(27000000000000000\)"):
+        batchnorm.merge_stats([9e15] * 3, np.zeros((3, 1)), np.zeros((3, 1)))
