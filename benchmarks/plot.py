@@ -4,9 +4,10 @@
     python benchmarks/plot.py results.json [out.png] [--threads T]
 
 One panel per op (train forward, inference forward, backward); in each, one group of bars per case:
-the time of ours, torch and the NumPy reference divided by the case's bandwidth limit (the time a
-multi-threaded copy needs to move the op's least traffic), on a log scale. 1 is the limit, lower is
-better; the number above each bar is that ratio. Default output: docs/bench.png.
+the time of ours, torch and the NumPy reference divided by the case's bandwidth limit (the row's
+``limit_s``: the time the copy timed in the same rounds needs to move the op's least two-pass traffic,
+the report's eff2), on a log scale. 1 is the limit, lower is better; the number above each bar is that
+ratio. Default output: docs/bench.png.
 """
 
 from __future__ import annotations

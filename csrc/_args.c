@@ -4,13 +4,49 @@
 #include <math.h>
 #include <string.h>
 
+/* Appends the decimal digits of v to buf[*used ..], as far as cap allows. */
+static void append_long(char *buf, size_t cap, size_t *used, long long v)
+{
+    char digits[24];
+    int n = 0;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do { digits[n++] = (char)('0' + (int)(u % 10)); u /= 10; } while (u);
+    if (v < 0) digits[n++] = '-';
+    while (n > 0 && *used + 1 < cap) buf[(*used)++] = digits[--n];
+}
+
+static void append_str(char *buf, size_t cap, size_t *used, const char *s)
+{
+    while (*s && *used + 1 < cap) buf[(*used)++] = *s++;
+}
+
+/* "(2, 3)", "(4,)", "()". By hand rather than by snprintf: every call formats x's shape for the messages
+ * it might raise (bn_input.of), and snprintf's cost was visible in a call on a small tensor. */
 void bn_shape_str(char *buf, size_t cap, int ndim, const npy_intp *shape)
 {
     size_t used = 0;
-    used += (size_t)snprintf(buf + used, cap - used, "(");
-    for (int i = 0; i < ndim && used < cap; i++)
-        used += (size_t)snprintf(buf + used, cap - used, i ? ", %ld" : "%ld", (long)shape[i]);
-    if (used < cap) used += (size_t)snprintf(buf + used, cap - used, ndim == 1 ? ",)" : ")");
+    if (cap == 0) return;
+    append_str(buf, cap, &used, "(");
+    for (int i = 0; i < ndim; i++) {
+        if (i) append_str(buf, cap, &used, ", ");
+        append_long(buf, cap, &used, (long long)shape[i]);
+    }
+    append_str(buf, cap, &used, ndim == 1 ? ",)" : ")");
+    buf[used] = '\0';
+}
+
+void bn_channel_text(char *buf, size_t cap, int ndim, const npy_intp *shape, int axis)
+{
+    size_t used = 0;
+    char b1[200];
+    if (cap == 0) return;
+    bn_shape_str(b1, sizeof b1, ndim, shape);
+    append_str(buf, cap, &used, "one value per channel of x (shape ");
+    append_str(buf, cap, &used, b1);
+    append_str(buf, cap, &used, ", channel axis ");
+    append_long(buf, cap, &used, axis);
+    append_str(buf, cap, &used, ")");
+    buf[used] = '\0';
 }
 
 int bn_parse_real(PyObject *obj, const char *name, double *out)

@@ -22,6 +22,8 @@
 /* ---- _args.c --------------------------------------------------------------------------------- */
 
 void bn_shape_str(char *buf, size_t cap, int ndim, const npy_intp *shape);
+/* "one value per channel of x (shape (2, 3), channel axis 1)": bn_input.of */
+void bn_channel_text(char *buf, size_t cap, int ndim, const npy_intp *shape, int axis);
 #define SHAPE_OF(buf, arr) bn_shape_str(buf, sizeof(buf), PyArray_NDIM(arr), PyArray_DIMS(arr))
 
 int bn_parse_real(PyObject *obj, const char *name, double *out);        /* NULL obj: leaves *out */

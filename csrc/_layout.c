@@ -66,6 +66,9 @@ static PyArrayObject *new_in_layout(const bn_layout *L, int typenum)
     }
     PyArrayObject *flat = (PyArrayObject *)PyArray_SimpleNew(L->ndim, pshape, typenum);
     if (flat == NULL) return NULL;
+    int identity = 1;
+    for (int j = 0; j < L->ndim; j++) identity &= L->perm[j] == j;
+    if (identity) return flat; /* C order already: a transposed view would be a second array object */
     PyArray_Dims pd = {inv, L->ndim};
     PyArrayObject *res = (PyArrayObject *)PyArray_Transpose(flat, &pd);
     Py_DECREF(flat);
@@ -141,8 +144,7 @@ int bn_prepare_input(PyObject *x_obj, PyObject *axis_obj, int allow_empty, bn_in
                      "per channel", b1);
         goto fail;
     }
-    SHAPE_OF(b1, xa);
-    snprintf(in->of, sizeof in->of, "one value per channel of x (shape %s, channel axis %d)", b1, in->axis);
+    bn_channel_text(in->of, sizeof in->of, PyArray_NDIM(xa), PyArray_DIMS(xa), in->axis);
     in->arr = bn_to_work(xa, in->work);
     Py_CLEAR(xa);
     if (in->arr == NULL) goto fail;

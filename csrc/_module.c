@@ -8,6 +8,7 @@
 #define BN_BINDING_MAIN
 #include "_binding.h" /* Python.h first, as Python requires */
 #include <math.h>
+#include <string.h>
 
 /* One kernel call on x's work type; the data pointers are void * from PyArray_DATA. */
 #define BN_KERNEL(work, fn, ...) ((work) == NPY_FLOAT ? fn##_f32(__VA_ARGS__) : fn##_f64(__VA_ARGS__))
@@ -73,11 +74,356 @@ static int forward_epilogue(PyObject *act_obj, PyObject *res_obj, const bn_input
     return 0;
 }
 
+/* The fused epilogue of backward (activation=, residual=, y=, beta=), its arrays in x's layout, and the
+ * d_residual output. */
+typedef struct {
+    int relu, want_dres;
+    PyArrayObject *res, *ya, *beta;   /* the residual, y, beta (float64 (C,)): each NULL when not given */
+    PyArrayObject *dres_r, *dres_t;   /* d_residual: the result and the array the kernel writes */
+} bwd_epilogue;
+
+static void bwd_epilogue_clear(bwd_epilogue *e)
+{
+    Py_CLEAR(e->res); Py_CLEAR(e->ya); Py_CLEAR(e->beta); Py_CLEAR(e->dres_r); Py_CLEAR(e->dres_t);
+}
+
+/* The checks that need no array, made before x is read. */
+static int bwd_epilogue_flags(PyObject *act_obj, PyObject *y_obj, PyObject *beta_obj, int *relu)
+{
+    if (bn_parse_activation(act_obj, relu) < 0) return -1;
+    const int has_y = y_obj != NULL && y_obj != Py_None, has_beta = beta_obj != NULL && beta_obj != Py_None;
+    if (!*relu && (has_y || has_beta)) {
+        PyErr_SetString(PyExc_ValueError, "y and beta locate the ReLU of a fused forward: they need "
+                        "activation='relu'");
+        return -1;
+    }
+    if (*relu && has_y == has_beta) {
+        PyErr_SetString(PyExc_ValueError, has_y ? "activation='relu' takes one of y and beta, not both"
+                        : "activation='relu' needs the forward's output y=, or its beta= to recompute where "
+                          "the ReLU was active");
+        return -1;
+    }
+    return 0;
+}
+
+/* residual: None/False (no d_residual), True, or the residual array; then y or beta. */
+static int bwd_epilogue_arrays(PyObject *act_obj, PyObject *res_obj, PyObject *y_obj, PyObject *beta_obj,
+                               const bn_input *in, bwd_epilogue *e)
+{
+    memset(e, 0, sizeof *e);
+    if (bwd_epilogue_flags(act_obj, y_obj, beta_obj, &e->relu) < 0) return -1;
+    if (res_obj != NULL && res_obj != Py_None) {
+        if (PyBool_Check(res_obj) || PyArray_IsScalar(res_obj, Bool)) {
+            e->want_dres = PyObject_IsTrue(res_obj);
+        } else {
+            e->want_dres = 1;
+            if (bn_prepare_like(res_obj, "residual", in, &e->res) < 0) return -1;
+        }
+    }
+    if (y_obj != NULL && y_obj != Py_None && bn_prepare_like(y_obj, "y", in, &e->ya) < 0) return -1;
+    if (beta_obj != NULL && beta_obj != Py_None &&
+        bn_channel_vector(beta_obj, "beta", in->L.dims.C, in->of, &e->beta) < 0)
+        return -1;
+    if (e->beta && e->want_dres && e->res == NULL) {
+        PyErr_SetString(PyExc_ValueError, "recomputing the ReLU mask from beta needs the residual array itself: "
+                        "pass residual=<the array the forward added>, or y=");
+        return -1;
+    }
+    return 0;
+}
+
+/* After dx's output: d_residual's, and beta kept apart from dx's target. */
+static int bwd_epilogue_outputs(const bn_input *in, bwd_epilogue *e, PyArrayObject *target)
+{
+    if (bn_detach_from(&e->beta, target) < 0) return -1;
+    return e->want_dres ? bn_prepare_output(NULL, in, NULL, NULL, NULL, &e->dres_r, &e->dres_t) : 0;
+}
+
+/* The array dx's output must not overlap but exactly: the one the kernel reads beside x and dy. */
+static PyArrayObject *bwd_epilogue_input(const bwd_epilogue *e)
+{
+    return e->ya ? e->ya : e->res;
+}
+
+#define CHUNK(arr, off) ((void *)((char *)PyArray_DATA(arr) + (off) * PyArray_ITEMSIZE(arr)))
+
+/* The kernel's view of the epilogue, for the values from flat offset `off` of x's layout on. */
+static bn_grad_epilogue bwd_epilogue_kernel(const bwd_epilogue *e, npy_intp off)
+{
+    bn_grad_epilogue ep = {!e->relu ? BN_MASK_NONE : e->ya ? BN_MASK_Y : BN_MASK_RECOMPUTE,
+                           e->ya ? CHUNK(e->ya, off) : NULL, DDATA(e->beta), e->res ? CHUNK(e->res, off) : NULL,
+                           e->relu && e->dres_t ? CHUNK(e->dres_t, off) : NULL};
+    return ep;
+}
+
+/* After the kernel: d_residual is dy itself without a ReLU (a copy: the caller's dy stays theirs). */
+static int bwd_epilogue_finish(bwd_epilogue *e, PyArrayObject *dy)
+{
+    if (!e->dres_t) return 0;
+    if (!e->relu && PyArray_CopyInto(e->dres_t, dy) < 0) return -1;
+    return bn_finish_output(e->dres_r, e->dres_t);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Ghost Batch Normalization (Hoffer et al., 2017): forward_train and backward per chunk of          */
+/* ghost_batch_size consecutive samples along axis 0, each chunk a contiguous sub-block of the       */
+/* (N, C, S) view, run by the ordinary kernels one chunk after another.                              */
+
+/* ghost_batch_size: None (or absent) gives 0, "off"; else an integer >= 1. */
+static int parse_ghost(PyObject *obj, npy_intp *g)
+{
+    *g = 0;
+    if (obj == NULL || obj == Py_None) return 0;
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "ghost_batch_size must be None or a positive integer, got %.200s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    Py_ssize_t v = PyNumber_AsSsize_t(obj, NULL); /* saturates: huge means one chunk */
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < 1) {
+        PyErr_Format(PyExc_ValueError, "ghost_batch_size must be None or a positive integer, got %R", obj);
+        return -1;
+    }
+    *g = (npy_intp)v;
+    return 0;
+}
+
+/* The chunks of g samples are sub-blocks of the kernels' (N, C, S) view when axis 0 is outermost in memory
+ * (unit axes take no memory); otherwise (x.T, Fortran order) x is copied to C order once, as any layout
+ * the kernels cannot index is. Axis 0 as the channel axis has no samples to split: refused. *rows: the
+ * kernels' rows (of C * S values) per sample. */
+static int ghost_layout(bn_input *in, npy_intp g, npy_intp *rows)
+{
+    const npy_intp *shape = PyArray_DIMS(in->arr);
+    const int nd = PyArray_NDIM(in->arr);
+    if (in->axis == 0) {
+        PyErr_Format(PyExc_ValueError, "ghost_batch_size=%ld splits axis 0 into ghost batches, but axis 0 is "
+                     "the channel axis here", (long)g);
+        return -1;
+    }
+    int outermost = 1;
+    for (int j = 0; j < nd; j++) {
+        const int ax = in->L.perm[j];
+        if (shape[ax] == 1) continue;
+        outermost = ax == 0;
+        break;
+    }
+    if (!outermost && PyArray_SIZE(in->arr) != 0) {
+        PyArrayObject *c = (PyArrayObject *)PyArray_NewCopy(in->arr, NPY_CORDER);
+        if (c == NULL) return -1;
+        Py_SETREF(in->arr, c);
+        ptrdiff_t N = 1, S = 1;
+        for (int i = 0; i < nd; i++) {
+            in->L.perm[i] = i;
+            if (i < in->axis) N *= shape[i];
+            if (i > in->axis) S *= shape[i];
+        }
+        in->L.dims.N = N; in->L.dims.S = S;
+    }
+    *rows = shape[0] ? in->L.dims.N / shape[0] : 0;
+    return 0;
+}
+
+/* Chunks of x's samples: K of them, all of g samples but the last (n0 - (K - 1) g). */
+typedef struct {
+    npy_intp n0, g, K, rows;
+} ghost_chunks;
+
+static npy_intp ghost_samples(const ghost_chunks *gc, npy_intp k)
+{
+    return k + 1 < gc->K ? gc->g : gc->n0 - (gc->K - 1) * gc->g;
+}
+
+static int ghost_setup(bn_input *in, npy_intp g, ghost_chunks *gc)
+{
+    gc->g = g;
+    gc->n0 = PyArray_DIM(in->arr, 0);
+    gc->K = (gc->n0 + g - 1) / g;
+    return ghost_layout(in, g, &gc->rows);
+}
+
+/* A chunk with a single value per channel has no variance: forward_train's error, saying which chunk. */
+static int ghost_check_counts(const bn_input *in, const ghost_chunks *gc)
+{
+    char b1[200];
+    if (in->L.dims.C == 0) return 0;
+    for (npy_intp k = 0; k < gc->K; k++)
+        if ((double)ghost_samples(gc, k) * (double)gc->rows * (double)in->L.dims.S == 1) {
+            SHAPE_OF(b1, in->arr);
+            PyErr_Format(PyExc_ValueError, "Expected more than 1 value per channel when training, got a ghost "
+                         "batch of 1 value per channel (ghost batch %ld of input of shape %s with channel axis "
+                         "%d, ghost_batch_size=%ld)", (long)k, b1, in->axis, (long)gc->g);
+            return -1;
+        }
+    return 0;
+}
+
+/* Per-chunk statistics given to backward: (K, C), as float64 C-contiguous. */
+static int ghost_stats_arg(PyObject *obj, const char *name, const bn_input *in, const ghost_chunks *gc,
+                           PyArrayObject **out)
+{
+    char b1[200];
+    int w, r;
+    *out = NULL;
+    PyArrayObject *a = bn_as_array(obj, name);
+    if (a == NULL) return -1;
+    if (bn_classify_dtype(PyArray_DESCR(a), name, &w, &r) < 0) goto fail;
+    if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 0) != gc->K || PyArray_DIM(a, 1) != in->L.dims.C) {
+        SHAPE_OF(b1, a);
+        PyErr_Format(PyExc_ValueError, "%s has shape %s, expected (%ld, %ld): one row per ghost batch (x has %ld "
+                     "samples, ghost_batch_size=%ld) and one column per channel, as forward_train returns it",
+                     name, b1, (long)gc->K, (long)in->L.dims.C, (long)gc->n0, (long)gc->g);
+        goto fail;
+    }
+    *out = (PyArrayObject *)PyArray_FromArray(a, PyArray_DescrFromType(NPY_DOUBLE),
+                                              NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+fail:
+    Py_DECREF(a);
+    return *out ? 0 : -1;
+}
+
+static PyArrayObject *ghost_matrix(npy_intp K, npy_intp C)
+{
+    npy_intp dims[2] = {K, C};
+    return (PyArrayObject *)PyArray_ZEROS(2, dims, NPY_DOUBLE, 0);
+}
+
+static PyObject *ghost_forward_train(PyObject *x_obj, PyObject *const *vobj, PyObject *rm_obj, PyObject *rv_obj,
+                                     double momentum, double eps, PyObject *axis_obj, PyObject *out_obj,
+                                     PyObject *sd_obj, PyObject *act_obj, PyObject *res_obj, npy_intp g)
+{
+    static const char *const vnames[] = {"gamma", "beta"};
+    bn_input in = {0};
+    ghost_chunks gc;
+    PyArrayObject *vec[2] = {NULL, NULL}, *rm = NULL, *rv = NULL, *result = NULL, *target = NULL, *mean = NULL,
+                  *m2 = NULL, *invstd = NULL, *avg_mean = NULL, *avg_var = NULL, *res = NULL;
+    PyObject *mean_r = NULL, *invstd_r = NULL, *ret = NULL;
+    int status = BN_OK, stats_type, relu = 0;
+
+    if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
+    const npy_intp C = in.L.dims.C;
+    if (ghost_setup(&in, g, &gc) < 0 || ghost_check_counts(&in, &gc) < 0 ||
+        bn_parse_stats_dtype(sd_obj, in.result, &stats_type) < 0 || channel_vectors(&in, 2, vnames, vobj, vec) < 0 ||
+        bn_running_stat(rm_obj, "running_mean", C, in.of, &rm) < 0 ||
+        bn_running_stat(rv_obj, "running_var", C, in.of, &rv) < 0 ||
+        forward_epilogue(act_obj, res_obj, &in, &relu, &res) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, res, NULL, &result, &target) < 0 || detach_all(2, vec, target) < 0)
+        goto fail;
+    if (!(mean = ghost_matrix(gc.K, C)) || !(m2 = ghost_matrix(gc.K, C)) || !(invstd = ghost_matrix(gc.K, C)) ||
+        !(avg_mean = bn_new_vector(C)) || !(avg_var = bn_new_vector(C)))
+        goto fail;
+    if (nonempty(&in)) {
+        const npy_intp block = gc.rows * C * in.L.dims.S; /* values per sample */
+        Py_BEGIN_ALLOW_THREADS
+        for (npy_intp k = 0; k < gc.K && status == BN_OK; k++) {
+            const bn_dims d = {ghost_samples(&gc, k) * gc.rows, C, in.L.dims.S};
+            const npy_intp off = k * gc.g * block;
+            double *pm = (double *)DATA(mean) + k * C, *pm2 = (double *)DATA(m2) + k * C;
+            const bn_epilogue ep = {relu, res ? CHUNK(res, off) : NULL};
+            status = BN_KERNEL(in.work, bn_forward_train, CHUNK(in.arr, off), CHUNK(target, off), d,
+                               DDATA(vec[0]), DDATA(vec[1]), eps, pm, pm2, (double *)DATA(invstd) + k * C, &ep,
+                               bn_get_num_threads());
+        }
+        Py_END_ALLOW_THREADS
+    }
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    if (!(mean_r = bn_cast_vector(mean, stats_type)) || !(invstd_r = bn_cast_vector(invstd, stats_type))) goto fail;
+    if (bn_finish_output(result, target) < 0) goto fail;
+    /* Nothing below can fail. The running statistics move once per call, towards the average over the
+     * chunks of their means and of their unbiased variances (Keras's virtual_batch_size rule), summed in
+     * chunk order. */
+    if ((rm || rv) && gc.K > 0 && C > 0 && nonempty(&in)) {
+        double *am = (double *)DATA(avg_mean), *av = (double *)DATA(avg_var);
+        const double *pm = DDATA(mean), *pm2 = DDATA(m2);
+        for (npy_intp k = 0; k < gc.K; k++) {
+            const double unbias = (double)ghost_samples(&gc, k) * (double)gc.rows * (double)in.L.dims.S - 1;
+            for (npy_intp c = 0; c < C; c++) {
+                am[c] += pm[k * C + c];
+                av[c] += pm2[k * C + c] / unbias;
+            }
+        }
+        if (rm) bn_update_running(rm, am, (double)gc.K, momentum);
+        if (rv) bn_update_running(rv, av, (double)gc.K, momentum);
+    }
+    ret = Py_BuildValue("(OOO)", result, mean_r, invstd_r);
+fail:
+    bn_input_clear(&in);
+    clear_all(2, vec);
+    Py_XDECREF(rm); Py_XDECREF(rv); Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(mean); Py_XDECREF(m2);
+    Py_XDECREF(invstd); Py_XDECREF(avg_mean); Py_XDECREF(avg_var); Py_XDECREF(mean_r); Py_XDECREF(invstd_r);
+    Py_XDECREF(res);
+    return ret;
+}
+
+static PyObject *ghost_backward(PyObject *dy_obj, PyObject *x_obj, PyObject *const *v, int training,
+                                PyObject *axis_obj, PyObject *out_obj, PyObject *act_obj, PyObject *res_obj,
+                                PyObject *y_obj, PyObject *beta_obj, npy_intp g)
+{
+    static const char *const gnames[] = {"gamma"};
+    bn_input in = {0};
+    bwd_epilogue e = {0};
+    ghost_chunks gc;
+    PyArrayObject *dy = NULL, *mean = NULL, *invstd = NULL, *gamma[1] = {NULL}, *result = NULL, *target = NULL,
+                  *dg_parts = NULL, *db_parts = NULL, *dgamma = NULL, *dbeta = NULL;
+    PyObject *dgamma_r = NULL, *dbeta_r = NULL, *ret = NULL;
+    int status = BN_OK;
+
+    if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
+    const npy_intp C = in.L.dims.C;
+    if (ghost_setup(&in, g, &gc) < 0 || bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 ||
+        bwd_epilogue_arrays(act_obj, res_obj, y_obj, beta_obj, &in, &e) < 0 ||
+        ghost_stats_arg(v[0], "mean", &in, &gc, &mean) < 0 || ghost_stats_arg(v[1], "invstd", &in, &gc, &invstd) < 0 ||
+        channel_vectors(&in, 1, gnames, &v[2], gamma) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, dy, bwd_epilogue_input(&e), &result, &target) < 0 ||
+        bn_detach_from(&mean, target) < 0 || bn_detach_from(&invstd, target) < 0 || detach_all(1, gamma, target) < 0 ||
+        bwd_epilogue_outputs(&in, &e, target) < 0)
+        goto fail;
+    if (!(dg_parts = ghost_matrix(gc.K, C)) || !(db_parts = ghost_matrix(gc.K, C)) || !(dgamma = bn_new_vector(C)) ||
+        !(dbeta = bn_new_vector(C)))
+        goto fail;
+    if (nonempty(&in)) {
+        const npy_intp block = gc.rows * C * in.L.dims.S;
+        Py_BEGIN_ALLOW_THREADS
+        for (npy_intp k = 0; k < gc.K && status == BN_OK; k++) {
+            const bn_dims d = {ghost_samples(&gc, k) * gc.rows, C, in.L.dims.S};
+            const npy_intp off = k * gc.g * block;
+            const bn_grad_epilogue ep = bwd_epilogue_kernel(&e, off);
+            status = BN_KERNEL(in.work, bn_backward, CHUNK(dy, off), CHUNK(in.arr, off), CHUNK(target, off), d,
+                               DDATA(mean) + k * C, DDATA(invstd) + k * C, DDATA(gamma[0]), training,
+                               (double *)DATA(dg_parts) + k * C, (double *)DATA(db_parts) + k * C, &ep,
+                               bn_get_num_threads());
+        }
+        Py_END_ALLOW_THREADS
+    }
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    /* the parameter gradients are the chunks' sums, added in chunk order (the same bits every time) */
+    double *pg = (double *)DATA(dgamma), *pb = (double *)DATA(dbeta);
+    for (npy_intp k = 0; k < gc.K; k++)
+        for (npy_intp c = 0; c < C; c++) {
+            pg[c] += DDATA(dg_parts)[k * C + c];
+            pb[c] += DDATA(db_parts)[k * C + c];
+        }
+    const int grad_type = in.result == NPY_HALF ? NPY_FLOAT : in.result;
+    if (!(dgamma_r = bn_cast_vector(dgamma, grad_type)) || !(dbeta_r = bn_cast_vector(dbeta, grad_type))) goto fail;
+    if (bn_finish_output(result, target) < 0 || bwd_epilogue_finish(&e, dy) < 0) goto fail;
+    ret = e.want_dres ? Py_BuildValue("(OOOO)", result, dgamma_r, dbeta_r, e.dres_r)
+                      : Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
+fail:
+    bn_input_clear(&in);
+    bwd_epilogue_clear(&e);
+    clear_all(1, gamma);
+    Py_XDECREF(dy); Py_XDECREF(mean); Py_XDECREF(invstd); Py_XDECREF(result); Py_XDECREF(target);
+    Py_XDECREF(dg_parts); Py_XDECREF(db_parts); Py_XDECREF(dgamma); Py_XDECREF(dbeta); Py_XDECREF(dgamma_r);
+    Py_XDECREF(dbeta_r);
+    return ret;
+}
+
 /* ------------------------------------------------------------------------------------------------ */
 /* forward_train                                                                                     */
 
 PyDoc_STRVAR(forward_train_doc,
-"forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-05, axis=1, out=None, stats_dtype=None, activation=None, residual=None)\n"
+"forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-05, axis=1, out=None, stats_dtype=None, activation=None, residual=None, ghost_batch_size=None)\n"
 "--\n\n"
 "Batch Normalization forward pass in training mode.\n\n"
 "Normalizes x with the statistics of the batch itself, per channel:\n"
@@ -111,23 +457,31 @@ PyDoc_STRVAR(forward_train_doc,
 "    and rounded once. NaN stays NaN (as ``np.maximum``).\n"
 "residual : array_like, optional\n"
 "    Added to the normalized values before the activation (a residual connection); x's shape, any\n"
-"    layout (read in place when its memory order is x's, else copied once). ``out`` may be residual.\n\n"
+"    layout (read in place when its memory order is x's, else copied once). ``out`` may be residual.\n"
+"ghost_batch_size : int, optional\n"
+"    Ghost Batch Normalization: split the batch along axis 0 into consecutive ghost batches of this many\n"
+"    samples (the last may be smaller) and normalize each with its own statistics. mean and invstd are\n"
+"    then (K, C), one row per ghost batch; pass them to :func:`backward` with the same\n"
+"    ghost_batch_size. The running statistics move once per call, towards the average over the ghost\n"
+"    batches of their means and of their unbiased variances (the rule of Keras's virtual_batch_size).\n"
+"    None (default) normalizes the batch as a whole.\n\n"
 "Returns\n"
 "-------\n"
 "y : ndarray\n"
 "    The normalized batch, x's shape, x's dtype (float64 for integer or bool input).\n"
 "mean : ndarray of shape (C,)\n"
-"    Batch mean per channel.\n"
+"    Batch mean per channel ((K, C) with ghost_batch_size).\n"
 "invstd : ndarray of shape (C,)\n"
-"    ``1 / sqrt(var + eps)`` per channel, with the biased batch variance. Pass mean and invstd to\n"
-"    :func:`backward`.\n\n"
+"    ``1 / sqrt(var + eps)`` per channel, with the biased batch variance ((K, C) with\n"
+"    ghost_batch_size). Pass mean and invstd to :func:`backward`.\n\n"
 "Raises\n"
 "------\n"
 "TypeError\n"
 "    For an unsupported dtype or a non-array argument.\n"
 "ValueError\n"
-"    For wrong shapes, a bad axis, a single value per channel, eps < 0, momentum outside [0, 1], a\n"
-"    read-only ``out`` or running statistic. Nothing is modified when it raises.\n\n"
+"    For wrong shapes, a bad axis, a single value per channel (in any ghost batch), eps < 0, momentum\n"
+"    outside [0, 1], a read-only ``out`` or running statistic, ghost_batch_size < 1 or with channel\n"
+"    axis 0. Nothing is modified when it raises.\n\n"
 "Notes\n"
 "-----\n"
 "Statistics are accumulated in float64 with a two-pass (then pairwise-merged) variance, and the\n"
@@ -148,10 +502,10 @@ PyDoc_STRVAR(forward_train_doc,
 static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"x", "gamma", "beta", "running_mean", "running_var", "momentum", "eps", "axis",
-                             "out", "stats_dtype", "activation", "residual", NULL};
+                             "out", "stats_dtype", "activation", "residual", "ghost_batch_size", NULL};
     static const char *const vnames[] = {"gamma", "beta"};
     PyObject *x_obj, *vobj[2] = {NULL, NULL}, *rm_obj = NULL, *rv_obj = NULL, *mom_obj = NULL, *eps_obj = NULL,
-             *axis_obj = NULL, *out_obj = NULL, *sd_obj = NULL, *act_obj = NULL, *res_obj = NULL;
+             *axis_obj = NULL, *out_obj = NULL, *sd_obj = NULL, *act_obj = NULL, *res_obj = NULL, *ghost_obj = NULL;
     bn_input in = {0};
     PyArrayObject *vec[2] = {NULL, NULL}, *rm = NULL, *rv = NULL, *result = NULL, *target = NULL, *mean = NULL,
                   *m2 = NULL, *invstd = NULL, *res = NULL;
@@ -160,11 +514,16 @@ static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds
     int status, stats_type, relu = 0;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$OOOOOOOOO:forward_train", kwlist, &x_obj, &vobj[0],
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$OOOOOOOOOO:forward_train", kwlist, &x_obj, &vobj[0],
                                      &vobj[1], &rm_obj, &rv_obj, &mom_obj, &eps_obj, &axis_obj, &out_obj,
-                                     &sd_obj, &act_obj, &res_obj))
+                                     &sd_obj, &act_obj, &res_obj, &ghost_obj))
         return NULL;
     if (bn_parse_momentum(mom_obj, &momentum) < 0 || bn_parse_eps(eps_obj, &eps) < 0) return NULL;
+    npy_intp ghost;
+    if (parse_ghost(ghost_obj, &ghost) < 0) return NULL;
+    if (ghost)
+        return ghost_forward_train(x_obj, vobj, rm_obj, rv_obj, momentum, eps, axis_obj, out_obj, sd_obj, act_obj,
+                                   res_obj, ghost);
     if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
     const npy_intp C = in.L.dims.C;
     const double count = (double)in.L.dims.N * (double)in.L.dims.S;
@@ -412,7 +771,15 @@ PyDoc_STRVAR(update_running_stats_doc,
 "------\n"
 "TypeError, ValueError\n"
 "    For wrong types or shapes, a read-only running statistic, count <= 1, or momentum outside\n"
-"    [0, 1]. Nothing is modified when it raises.\n");
+"    [0, 1]. Nothing is modified when it raises.\n\n"
+"Examples\n"
+"--------\n"
+">>> import numpy as np, batchnorm as bn\n"
+">>> running_mean, running_var = np.zeros(2), np.ones(2)\n"
+">>> count, mean, m2 = bn.batch_stats(np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]]))\n"
+">>> bn.update_running_stats(running_mean, running_var, mean, m2, count, momentum=0.5)\n"
+">>> running_mean, running_var     # 0.5 * (0, 1) + 0.5 * (mean, m2 / (count - 1))\n"
+"(array([ 1.5, 10. ]), array([ 2.5, 50.5]))\n");
 
 static PyObject *py_update_running_stats(PyObject *self, PyObject *args, PyObject *kwds)
 {
@@ -641,7 +1008,15 @@ PyDoc_STRVAR(backward_reduce_doc,
 "Raises\n"
 "------\n"
 "TypeError, ValueError\n"
-"    As :func:`backward`.\n");
+"    As :func:`backward`.\n\n"
+"Examples\n"
+"--------\n"
+">>> import numpy as np, batchnorm as bn\n"
+">>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])\n"
+">>> dy = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])\n"
+">>> count, mean, m2 = bn.batch_stats(x)\n"
+">>> bn.backward_reduce(dy, x, mean)\n"
+"(array([2., 2.]), array([ 0., 10.]))\n");
 
 static PyObject *py_backward_reduce(PyObject *self, PyObject *args, PyObject *kwds)
 {
@@ -707,7 +1082,24 @@ PyDoc_STRVAR(backward_apply_doc,
 "Raises\n"
 "------\n"
 "TypeError, ValueError\n"
-"    As :func:`backward`, and for a count that is not a whole number at least x's count (and 1).\n");
+"    As :func:`backward`, and for a count that is not a whole number at least x's count (and 1).\n\n"
+"Examples\n"
+"--------\n"
+"A batch split into two parts (two processes, say): each part gets its rows of the whole batch's dx.\n"
+"\n"
+">>> import numpy as np, batchnorm as bn\n"
+">>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])\n"
+">>> dy = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])\n"
+">>> parts = [(x[:1], dy[:1]), (x[1:], dy[1:])]\n"
+">>> stats = [bn.batch_stats(xp) for xp, _ in parts]\n"
+">>> count, mean, m2 = bn.merge_stats(*zip(*stats))\n"
+">>> invstd = 1 / np.sqrt(m2 / count + 1e-5)\n"
+">>> sums = [bn.backward_reduce(dyp, xp, mean) for xp, dyp in parts]\n"
+">>> sum_dy, sum_dy_xmu = sums[0][0] + sums[1][0], sums[0][1] + sums[1][1]\n"
+">>> dx = [bn.backward_apply(dyp, xp, mean, invstd, None, sum_dy, sum_dy_xmu, count) for xp, dyp in parts]\n"
+">>> whole, _, _ = bn.backward(dy, x, mean, invstd)\n"
+">>> bool(np.allclose(np.concatenate(dx), whole))\n"
+"True\n");
 
 static PyObject *py_backward_apply(PyObject *self, PyObject *args, PyObject *kwds)
 {
@@ -752,7 +1144,7 @@ fail:
 }
 
 PyDoc_STRVAR(backward_doc,
-"backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None, activation=None, residual=None, y=None, beta=None)\n"
+"backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None, activation=None, residual=None, y=None, beta=None, ghost_batch_size=None)\n"
 "--\n\n"
 "Batch Normalization backward pass.\n\n"
 "Gradients of ``y = gamma * (x - mean) * invstd + beta`` given the upstream gradient dy. In training\n"
@@ -792,7 +1184,11 @@ PyDoc_STRVAR(backward_doc,
 "    arithmetic, nothing else is read. It is the forward's ``y > 0`` bit for bit when mean and invstd\n"
 "    are the float64 values the forward normalized with (``stats_dtype=np.float64``, or the running\n"
 "    statistics as above); with float32 statistics values within a rounding of 0 may differ. Use\n"
-"    ``np.zeros(C)`` when the forward had no shift.\n\n"
+"    ``np.zeros(C)`` when the forward had no shift.\n"
+"ghost_batch_size : int, optional\n"
+"    Ghost Batch Normalization: the forward's ghost_batch_size; mean and invstd are then (K, C), one row\n"
+"    per ghost batch, and each ghost batch's gradient is exact for its own statistics. dgamma and dbeta\n"
+"    are the sums over the ghost batches.\n\n"
 "Returns\n"
 "-------\n"
 "dx : ndarray\n"
@@ -822,36 +1218,25 @@ PyDoc_STRVAR(backward_doc,
 ">>> dbeta\n"
 "array([1., 1.])\n");
 
-/* residual= of backward: None/False (no d_residual), True, or the residual array. */
-static int backward_residual(PyObject *obj, const bn_input *in, int *want, PyArrayObject **arr)
-{
-    *want = 0;
-    *arr = NULL;
-    if (obj == NULL || obj == Py_None) return 0;
-    if (PyBool_Check(obj) || PyArray_IsScalar(obj, Bool)) {
-        *want = PyObject_IsTrue(obj);
-        return 0;
-    }
-    *want = 1;
-    return bn_prepare_like(obj, "residual", in, arr);
-}
-
 static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"dy", "x", "mean", "invstd", "gamma", "training", "axis", "out", "activation",
-                             "residual", "y", "beta", NULL};
-    static const char *const vnames[] = {"mean", "invstd", "gamma", "beta"};
-    PyObject *dy_obj, *x_obj, *v[4] = {NULL, NULL, NULL, NULL}, *training_obj = NULL, *axis_obj = NULL,
-             *out_obj = NULL, *act_obj = NULL, *res_obj = NULL, *y_obj = NULL;
+                             "residual", "y", "beta", "ghost_batch_size", NULL};
+    static const char *const vnames[] = {"mean", "invstd", "gamma"};
+    PyObject *dy_obj, *x_obj, *v[3] = {NULL, NULL, NULL}, *training_obj = NULL, *axis_obj = NULL,
+             *out_obj = NULL, *act_obj = NULL, *res_obj = NULL, *y_obj = NULL, *beta_obj = NULL, *ghost_obj = NULL;
     bn_input in = {0};
-    PyArrayObject *dy = NULL, *vec[4] = {NULL, NULL, NULL, NULL}, *result = NULL, *target = NULL, *dgamma = NULL,
-                  *dbeta = NULL, *res = NULL, *ya = NULL, *dres_r = NULL, *dres_t = NULL;
+    bwd_epilogue e = {0};
+    PyArrayObject *dy = NULL, *vec[3] = {NULL, NULL, NULL}, *result = NULL, *target = NULL, *dgamma = NULL,
+                  *dbeta = NULL;
     PyObject *dgamma_r = NULL, *dbeta_r = NULL, *ret = NULL;
-    int status, training = 1, relu = 0, want_dres = 0;
+    int status, training = 1, relu;
+    npy_intp ghost;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|O$OOOOOOO:backward", kwlist, &dy_obj, &x_obj, &v[0], &v[1],
-                                     &v[2], &training_obj, &axis_obj, &out_obj, &act_obj, &res_obj, &y_obj, &v[3]))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|O$OOOOOOOO:backward", kwlist, &dy_obj, &x_obj, &v[0], &v[1],
+                                     &v[2], &training_obj, &axis_obj, &out_obj, &act_obj, &res_obj, &y_obj,
+                                     &beta_obj, &ghost_obj))
         return NULL;
     if (training_obj != NULL) {
         if (!PyBool_Check(training_obj) && !PyArray_IsScalar(training_obj, Bool)) {
@@ -864,36 +1249,19 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "mean and invstd are required, got None");
         return NULL;
     }
-    if (bn_parse_activation(act_obj, &relu) < 0) return NULL;
-    const int has_y = y_obj != NULL && y_obj != Py_None, has_beta = v[3] != NULL && v[3] != Py_None;
-    if (!relu && (has_y || has_beta)) {
-        PyErr_SetString(PyExc_ValueError, "y and beta locate the ReLU of a fused forward: they need "
-                        "activation='relu'");
-        return NULL;
-    }
-    if (relu && has_y == has_beta) {
-        PyErr_SetString(PyExc_ValueError, has_y ? "activation='relu' takes one of y and beta, not both"
-                        : "activation='relu' needs the forward's output y=, or its beta= to recompute where "
-                          "the ReLU was active");
-        return NULL;
-    }
+    if (bwd_epilogue_flags(act_obj, y_obj, beta_obj, &relu) < 0 || parse_ghost(ghost_obj, &ghost) < 0) return NULL;
+    if (ghost)
+        return ghost_backward(dy_obj, x_obj, v, training, axis_obj, out_obj, act_obj, res_obj, y_obj, beta_obj,
+                              ghost);
     if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
-    if (bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 || backward_residual(res_obj, &in, &want_dres, &res) < 0 ||
-        (has_y && bn_prepare_like(y_obj, "y", &in, &ya) < 0) || channel_vectors(&in, 4, vnames, v, vec) < 0)
+    if (bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 || bwd_epilogue_arrays(act_obj, res_obj, y_obj, beta_obj, &in, &e) < 0 ||
+        channel_vectors(&in, 3, vnames, v, vec) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, dy, bwd_epilogue_input(&e), &result, &target) < 0 ||
+        detach_all(3, vec, target) < 0 || bwd_epilogue_outputs(&in, &e, target) < 0)
         goto fail;
-    if (relu && has_beta && want_dres && res == NULL) {
-        PyErr_SetString(PyExc_ValueError, "recomputing the ReLU mask from beta needs the residual array itself: "
-                        "pass residual=<the array the forward added>, or y=");
-        goto fail;
-    }
-    if (bn_prepare_output(out_obj, &in, in.arr, dy, ya ? ya : res, &result, &target) < 0 ||
-        detach_all(4, vec, target) < 0)
-        goto fail;
-    if (want_dres && bn_prepare_output(NULL, &in, NULL, NULL, NULL, &dres_r, &dres_t) < 0) goto fail;
     const npy_intp C = in.L.dims.C;
     if (!(dgamma = bn_new_vector(C)) || !(dbeta = bn_new_vector(C))) goto fail;
-    const bn_grad_epilogue ep = {!relu ? BN_MASK_NONE : has_y ? BN_MASK_Y : BN_MASK_RECOMPUTE, ya ? DATA(ya) : NULL,
-                                 DDATA(vec[3]), res ? DATA(res) : NULL, relu && dres_t ? DATA(dres_t) : NULL};
+    const bn_grad_epilogue ep = bwd_epilogue_kernel(&e, 0);
     status = BN_OK;
     if (nonempty(&in)) {
         Py_BEGIN_ALLOW_THREADS
@@ -903,20 +1271,18 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
         Py_END_ALLOW_THREADS
     }
     if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
-    /* without a ReLU the residual's gradient is dy itself (a copy: the caller's dy stays theirs) */
-    if (dres_t && !relu && PyArray_CopyInto(dres_t, dy) < 0) goto fail;
     /* sums over a whole batch overflow float16 easily: those of float16 input come back in float32 */
     const int grad_type = in.result == NPY_HALF ? NPY_FLOAT : in.result;
     if (!(dgamma_r = bn_cast_vector(dgamma, grad_type)) || !(dbeta_r = bn_cast_vector(dbeta, grad_type))) goto fail;
-    if (bn_finish_output(result, target) < 0 || (dres_r && bn_finish_output(dres_r, dres_t) < 0)) goto fail;
-    ret = want_dres ? Py_BuildValue("(OOOO)", result, dgamma_r, dbeta_r, dres_r)
-                    : Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
+    if (bn_finish_output(result, target) < 0 || bwd_epilogue_finish(&e, dy) < 0) goto fail;
+    ret = e.want_dres ? Py_BuildValue("(OOOO)", result, dgamma_r, dbeta_r, e.dres_r)
+                      : Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
 fail:
     bn_input_clear(&in);
-    clear_all(4, vec);
+    bwd_epilogue_clear(&e);
+    clear_all(3, vec);
     Py_XDECREF(dy); Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(dgamma); Py_XDECREF(dbeta);
-    Py_XDECREF(dgamma_r); Py_XDECREF(dbeta_r); Py_XDECREF(res); Py_XDECREF(ya); Py_XDECREF(dres_r);
-    Py_XDECREF(dres_t);
+    Py_XDECREF(dgamma_r); Py_XDECREF(dbeta_r);
     return ret;
 }
 
@@ -941,7 +1307,15 @@ PyDoc_STRVAR(set_num_threads_doc,
 "never starts more than twice as many threads as the processors OpenMP may use. In a child process\n"
 "forked after a parallel call the kernels run on one thread (GNU libgomp's threads do not survive\n"
 "fork) until this function is called there. Without OpenMP (a serial build) this is accepted and has\n"
-"no effect.\n");
+"no effect.\n\n"
+"Examples\n"
+"--------\n"
+">>> import batchnorm as bn\n"
+">>> before = bn.get_num_threads()\n"
+">>> bn.set_num_threads(1)\n"
+">>> bn.get_num_threads()\n"
+"1\n"
+">>> bn.set_num_threads(before)\n");
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *args, PyObject *kwds)
 {
@@ -975,7 +1349,12 @@ PyDoc_STRVAR(get_num_threads_doc,
 "-------\n"
 "int\n"
 "    By default the number of cores, or ``OMP_NUM_THREADS`` when set; 1 in a build without OpenMP,\n"
-"    and in a child forked after a parallel call (until :func:`set_num_threads` is called there).\n");
+"    and in a child forked after a parallel call (until :func:`set_num_threads` is called there).\n\n"
+"Examples\n"
+"--------\n"
+">>> import batchnorm as bn\n"
+">>> bn.get_num_threads() >= 1\n"
+"True\n");
 
 static PyObject *py_get_num_threads(PyObject *self, PyObject *unused)
 {

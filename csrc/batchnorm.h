@@ -135,8 +135,28 @@ void bn_set_num_threads(int n);    /* n >= 1; a no-op without OpenMP */
 int bn_openmp_version(void);       /* the _OPENMP date (e.g. 201511), 0 when built without OpenMP */
 const char *bn_simd_name(void);    /* the instruction set the vectorized loops were compiled for */
 
-/* Elements below which a call runs on one thread: start-up would cost more than it saves. */
+/* Elements below which a call runs on one thread: starting a team costs more than it saves (~3 us for
+ * two threads). Per op, measured at 2 threads on a 2-core AMD EPYC (Zen 4, AVX-512), float32 row mode,
+ * best of 400 calls of benchmarks/kernel_bench.c built with all three set to 1 (-D...=1):
+ *  - training backward: pays from 16 Ki elements ((4, 16, 256): 9.5 -> 8.3 us, (4, 64, 64): 13.2 -> 11.3,
+ *    (16, 32, 32): 12.9 -> 11.1), loses at 8 Ki ((2, 16, 256): 5.1 -> 5.7, (2, 64, 64): 7.8 -> 8.1);
+ *  - forward_train (and the statistics, the frozen backward and the backward phases, one or two passes of
+ *    the same weight): break-even at 16 Ki (7.3 -> 7.1, 11.5 -> 11.3, 10.8 -> 12.5 us), pays at 32 Ki
+ *    ((8, 16, 256): 14.7 -> 11.8, (8, 64, 64): 18.4 -> 14.9; frozen backward 15.3 -> 12.6, 18.8 -> 14.9);
+ *  - normalize / forward_infer (one light pass): loses at 32 Ki (5.5 -> 5.9, 5.8 -> 7.8 us), even at
+ *    64 Ki ((16, 16, 256): 10.9 -> 8.6, (16, 64, 64): 11.5 -> 11.8), pays at 128 Ki ((32, 64, 64):
+ *    23.4 -> 15.5).
+ * Column-mode tensors this small are one work item and run on one thread anyway (bn_make_plan). The
+ * thread count never changes a result, so these are a matter of speed alone, per machine class. */
+#ifndef BN_PARALLEL_MIN_ELEMS
 #define BN_PARALLEL_MIN_ELEMS ((ptrdiff_t)1 << 15)
+#endif
+#ifndef BN_PARALLEL_MIN_ELEMS_NORMALIZE
+#define BN_PARALLEL_MIN_ELEMS_NORMALIZE ((ptrdiff_t)1 << 16)
+#endif
+#ifndef BN_PARALLEL_MIN_ELEMS_BACKWARD
+#define BN_PARALLEL_MIN_ELEMS_BACKWARD ((ptrdiff_t)1 << 14)
+#endif
 
 #ifdef __cplusplus
 }

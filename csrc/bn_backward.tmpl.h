@@ -449,16 +449,16 @@ static void BN_NAME(grad_apply)(const bn_job *job, bn_item w, double *scratch)
 
 /* Two inputs stream through every backward kernel: their plan sizes items for both, and
  * backward_reduce must cut exactly as backward does to give its bits. */
-static void BN_NAME(bwd_plan)(bn_plan *p, bn_dims d, int nthreads)
+static void BN_NAME(bwd_plan)(bn_plan *p, bn_dims d, int nthreads, ptrdiff_t min_elems)
 {
-    bn_make_plan(p, d, 2 * sizeof(BN_T), nthreads);
+    bn_make_plan(p, d, 2 * sizeof(BN_T), nthreads, min_elems);
 }
 
 int BN_NAME(bn_backward_reduce)(const BN_T *dy, const BN_T *x, bn_dims d, const double *mean,
                                 double *sum_dy, double *sum_dy_xmu, int nthreads)
 {
     bn_plan p;
-    BN_NAME(bwd_plan)(&p, d, nthreads);
+    BN_NAME(bwd_plan)(&p, d, nthreads, BN_PARALLEL_MIN_ELEMS);
     BN_NAME(bwd_args) a = {dy, x, NULL, mean, NULL, NULL, 1, 0.0, NULL, NULL, sum_dy, sum_dy_xmu,
                            NULL, NULL, NULL, NULL, NULL, NULL, BN_GM_NONE, NULL, NULL, NULL, NULL, NULL};
     bn_job job = {&p, BN_NAME(sums_reduce), BN_NAME(reduce_finish), NULL, NULL, sizeof(bn_sums),
@@ -471,7 +471,7 @@ int BN_NAME(bn_backward_apply)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims 
                                const double *sum_dy_xmu, double count, int nthreads)
 {
     bn_plan p;
-    BN_NAME(bwd_plan)(&p, d, nthreads);
+    BN_NAME(bwd_plan)(&p, d, nthreads, BN_PARALLEL_MIN_ELEMS);
     double *k = malloc(sizeof(double) * bn_padded_size(d.C, 4));
     if (!k) return BN_ENOMEM;
     BN_NAME(bwd_args) a = {dy, x, dx, mean, invstd, gamma, 1, count, sum_dy, sum_dy_xmu, NULL, NULL, NULL, NULL,
@@ -489,7 +489,8 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
                          double *dbeta, const bn_grad_epilogue *ep, int nthreads)
 {
     bn_plan p;
-    BN_NAME(bwd_plan)(&p, d, nthreads);
+    /* the training backward (two passes over two inputs) pays for a second thread sooner */
+    BN_NAME(bwd_plan)(&p, d, nthreads, training ? BN_PARALLEL_MIN_ELEMS_BACKWARD : BN_PARALLEL_MIN_ELEMS);
     const int gm = !ep || ep->mask == BN_MASK_NONE ? BN_GM_NONE
                    : ep->mask == BN_MASK_Y       ? BN_GM_Y
                    : ep->residual                ? BN_GM_XR

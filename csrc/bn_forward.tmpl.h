@@ -432,7 +432,7 @@ static void BN_NAME(set_epilogue)(BN_NAME(fwd_args) *a, const bn_epilogue *ep)
 int BN_NAME(bn_batch_stats)(const BN_T *x, bn_dims d, double *mean, double *m2, int nthreads)
 {
     bn_plan p;
-    bn_make_plan(&p, d, sizeof(BN_T), nthreads);
+    bn_make_plan(&p, d, sizeof(BN_T), nthreads, BN_PARALLEL_MIN_ELEMS);
     BN_NAME(fwd_args) a = {x, NULL, NULL, NULL, 0.0, mean, m2, NULL, NULL, NULL, NULL, NULL, NULL, 0};
     bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(stats_finish), NULL, NULL, sizeof(bn_moments),
                   BN_NAME(fwd_scratch)(&p, 6), &a};
@@ -443,7 +443,7 @@ int BN_NAME(bn_normalize)(const BN_T *x, BN_T *y, bn_dims d, const double *mean,
                           const double *gamma, const double *beta, const bn_epilogue *ep, int nthreads)
 {
     bn_plan p;
-    bn_make_plan(&p, d, sizeof(BN_T), nthreads);
+    bn_make_plan(&p, d, sizeof(BN_T), nthreads, BN_PARALLEL_MIN_ELEMS_NORMALIZE);
     double *coefs = malloc(sizeof(double) * bn_padded_size(d.C, 3));
     if (!coefs) return BN_ENOMEM;
     BN_NAME(fwd_args) a = {x, y, gamma, beta, 0.0, NULL, NULL, (double *)invstd, mean, coefs,
@@ -461,7 +461,7 @@ int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *g
                               int nthreads)
 {
     bn_plan p;
-    bn_make_plan(&p, d, sizeof(BN_T), nthreads);
+    bn_make_plan(&p, d, sizeof(BN_T), nthreads, BN_PARALLEL_MIN_ELEMS);
     double *coefs = malloc(sizeof(double) * bn_padded_size(d.C, 3));
     if (!coefs) return BN_ENOMEM;
     BN_NAME(fwd_args) a = {x, y, gamma, beta, eps, mean, m2, invstd, NULL, coefs, bn_padded_array(coefs, d.C, 1),

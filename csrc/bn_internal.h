@@ -55,7 +55,8 @@ typedef struct {
     int nthreads;
 } bn_plan;
 
-void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads);
+/* min_elems: below N * C * S elements the plan runs on one thread (BN_PARALLEL_MIN_ELEMS*). */
+void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads, ptrdiff_t min_elems);
 
 /* A kernel is about to run on several threads: from now on a fork()ed child runs single-threaded
  * (bn_plan.c says why). */

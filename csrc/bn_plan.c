@@ -2,11 +2,11 @@
  * and the thread controls over the OpenMP runtime. */
 #include "bn_internal.h"
 
-void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads)
+void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads, ptrdiff_t min_elems)
 {
     p->N = d.N; p->C = d.C; p->S = d.S; p->W = d.C * d.S;
     p->colmode = d.S < BN_ROW_MIN_S;
-    if ((double)d.N * (double)p->W < (double)BN_PARALLEL_MIN_ELEMS || nthreads < 1) nthreads = 1;
+    if ((double)d.N * (double)p->W < (double)min_elems || nthreads < 1) nthreads = 1;
     if (p->colmode) {
         /* Whole rows where they fit the scratch: long unit-stride inner loops over the channels, and
          * the hardware prefetcher sees plain sequential streams. A channel's statistics then need all
@@ -50,8 +50,10 @@ void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads)
     if (nthreads > p->nitems) nthreads = (int)p->nitems;
 #ifdef _OPENMP
     /* A thread count far beyond the CPUs (set_num_threads(10000)) would only start threads that wait
-     * for a core; cap the team at twice the processors OpenMP may use. Results do not depend on it. */
-    if (nthreads > 2 * omp_get_num_procs()) nthreads = 2 * omp_get_num_procs();
+     * for a core; cap the team at twice the processors OpenMP may use. Results do not depend on it.
+     * omp_get_num_procs is a sched_getaffinity system call (a tenth of a (2, 4) call's time), and the
+     * cap cannot bite below 3 threads. */
+    if (nthreads > 2 && nthreads > 2 * omp_get_num_procs()) nthreads = 2 * omp_get_num_procs();
 #endif
     p->nthreads = nthreads < 1 ? 1 : nthreads;
 }

@@ -171,7 +171,7 @@ SIGNATURES = {
                       ("beta", P.POSITIONAL_OR_KEYWORD, None), ("running_mean", P.KEYWORD_ONLY, None),
                       ("running_var", P.KEYWORD_ONLY, None), ("momentum", P.KEYWORD_ONLY, 0.1),
                       ("eps", P.KEYWORD_ONLY, 1e-5), ("axis", P.KEYWORD_ONLY, 1), ("out", P.KEYWORD_ONLY, None),
-                      ("stats_dtype", P.KEYWORD_ONLY, None)] + EPILOGUE,
+                      ("stats_dtype", P.KEYWORD_ONLY, None)] + EPILOGUE + [("ghost_batch_size", P.KEYWORD_ONLY, None)],
     "forward_infer": [("x", P.POSITIONAL_OR_KEYWORD, P.empty),
                       ("running_mean", P.POSITIONAL_OR_KEYWORD, P.empty),
                       ("running_var", P.POSITIONAL_OR_KEYWORD, P.empty),
@@ -182,7 +182,7 @@ SIGNATURES = {
                  ("mean", P.POSITIONAL_OR_KEYWORD, P.empty), ("invstd", P.POSITIONAL_OR_KEYWORD, P.empty),
                  ("gamma", P.POSITIONAL_OR_KEYWORD, None), ("training", P.KEYWORD_ONLY, True),
                  ("axis", P.KEYWORD_ONLY, 1), ("out", P.KEYWORD_ONLY, None)] + EPILOGUE
-                + [("y", P.KEYWORD_ONLY, None), ("beta", P.KEYWORD_ONLY, None)],
+                + [("y", P.KEYWORD_ONLY, None), ("beta", P.KEYWORD_ONLY, None), ("ghost_batch_size", P.KEYWORD_ONLY, None)],
     "batch_stats": [("x", P.POSITIONAL_OR_KEYWORD, P.empty), ("axis", P.KEYWORD_ONLY, 1)],
     "merge_stats": [("counts", P.POSITIONAL_OR_KEYWORD, P.empty), ("means", P.POSITIONAL_OR_KEYWORD, P.empty),
                     ("m2s", P.POSITIONAL_OR_KEYWORD, P.empty)],

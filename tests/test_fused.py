@@ -458,3 +458,75 @@ def test_against_torch(rng, shape, axis, use_residual):
     assert_close(out[2], tb.grad.numpy(), 1e-10)
     if use_residual:
         assert_close(out[3], tr.grad.numpy(), 1e-12)
+
+
+# -- with the variants -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((10, 4, 3, 3), 1), ((9, 3, 3, 5), -1), ((14, 6), 1)])
+def test_ghost_batches_with_the_epilogue(rng, dtype, shape, axis):
+    """Each ghost batch is the fused call on its own rows; the reference agrees."""
+    g = 4
+    x = make_data(rng, shape, dtype, axis)
+    r = _residual(rng, x)
+    dy = make_data(rng, shape, dtype, axis)
+    gamma, beta = params(rng, shape[axis])
+    y, mean, invstd = bn.forward_train(x, gamma, beta, axis=axis, activation="relu", residual=r,
+                                       ghost_batch_size=g, stats_dtype=np.float64)
+    dx, dgamma, dbeta, dres = bn.backward(dy, x, mean, invstd, gamma, axis=axis, activation="relu", beta=beta,
+                                          residual=r, ghost_batch_size=g)
+    for k, lo in enumerate(range(0, shape[0], g)):
+        sl = slice(lo, lo + g)
+        yk, mk, ik = bn.forward_train(x[sl], gamma, beta, axis=axis, activation="relu", residual=r[sl],
+                                      stats_dtype=np.float64)
+        np.testing.assert_array_equal(y[sl], yk)
+        np.testing.assert_array_equal(mean[k], mk)
+        out = bn.backward(dy[sl], x[sl], mk, ik, gamma, axis=axis, activation="relu", y=yk, residual=True)
+        np.testing.assert_array_equal(dx[sl], out[0])
+        np.testing.assert_array_equal(dres[sl], out[3])
+    rd = ref.backward(dy, x, mean, invstd, gamma, axis=axis, activation="relu", beta=beta, residual=r,
+                      ghost_batch_size=g)
+    assert_close(dx, rd[0], TOL[dtype])
+    assert_close(dgamma, rd[1], TOL[dtype] * 10)
+    np.testing.assert_array_equal(dres, rd[3].astype(dtype))
+    yr, _, _ = ref.forward_train(x, gamma, beta, axis=axis, activation="relu", residual=r, ghost_batch_size=g)
+    assert_close(y, yr, TOL[dtype])
+
+
+def test_layer_with_flags_and_ghost_keeps_the_epilogue(rng):
+    x = make_data(rng, (12, 5, 4), F32)
+    r = _residual(rng, x)
+    dy = make_data(rng, x.shape, F32)
+    for kw in ({"ghost_batch_size": 4}, {"use_batch_stats": False}, {"update_running_stats": False}):
+        fused = bn.BatchNorm1d(5, activation="relu", **kw)
+        plain = bn.BatchNorm1d(5, **kw)
+        y = fused(x, residual=r)
+        y0 = np.maximum(plain(x) + r, 0)
+        assert_close(y, y0, TOL[F32])
+        dx, dres = fused.backward(dy)
+        g = np.where(y > 0, dy, 0).astype(np.float32)
+        np.testing.assert_array_equal(dres, g)
+        np.testing.assert_array_equal(dx, plain.backward(g))
+
+
+def test_renorm_refuses_the_epilogue(rng):
+    with pytest.raises(ValueError, match="renorm"):
+        bn.BatchNorm1d(3, renorm=True, activation="relu")
+    layer = bn.BatchNorm1d(3, renorm=True)
+    x = make_data(rng, (6, 3), F32)
+    with pytest.raises(ValueError, match="renorm"):
+        layer(x, residual=x)
+    assert layer.num_batches_tracked == 0
+
+
+def test_precise_stats_with_a_fused_layer(rng):
+    layer = bn.BatchNorm1d(4, activation="relu")
+    xs = [make_data(rng, (8, 4), F64) for _ in range(3)]
+    with bn.precise_stats(layer):
+        for x in xs:
+            y = layer(x)
+            assert (y >= 0).all()
+    allx = np.concatenate(xs)
+    assert_close(layer.running_mean, allx.mean(0), 1e-6)
+    assert_close(layer.running_var, allx.var(0, ddof=1), 1e-6)

@@ -28,8 +28,10 @@ def forward_train(
     stats_dtype: DTypeLike = None,
     activation: Optional[Literal["relu"]] = None,
     residual: Optional[ArrayLike] = None,
+    ghost_batch_size: Optional[int] = None,
 ) -> Tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]:
-    """Training forward pass: returns ``(y, mean, invstd)``; updates the running statistics in place."""
+    """Training forward pass: returns ``(y, mean, invstd)``; updates the running statistics in place.
+    With ``ghost_batch_size`` mean and invstd are (K, C), one row per ghost batch."""
     ...
 
 def forward_infer(
@@ -62,8 +64,10 @@ def backward(
     residual: Union[None, bool, ArrayLike] = None,
     y: Optional[ArrayLike] = None,
     beta: Optional[ArrayLike] = None,
+    ghost_batch_size: Optional[int] = None,
 ) -> Tuple[NDArray[np.floating], ...]:
-    """Backward pass: returns ``(dx, dgamma, dbeta)``, and ``d_residual`` fourth with ``residual``."""
+    """Backward pass: returns ``(dx, dgamma, dbeta)``, and ``d_residual`` fourth with ``residual``; with
+    ``ghost_batch_size``, mean and invstd are the (K, C) statistics forward_train returned for it."""
     ...
 
 def batch_stats(x: ArrayLike, *, axis: int = 1) -> Tuple[int, NDArray[np.float64], NDArray[np.float64]]:

@@ -10,8 +10,8 @@ process's few samples. It is PyTorch's ``SyncBatchNorm`` (GPU only there) on the
 - training backward: one ``Allgather`` of each part's ``(sum_dy, sum_dy_xmu)``
   (:func:`batchnorm.backward_reduce`), summed in rank order on every process (deterministic, not left to
   the MPI library's reduction order), then :func:`batchnorm.backward_apply` with the global sums;
-- eval mode communicates nothing: it normalizes with the running statistics like :class:`BatchNorm`;
-  neither does a communicator of one process, where the layer is :class:`BatchNorm` (same bits).
+- eval mode communicates nothing: it normalizes with the running statistics like :class:`batchnorm.BatchNorm`;
+  neither does a communicator of one process, where the layer is :class:`batchnorm.BatchNorm` (same bits).
 
 Two collectives per training step, each of ``processes x (2 C + 2)`` float64 values. ``dx`` on each
 process is that process's rows of the gradient of single-process BN over the concatenated batch.
@@ -76,13 +76,16 @@ def _check_comm(comm):
 
 
 def _copy_state(src, dst):
-    """Parameters, running statistics, counter and mode of src into dst (a layer of the same options)."""
+    """Parameters, running statistics, counter, mode and frozen-BN flags of src into dst (a layer of the
+    same options)."""
     for name in ("weight", "bias", "running_mean", "running_var"):
         value = getattr(src, name)
         if value is not None:
             getattr(dst, name)[...] = value
     dst.num_batches_tracked = src.num_batches_tracked
     dst.training = src.training
+    dst.use_batch_stats = src.use_batch_stats
+    dst.update_running_stats = src.update_running_stats
 
 
 class SyncBatchNorm(BatchNorm):
@@ -99,6 +102,12 @@ class SyncBatchNorm(BatchNorm):
         As :class:`batchnorm.BatchNorm`. With ``activation="relu"`` the forward is fused as BatchNorm's;
         the backward masks dy in a NumPy pass of its own before the phases (they have no fused form).
 
+    Attributes
+    ----------
+    comm : mpi4py communicator or None
+        The communicator; None until a training forward looks up ``MPI.COMM_WORLD``. May be set.
+        The other attributes are :class:`batchnorm.BatchNorm`'s.
+
     Notes
     -----
     Every process in ``comm`` must call the layer (forward, and backward after a training forward)
@@ -107,6 +116,18 @@ class SyncBatchNorm(BatchNorm):
     layout (channel axis ``axis``) and ndim >= 2 is accepted; the processes may split the batch unevenly.
     The communicator is not pickled or put into ``state_dict``: an unpickled layer uses ``MPI.COMM_WORLD``
     until ``layer.comm`` is set; ``copy.deepcopy`` shares it with the original.
+
+    Examples
+    --------
+    Converting a layer needs no MPI; a training forward does (run the script under ``mpiexec -n P``):
+
+    >>> import batchnorm as bn
+    >>> from batchnorm.distributed import SyncBatchNorm
+    >>> sync = SyncBatchNorm.from_layer(bn.BatchNorm2d(8))
+    >>> sync
+    SyncBatchNorm(8, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+    >>> sync.to_layer()
+    BatchNorm2d(8, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
     """
 
     def __init__(self, num_features, *, comm=None, eps=1e-5, momentum=0.1, affine=True,
@@ -124,6 +145,10 @@ class SyncBatchNorm(BatchNorm):
         """A SyncBatchNorm with ``layer``'s options, parameters, running statistics and mode (copies)."""
         if not isinstance(layer, BatchNorm):
             raise TypeError(f"layer must be a batchnorm.BatchNorm, got {type(layer).__name__}")
+        if layer.renorm:
+            raise ValueError("SyncBatchNorm does not support Batch Renormalization (renorm=True)")
+        if layer.ghost_batch_size is not None:
+            raise ValueError("SyncBatchNorm does not support Ghost BN (ghost_batch_size)")
         new = cls(layer.num_features, comm=comm, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
                   track_running_stats=layer.track_running_stats, axis=layer.axis, dtype=layer.dtype,
                   bias=layer.has_bias, activation=layer.activation)
@@ -190,10 +215,19 @@ class SyncBatchNorm(BatchNorm):
 
     def forward(self, x, residual=None):
         """Normalize x with the statistics of every process's batch (training mode, collective) or
-        with the running statistics (eval mode, local). Returns y; ``residual`` and the layer's
-        ``activation`` as in :meth:`BatchNorm.forward`."""
-        if not self.training:
+        with the running statistics (eval mode, local); the ``use_batch_stats`` and
+        ``update_running_stats`` flags act as on :class:`batchnorm.BatchNorm`. Returns y; ``residual`` and the
+        layer's ``activation`` as in :meth:`batchnorm.BatchNorm.forward`."""
+        precise = self._precise is not None
+        use = precise or self._uses_batch_stats()
+        update = not precise and self._updates_running_stats(use)
+        if not use:
+            if update:  # from this process's part alone the processes' running statistics would drift apart
+                raise ValueError("SyncBatchNorm does not support update_running_stats=True with "
+                                 "use_batch_stats=False")
             return super().forward(x, residual)
+        if self.renorm or self.ghost_batch_size is not None:  # attributes set after construction
+            raise ValueError("SyncBatchNorm does not support renorm or ghost_batch_size")
         comm = self._communicator()
         if comm.Get_size() == 1:
             # Nothing to share: the fused kernels give the phases' bits (running statistics included)
@@ -221,7 +255,9 @@ class SyncBatchNorm(BatchNorm):
             residual = np.asarray(residual)
         y = normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis, activation=self.activation,
                       residual=residual)
-        if self.track_running_stats and count:
+        if precise:  # inside batchnorm.precise_stats: the whole batch's statistics, the same on every process
+            self._precise._add(count, mean, m2)
+        if update and count:
             update_running_stats(self.running_mean, self.running_var, mean, m2, count,
                                  momentum=self._momentum_now())
             self.num_batches_tracked += 1

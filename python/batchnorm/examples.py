@@ -85,6 +85,7 @@ class Linear:
         return y
 
     def backward(self, dy):
+        """dLoss/dx of the last call, given dy = dLoss/dy; overwrites ``grad_weight``/``grad_bias``."""
         np.matmul(self._x.T, dy, out=self.grad_weight)
         if self.bias is not None:
             np.sum(dy, axis=0, out=self.grad_bias)
@@ -103,6 +104,7 @@ class Sigmoid:
         return self._y
 
     def backward(self, dy):
+        """dLoss/dx of the last call, given dy = dLoss/dy."""
         return dy * self._y * (1.0 - self._y)
 
     def __repr__(self):
@@ -117,6 +119,7 @@ class ReLU:
         return np.where(self._mask, x, 0).astype(x.dtype, copy=False)
 
     def backward(self, dy):
+        """dLoss/dx of the last call, given dy = dLoss/dy."""
         return np.where(self._mask, dy, 0).astype(dy.dtype, copy=False)
 
     def __repr__(self):
@@ -136,6 +139,7 @@ class Sequential:
         return x
 
     def backward(self, dy):
+        """Run every layer's ``backward``, last to first; returns dLoss/dx of the first layer's input."""
         for layer in reversed(self.layers):
             dy = layer.backward(dy)
         return dy
@@ -153,6 +157,7 @@ class Sequential:
         return self
 
     def eval(self):
+        """``train(False)``: every layer that has a mode in eval mode; returns the container."""
         return self.train(False)
 
     def __getitem__(self, i):
@@ -182,6 +187,7 @@ class SoftmaxCrossEntropy:
         return float(-log_p[np.arange(n), self._labels].mean())
 
     def backward(self):
+        """dLoss/dlogits of the last call, ``(softmax(logits) - onehot(labels)) / batch_size``."""
         n = self._p.shape[0]
         d = self._p.copy()
         d[np.arange(n), self._labels] -= 1.0
@@ -202,6 +208,8 @@ class SGD:
         self._velocity = None
 
     def step(self, pairs):
+        """Update every parameter in place from its gradient; ``pairs`` is ``(parameter, gradient)``
+        pairs, such as :meth:`Sequential.params_and_grads` returns, in the same order every step."""
         pairs = list(pairs)
         if self.momentum:
             if self._velocity is None:

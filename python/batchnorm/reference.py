@@ -4,7 +4,7 @@ Every function here mirrors one in :mod:`batchnorm` (same arguments, same result
 clarity, not speed, and computes in float64. The tests compare the kernels with these functions; the
 benchmark uses them as the "NumPy" column. They validate little: pass well-formed input.
 
-Notation, for a channel c reduced over the M = x.size / C values that share it:
+Notation, for a channel c reduced over the M = x.size / C values that share it::
 
     mean   = sum(x) / M
     var    = sum((x - mean)**2) / M                 (biased: used to normalize)
@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["forward_train", "forward_infer", "backward", "batch_stats", "merge_stats", "normalize",
-           "backward_reduce", "backward_apply", "update_running_stats"]
+           "backward_reduce", "backward_apply", "update_running_stats", "forward_train_renorm",
+           "backward_renorm"]
 
 
 def _layout(x, axis):
@@ -85,13 +86,19 @@ def _grad_at_bn(dy, x, mean, invstd, gamma, axis, activation, residual, y, beta)
 
 
 def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1,
-                  eps=1e-5, axis=1, out=None, stats_dtype=None, activation=None, residual=None):
+                  eps=1e-5, axis=1, out=None, stats_dtype=None, activation=None, residual=None,
+                  ghost_batch_size=None):
     """Training forward: normalize with batch statistics; returns (y, mean, invstd).
 
     With ``activation="relu"`` and/or ``residual``: y = max(bn(x) + residual, 0).
     Updates ``running_mean``/``running_var`` in place when given, with the unbiased batch variance.
     An empty batch gives an empty y, zero mean and invstd, and leaves the running statistics alone.
+    With ``ghost_batch_size`` each chunk of that many samples along axis 0 is normalized on its own (see
+    ``_ghost_forward_train``).
     """
+    if ghost_batch_size is not None:
+        return _ghost_forward_train(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out,
+                                    stats_dtype, ghost_batch_size, activation, residual)
     flat, moved_shape, axis = _layout(x, axis)
     M, C = flat.shape
     if M == 0:
@@ -113,6 +120,40 @@ def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=No
     return y, mean.astype(sdt), invstd.astype(sdt)
 
 
+def _chunks(a, g):
+    """Consecutive slices of g samples along axis 0 (the last may be smaller)."""
+    a = np.asarray(a)
+    return [a[i:i + g] for i in range(0, a.shape[0], g)]
+
+
+def _ghost_forward_train(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out, stats_dtype, g,
+                         activation=None, residual=None):
+    """Ghost Batch Normalization (Hoffer et al., 2017): each chunk of g consecutive samples along axis 0
+    (the last may be smaller) normalized with its own statistics; mean and invstd are (K, C), one row per
+    chunk. The running statistics move once, towards the average over the chunks of their means and of
+    their unbiased variances (Keras's virtual_batch_size rule)."""
+    x = np.asarray(x)
+    C = x.shape[axis]
+    sdt = _result_dtype(x) if stats_dtype is None else np.dtype(stats_dtype)
+    res = [None] * len(_chunks(x, g)) if residual is None else _chunks(residual, g)
+    parts = [forward_train(chunk, gamma, beta, eps=eps, axis=axis, stats_dtype=np.float64, activation=activation,
+                           residual=r) for chunk, r in zip(_chunks(x, g), res)]
+    y = np.concatenate([p[0] for p in parts]) if parts else np.zeros(x.shape, _result_dtype(x))
+    means = np.array([p[1] for p in parts]).reshape(len(parts), C)
+    invstds = np.array([p[2] for p in parts]).reshape(len(parts), C)
+    if parts and x.size:
+        stats = [batch_stats(chunk, axis=axis) for chunk in _chunks(x, g)]
+        unbiased = np.array([m2 / (n - 1) for n, _, m2 in stats])
+        if running_mean is not None:
+            running_mean[...] = (1 - momentum) * running_mean + momentum * means.mean(axis=0)
+        if running_var is not None:
+            running_var[...] = (1 - momentum) * running_var + momentum * unbiased.mean(axis=0)
+    if out is not None:
+        out[...] = y
+        y = out
+    return y, means.astype(sdt), invstds.astype(sdt)
+
+
 def forward_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e-5, axis=1, out=None,
                   activation=None, residual=None):
     """Inference forward: normalize with the given (running) statistics; returns y."""
@@ -122,7 +163,7 @@ def forward_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e
 
 
 def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None, activation=None,
-             residual=None, y=None, beta=None):
+             residual=None, y=None, beta=None, ghost_batch_size=None):
     """Gradients of y = gamma * (x - mean) * invstd + beta; returns (dx, dgamma, dbeta).
 
     With ``training=True`` mean and invstd are the batch statistics of x, so the gradient flows through
@@ -130,7 +171,30 @@ def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None
     With ``training=False`` they are constants (frozen BN):  dx = gamma * invstd * dy.
     With ``activation="relu"`` dy is first masked where the forward's output (``y``, or recomputed with
     ``beta``) was not > 0; with ``residual`` the masked dy is returned fourth, as d_residual.
+    With ``ghost_batch_size`` mean and invstd are (K, C), one row per ghost batch: each ghost batch's
+    gradient with its own row; dgamma and dbeta are the sums over the ghost batches.
     """
+    if ghost_batch_size is not None:
+        g = ghost_batch_size
+        n = len(_chunks(x, g))
+        per_chunk = lambda a: [a] * n if a is None or isinstance(a, bool) else _chunks(a, g)  # noqa: E731
+        parts = [backward(dy_k, x_k, m, s, gamma, training=training, axis=axis, activation=activation,
+                          residual=r_k, y=y_k, beta=beta)
+                 for dy_k, x_k, m, s, r_k, y_k in zip(_chunks(dy, g), _chunks(x, g), np.asarray(mean),
+                                                      np.asarray(invstd), per_chunk(residual), per_chunk(y))]
+        C = np.shape(x)[axis]
+        dt = _result_dtype(x)
+        gdt = np.dtype(np.float32) if dt == np.float16 else dt
+        dx = np.concatenate([p[0] for p in parts]) if parts else np.zeros(np.shape(x), dt)
+        dgamma = np.sum([p[1].astype(np.float64) for p in parts], axis=0) if parts else np.zeros(C)
+        dbeta = np.sum([p[2].astype(np.float64) for p in parts], axis=0) if parts else np.zeros(C)
+        if out is not None:
+            out[...] = dx
+            dx = out
+        result = (dx, dgamma.astype(gdt), dbeta.astype(gdt))
+        if residual is not None and residual is not False:
+            result += (np.concatenate([p[3] for p in parts]) if parts else np.zeros(np.shape(x), dt),)
+        return result
     flat, moved_shape, axis = _layout(x, axis)
     dflat = _grad_at_bn(dy, x, mean, invstd, gamma, axis, activation, residual, y, beta)
     M, C = flat.shape
@@ -177,8 +241,10 @@ def batch_stats(x, *, axis=1):
 def merge_stats(counts, means, m2s):
     """Merge parts k = 0..K-1 in order with Chan's pairwise formula; parts with count 0 are skipped.
 
-    For parts a and b with n = n_a + n_b and delta = mean_b - mean_a:
+    For parts a and b with n = n_a + n_b and delta = mean_b - mean_a::
+
         mean = mean_a + delta * n_b / n,    m2 = m2_a + m2_b + delta**2 * n_a * n_b / n
+
     except that where delta is not finite (a part's mean is +-inf or NaN) the mean is the weighted sum
     mean_a * n_a / n + mean_b * n_b / n: +-inf for one sign of infinity, NaN for both, as np.mean.
     """
@@ -223,7 +289,10 @@ def backward_reduce(dy, x, mean, *, axis=1):
 
 
 def backward_apply(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, *, axis=1, out=None):
-    """The training gradient of x's rows given sums over a whole batch of `count` values per channel:
+    """The training gradient of x's rows given sums over a whole batch.
+
+    With ``count`` values per channel in the whole batch::
+
         dx = gamma * invstd * (dy - sum_dy / count - (x - mean) * invstd**2 * sum_dy_xmu / count)
     """
     flat, moved_shape, axis = _layout(x, axis)
@@ -245,3 +314,65 @@ def update_running_stats(running_mean, running_var, mean, m2, count, *, momentum
         running_mean[...] = (1 - momentum) * running_mean + momentum * np.asarray(mean, np.float64)
     if running_var is not None:
         running_var[...] = (1 - momentum) * running_var + momentum * (np.asarray(m2, np.float64) / (count - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------------
+
+
+def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *, rmax=3.0, dmax=5.0,
+                         momentum=0.1, eps=1e-5, axis=1, out=None, update=True):
+    """Batch Renormalization (Ioffe, 2017), training forward; returns (y, mean, invstd, r, d).
+
+    ::
+
+        sigma_B = sqrt(var + eps),  sigma = sqrt(running_var + eps)      (the running stats before update)
+        r = clip(sigma_B / sigma, 1/rmax, rmax),  d = clip((mean - running_mean) / sigma, -dmax, dmax)
+        y = gamma * (xhat * r + d) + beta
+
+    then the running statistics are updated as forward_train updates them (when ``update``).
+    """
+    flat, moved_shape, axis = _layout(x, axis)
+    M, C = flat.shape
+    if M == 0:
+        return _finish(flat, moved_shape, axis, x, out), np.zeros(C), np.zeros(C), np.ones(C), np.zeros(C)
+    mean = flat.mean(axis=0)
+    var = ((flat - mean) ** 2).mean(axis=0)
+    sigma_b = np.sqrt(var + eps)
+    sigma = np.sqrt(np.asarray(running_var, np.float64) + eps)
+    r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
+    d = np.clip((mean - np.asarray(running_mean, np.float64)) / sigma, -dmax, dmax)
+    xhat = (flat - mean) / sigma_b
+    y = _param(gamma, C, 1.0) * (xhat * r + d) + _param(beta, C, 0.0)
+    if update:
+        running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+        running_var[...] = (1 - momentum) * running_var + momentum * var * M / (M - 1)
+    return _finish(y, moved_shape, axis, x, out), mean, 1.0 / sigma_b, r, d
+
+
+def backward_renorm(dy, x, mean, invstd, r, d, gamma=None, *, axis=1, out=None):
+    """Gradients of Batch Renormalization with r and d constants; returns (dx, dgamma, dbeta).
+
+    With g = dL/dxhat = dy * gamma * r, the batch-statistics chain rule of xhat gives ::
+
+        dx = invstd * (g - mean(g) - xhat * mean(g * xhat)),
+
+    and dgamma = sum(dy * (xhat * r + d)), dbeta = sum(dy).
+    """
+    flat, moved_shape, axis = _layout(x, axis)
+    dflat, _, _ = _layout(dy, axis)
+    M, C = flat.shape
+    mean = np.asarray(mean, np.float64).reshape(C)
+    invstd = np.asarray(invstd, np.float64).reshape(C)
+    r = np.asarray(r, np.float64).reshape(C)
+    d = np.asarray(d, np.float64).reshape(C)
+    xhat = (flat - mean) * invstd
+    g = dflat * _param(gamma, C, 1.0) * r
+    M = max(M, 1)
+    dx = invstd * (g - g.sum(axis=0) / M - xhat * ((g * xhat).sum(axis=0) / M))
+    dgamma = (dflat * (xhat * r + d)).sum(axis=0)
+    dbeta = dflat.sum(axis=0)
+    dt = _result_dtype(x)
+    gdt = np.dtype(np.float32) if dt == np.float16 else dt
+    return _finish(dx, moved_shape, axis, x, out), dgamma.astype(gdt), dbeta.astype(gdt)
