@@ -4,6 +4,11 @@ OpenMP is probed by compiling and running a tiny program with the flag for this 
 astropy's extension-helpers does); when that fails the package is built serially, with a warning.
 Set BATCHNORM_NO_OPENMP=1 to force a serial build, BATCHNORM_CFLAGS to add compiler flags and
 BATCHNORM_LDFLAGS to add linker flags (e.g. both ``-fsanitize=address,undefined``: see .ci/asan.sh).
+On macOS, Apple's clang has no OpenMP runtime of its own: Homebrew's libomp is found under
+BATCHNORM_LIBOMP_PREFIX, else ``brew --prefix libomp``'s usual places.
+
+Every compiler is asked for the same floating-point semantics (no contraction of a * b + c into a fused
+multiply-add, no fast-math), so GCC, clang and MSVC builds give the same bits (tools/bit_identity.py).
 """
 
 import os
@@ -37,6 +42,14 @@ int main(void) {
 """
 
 
+def libomp_prefixes():
+    """Where Homebrew's libomp may be (macOS): BATCHNORM_LIBOMP_PREFIX first, then brew's usual places."""
+    env = os.environ.get("BATCHNORM_LIBOMP_PREFIX", "")
+    places = [env] if env else []
+    places += ["/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"]  # arm64, x86_64
+    return [p for p in places if os.path.isfile(os.path.join(p, "include", "omp.h"))]
+
+
 def openmp_flags(compiler):
     """(compile_args, link_args) that make OpenMP work with this compiler, or None."""
     if os.environ.get("BATCHNORM_NO_OPENMP", "") not in ("", "0"):
@@ -45,7 +58,11 @@ def openmp_flags(compiler):
     if ctype == "msvc":
         candidates = [(["/openmp"], [])]
     elif sys.platform == "darwin":
-        candidates = [(["-Xpreprocessor", "-fopenmp"], ["-lomp"]), (["-fopenmp"], ["-fopenmp"])]
+        candidates = []
+        for prefix in libomp_prefixes():
+            inc, lib = os.path.join(prefix, "include"), os.path.join(prefix, "lib")
+            candidates.append((["-Xpreprocessor", "-fopenmp", "-I" + inc], ["-L" + lib, "-Wl,-rpath," + lib, "-lomp"]))
+        candidates += [(["-Xpreprocessor", "-fopenmp"], ["-lomp"]), (["-fopenmp"], ["-fopenmp"])]
     else:
         candidates = [(["-fopenmp"], ["-fopenmp"])]
     for cflags, lflags in candidates:
@@ -76,15 +93,20 @@ class BuildExt(build_ext):
             print("batchnorm: building WITHOUT OpenMP", file=sys.stderr)
         for ext in self.extensions:
             if ctype == "msvc":
-                ext.extra_compile_args += ["/O2"]
+                # /fp:precise without /fp:contract: no fused multiply-adds (MSVC's default since VS 2022;
+                # older ones emit none without /arch:AVX2, which is not given).
+                ext.extra_compile_args += ["/O2", "/fp:precise"]
             else:
                 # No -ffast-math: the kernels rely on IEEE order of operations for exactness and for
                 # bit-identical results; no -march=native: the wheel must run on any x86-64.
                 # -fno-trapping-math changes no value (we never read the FP exception flags): GCC
                 # otherwise keeps a comparison such as the fused ReLU's v < 0 ? 0 : v a branch, which
                 # does not vectorize (the ReLU forward ran 12x slower, on mispredictions).
-                ext.extra_compile_args += ["-std=c11", "-O3", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wextra",
-                                           "-Wno-unused-parameter", "-Wno-missing-field-initializers",
+                # -ffp-contract=off: clang (and GCC in GNU mode) would otherwise fuse a * b + c into one
+                # FMA in the AVX2/AVX-512 builds, one rounding fewer than the baseline build.
+                ext.extra_compile_args += ["-std=c11", "-O3", "-fno-math-errno", "-fno-trapping-math",
+                                           "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                                           "-Wno-missing-field-initializers",
                                            "-Wno-cast-function-type"]
             if flags is not None:
                 ext.extra_compile_args += flags[0]
@@ -101,6 +123,9 @@ setup(
             sources=SOURCES,
             depends=HEADERS,
             include_dirs=[np.get_include(), "csrc"],
+            # Built against NumPy 2, the extension uses only the C API of NumPy 1.23 (the oldest the
+            # package supports), so it imports on any NumPy from 1.23 on.
+            define_macros=[("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION")],
         )
     ],
     cmdclass={"build_ext": BuildExt},

@@ -685,8 +685,10 @@ static PyArrayObject *parse_counts(PyObject *obj)
     for (npy_intp k = 0; k < PyArray_DIM(f, 0); k++) total += v[k];
     Py_DECREF(f);
     if (total > 9.0e15) {
-        PyErr_Format(PyExc_ValueError, "counts add up to more than 2**53 values (%.17g): the merged count would "
-                     "not be exact", total);
+        char num[32]; /* PyErr_Format has no %g (Python 3.12 raises SystemError on it) */
+        snprintf(num, sizeof num, "%.17g", total);
+        PyErr_Format(PyExc_ValueError, "counts add up to more than 2**53 values (%s): the merged count would "
+                     "not be exact", num);
         goto done;
     }
     r = (PyArrayObject *)PyArray_FromArray(a, PyArray_DescrFromType(NPY_INT64),

@@ -1,11 +1,18 @@
 /* bn_avx2.c - the kernels of bn_forward.tmpl.h and bn_backward.tmpl.h again, compiled for AVX2.
  *
  * Only the vector width changes: the code has no reassociation for the compiler to exploit and no
- * fused multiply-adds (ISO C mode keeps -ffp-contract=off), so every build gives the same bits. */
+ * fused multiply-adds (-ffp-contract=off, which setup.py and the Makefile give every compiler: GCC's
+ * ISO C mode implies it, clang's default would fuse), so every build gives the same bits, GCC's and
+ * clang's alike (tools/bit_identity.py compares them). */
 #include "bn_internal.h"
 
 #if BN_HAVE_AVX2
+#if defined(__clang__)
+/* clang ignores #pragma GCC target; its attribute pragma gives every function below the target. */
+#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#else
 #pragma GCC target("avx2")
+#endif
 
 #define BN_T float
 #define BN_NAME(f) f##_f32_avx2
@@ -20,6 +27,9 @@
 #include "bn_backward.tmpl.h"
 #undef BN_T
 #undef BN_NAME
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
 #else
 typedef int bn_avx2_unused; /* ISO C forbids an empty translation unit */
 #endif

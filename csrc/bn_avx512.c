@@ -7,7 +7,13 @@
 #include "bn_internal.h"
 
 #if BN_HAVE_AVX512
+#if defined(__clang__)
+/* clang takes no prefer-vector-width in a target attribute: the width is its own choice (the bits are the
+ * same at any width, see bn_avx2.c). */
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl"))), apply_to = function)
+#else
 #pragma GCC target("avx512f,avx512vl,prefer-vector-width=512")
+#endif
 
 #define BN_T float
 #define BN_NAME(f) f##_f32_avx512
@@ -22,6 +28,9 @@
 #include "bn_backward.tmpl.h"
 #undef BN_T
 #undef BN_NAME
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
 #else
 typedef int bn_avx512_unused; /* ISO C forbids an empty translation unit */
 #endif

@@ -16,7 +16,11 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#if defined(_MSC_VER) && !defined(__clang__)
+#define BN_PRAGMA(x) __pragma(x) /* MSVC before VS 2019 16.6 has no _Pragma in C */
+#else
 #define BN_PRAGMA(x) _Pragma(#x)
+#endif
 #else
 #define BN_PRAGMA(x)
 #endif
@@ -289,16 +293,22 @@ static inline double bn_lanes_sum(const double *a)
     return ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
 }
 
-/* AVX2 variants are built with GCC on x86-64 (its target pragma); elsewhere only the baseline. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+/* AVX2 and AVX-512 variants are built by GCC and clang on x86-64 (their per-function target pragmas,
+ * bn_avx2.c); elsewhere (MSVC, clang-cl, aarch64, ...) only the baseline. clang-cl defines __clang__ and
+ * __x86_64__, but its __builtin_cpu_supports needs compiler-rt, which an MSVC-style link may lack.
+ * AVX-512 needs GCC 9 (prefer-vector-width in a target pragma) or clang 8 (the pragma clang attribute's
+ * target list with avx512vl). */
+#if defined(_MSC_VER)
+#define BN_HAVE_AVX2 0
+#define BN_HAVE_AVX512 0
+#elif defined(__x86_64__) && defined(__clang__)
 #define BN_HAVE_AVX2 1
+#define BN_HAVE_AVX512 (__clang_major__ >= 8)
+#elif defined(__x86_64__) && defined(__GNUC__)
+#define BN_HAVE_AVX2 1
+#define BN_HAVE_AVX512 (__GNUC__ >= 9)
 #else
 #define BN_HAVE_AVX2 0
-#endif
-/* AVX-512 with 512-bit vectors (GCC 9 accepts prefer-vector-width in a target pragma). */
-#if BN_HAVE_AVX2 && __GNUC__ >= 9
-#define BN_HAVE_AVX512 1
-#else
 #define BN_HAVE_AVX512 0
 #endif
 

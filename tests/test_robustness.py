@@ -44,8 +44,8 @@ def test_os_fork_after_a_parallel_call_runs_single_threaded_in_the_child():
     pid = os.fork()
     if pid == 0:
         ok = np.array_equal(bn.forward_train(x)[0], want) and bn.get_num_threads() == 1
-        bn.set_num_threads(3)   # the user's own choice counts again
-        ok = ok and bn.get_num_threads() == 3
+        bn.set_num_threads(3)   # the user's own choice counts again (a serial build stays at 1)
+        ok = ok and bn.get_num_threads() == (3 if bn._core._build_info()["openmp"] else 1)
         os._exit(0 if ok else 3)
     _, status = os.waitpid(pid, 0)
     print("child", os.WEXITSTATUS(status), "parent threads", bn.get_num_threads())
@@ -203,4 +203,5 @@ def test_an_exception_inside_array_keeps_its_type_and_message():
 def test_a_ragged_list_names_the_argument_and_chains_numpys_reason():
     with pytest.raises(TypeError, match=r"\bx\b") as info:
         bn.forward_train([[1.0, 2.0], [3.0]])
-    assert isinstance(info.value.__cause__, ValueError)
+    if np.lib.NumpyVersion(np.__version__) >= "1.24.0":  # before 1.24 NumPy made an object array, no error
+        assert isinstance(info.value.__cause__, ValueError)

@@ -52,7 +52,7 @@ from . import reference
 
 _check_simd_env()
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "forward_train",
