@@ -381,3 +381,174 @@ def test_mask_none_is_no_mask(rng):
     x = make_data(rng, (4, C, 5))
     for a, b in zip(bn.forward_train(x, mask=None), bn.forward_train(x)):
         assert a.tobytes() == b.tobytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# layers
+# ------------------------------------------------------------------------------------------------
+
+
+def _layer_state(layer):
+    return {k: np.array(v, copy=True) for k, v in layer.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_layer_step_for_step_against_reference(rng, dtype, momentum):
+    """Training steps of BatchNorm1d on padded (N, C, L) sequences: y, running statistics, dx and the
+    parameter gradients as the reference computes them from the same mask."""
+    layer = bn.BatchNorm1d(C, momentum=momentum, dtype=dtype)
+    layer.weight[...] = rng.uniform(0.5, 2, C)
+    layer.bias[...] = rng.normal(size=C)
+    rm, rv = np.zeros(C), np.ones(C)
+    tol = TOL[np.dtype(dtype)]
+    for step in range(3):
+        x = make_data(rng, (4, C, 6 + step), dtype, loc=1.0)
+        lengths = rng.integers(1, 7 + step, size=4)
+        lengths[0] = 6 + step
+        mask = np.arange(6 + step) < lengths[:, None]  # (N, L): True within each sequence's length
+        dy = make_data(rng, x.shape, dtype)
+        mom = 1.0 / (step + 1) if momentum is None else momentum
+        ye, mean, invstd = ref.forward_train(x, layer.weight, layer.bias, running_mean=rm, running_var=rv,
+                                             momentum=mom, mask=mask, stats_dtype=np.float64)
+        dxe, dge, dbe = ref.backward(dy, x, mean, invstd, layer.weight, mask=mask)
+        y = layer(x, mask=mask)
+        dx = layer.backward(dy)
+        assert_close(y, ye, tol, "y")
+        assert_close(layer.running_mean, rm, tol, "running_mean")
+        assert_close(layer.running_var, rv, tol, "running_var")
+        assert_close(dx, dxe, tol, "dx")
+        assert_close(layer.grad_weight, dge, tol, "grad_weight")
+        assert_close(layer.grad_bias, dbe, tol, "grad_bias")
+        assert layer.num_batches_tracked == step + 1
+
+
+def test_layer_gradients_match_finite_differences(rng):
+    layer = bn.BatchNorm2d(C, dtype=np.float64)
+    layer.weight[...] = rng.uniform(0.5, 2, C)
+    layer.bias[...] = rng.normal(size=C)
+    x = make_data(rng, (3, C, 4, 5))
+    mask = make_mask(rng, (3, 1, 5))
+    w = rng.standard_normal(x.shape)
+    import copy
+
+    snap = copy.deepcopy(layer)
+
+    def loss():
+        return float(np.sum(w * copy.deepcopy(snap)(x, mask=mask)))
+
+    layer(x, mask=mask)
+    dx = layer.backward(w)
+    assert_close(dx, numeric_grad(loss, x, 1e-6), 1e-7, "dx")
+    assert_close(layer.grad_weight, numeric_grad(loss, snap.weight, 1e-6), 1e-7, "grad_weight")
+    assert_close(layer.grad_bias, numeric_grad(loss, snap.bias, 1e-6), 1e-7, "grad_bias")
+
+
+def test_layer_eval_and_frozen_flags(rng):
+    """Eval mode normalizes with the running statistics and zeroes the padding, and backward is the frozen
+    gradient there; update_running_stats=True with use_batch_stats=False updates from the real positions."""
+    x, dy = make_data(rng, (5, 4, C), loc=2.0, axis=-1), make_data(rng, (5, 4, C), axis=-1)
+    mask = make_mask(rng, (5, 4))
+    layer = bn.BatchNorm(C, axis=-1, dtype=np.float64)
+    layer.running_mean[...] = rng.normal(size=C)
+    layer.running_var[...] = rng.uniform(0.5, 2, C)
+    layer.eval()
+    y = layer(x, mask=mask)
+    ye = ref.forward_infer(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, eps=layer.eps, axis=-1)
+    real, pad = at_real(y, mask, -1)
+    assert_close(real, at_real(ye, mask, -1)[0], 1e-12, "y")
+    assert np.all(pad == 0)
+    invstd = 1 / np.sqrt(layer.running_var + layer.eps)
+    dx = layer.backward(dy)
+    real, pad = at_real(dx, mask, -1)
+    assert_close(real, at_real(dy * layer.weight * invstd, mask, -1)[0], 1e-12, "frozen dx")
+    assert np.all(pad == 0)
+    assert_close(layer.grad_bias, compact(dy, mask, -1).sum(0), 1e-12, "grad_bias")
+
+    layer.update_running_stats = True
+    rm, rv = layer.running_mean.copy(), layer.running_var.copy()
+    layer(x, mask=mask)
+    xc = compact(x, mask, -1)
+    assert_close(layer.running_mean, 0.9 * rm + 0.1 * xc.mean(0), 1e-12, "running_mean")
+    assert_close(layer.running_var, 0.9 * rv + 0.1 * xc.var(0, ddof=1), 1e-12, "running_var")
+    assert layer.num_batches_tracked == 1
+
+
+def test_layer_precise_stats_with_mask(rng):
+    """precise_stats over masked batches: the exact statistics of the real positions seen."""
+    layer = bn.BatchNorm1d(C, dtype=np.float64)
+    batches = [(make_data(rng, (3, C, n), loc=1.5), make_mask(rng, (3, n))) for n in (5, 8)]
+    with bn.precise_stats(layer):
+        for x, mask in batches:
+            y = layer(x, mask=mask)
+            assert np.all(at_real(y, mask, 1)[1] == 0)
+    seen = np.concatenate([compact(x, m, 1) for x, m in batches])
+    assert_close(layer.running_mean, seen.mean(0), 1e-12, "running_mean")
+    assert_close(layer.running_var, seen.var(0, ddof=1), 1e-12, "running_var")
+
+
+def test_layer_errors_keep_state(rng):
+    x = make_data(rng, (4, C, 5))
+    layer = bn.BatchNorm1d(C)
+    layer(x, mask=make_mask(rng, (4, 5)))
+    layer.backward(np.ones_like(x))
+    before = _layer_state(layer)
+    grads = snapshot(layer.grad_weight, layer.grad_bias)
+    cache = layer._cache
+    one = np.zeros((4, 5), bool)
+    one[0, 0] = True
+    bad = [(dict(mask=np.ones((4, 6), bool)), ValueError, "broadcastable"),
+           (dict(mask=np.ones((4, 5), np.int64)), TypeError, "boolean"),
+           (dict(mask=one), ValueError, "more than 1 value per channel"),
+           (dict(mask=np.ones((4, 5), bool), residual=x), ValueError, "residual")]
+    for train in (True, False):
+        layer.train(train)
+        if not train:
+            layer.update_running_stats = True
+        for kw, exc, match in bad:
+            if not train and match == "more than 1 value per channel":
+                kw = dict(mask=np.zeros((4, 5), bool))
+            with pytest.raises(exc, match=match):
+                layer(x, **kw)
+            after = _layer_state(layer)
+            assert after.keys() == before.keys()
+            for k in before:
+                assert after[k].tobytes() == before[k].tobytes(), k
+            assert layer._cache is cache
+        layer.update_running_stats = None
+    assert_unchanged(grads, [layer.grad_weight, layer.grad_bias])
+    layer.train()
+    for attr, value, match in (("activation", "relu", "activation"), ("ghost_batch_size", 2, "ghost_batch_size"),
+                               ("renorm", True, "renorm")):
+        other = bn.BatchNorm1d(C)
+        setattr(other, attr, value)
+        with pytest.raises(ValueError, match=match):
+            other(x, mask=np.ones((4, 5), bool))
+        assert other.num_batches_tracked == 0 and np.all(other.running_mean == 0)
+
+
+def test_sync_batchnorm_refuses_mask_with_batch_statistics(rng):
+    from batchnorm.distributed import SyncBatchNorm
+
+    class OneRank:  # a communicator of one process that must never be used here
+        def Get_size(self):
+            return 1
+
+        def Get_rank(self):
+            return 0
+
+        def Allgather(self, *a):  # pragma: no cover
+            raise AssertionError("communicated")
+
+        allgather = Allgather
+
+    layer = SyncBatchNorm(C, comm=OneRank())
+    x = make_data(rng, (4, C, 5))
+    mask = make_mask(rng, (4, 5))
+    with pytest.raises(ValueError, match="SyncBatchNorm does not support mask"):
+        layer(x, mask=mask)
+    assert layer.num_batches_tracked == 0 and np.all(layer.running_mean == 0)
+    layer.eval()  # local: the running statistics normalize, the padding is zeroed
+    y = layer(x, mask=mask)
+    assert np.all(at_real(y, mask, 1)[1] == 0)
+    assert np.all(at_real(layer.backward(np.ones_like(x)), mask, 1)[1] == 0)
