@@ -552,3 +552,32 @@ def test_sync_batchnorm_refuses_mask_with_batch_statistics(rng):
     y = layer(x, mask=mask)
     assert np.all(at_real(y, mask, 1)[1] == 0)
     assert np.all(at_real(layer.backward(np.ones_like(x)), mask, 1)[1] == 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int32, np.bool_])
+def test_other_dtypes_follow_the_plain_rules(rng, dtype):
+    """float16 computes in float32 and returns float16 (gradients' sums float32); integers and bool in
+    float64: each as plain BN of the compacted batch."""
+    x = make_data(rng, (6, C, 5), dtype)
+    dy = make_data(rng, (6, C, 5), np.float64).astype(np.float16 if dtype == np.float16 else np.float64)
+    mask = make_mask(rng, (6, 5))
+    y, mean, invstd = bn.forward_train(x, mask=mask)
+    ye, meane, invstde = ref.forward_train(x, mask=mask)
+    want = np.float16 if dtype == np.float16 else np.float64
+    assert y.dtype == want and mean.dtype == want
+    tol = TOL[np.dtype(want)]
+    assert_close(y, ye, tol, "y")
+    dx, dgamma, dbeta = bn.backward(dy, x, mean, invstd, mask=mask)
+    dxe, dge, dbe = ref.backward(dy, x, mean, invstd, mask=mask)
+    assert dx.dtype == want and dgamma.dtype == (np.float32 if dtype == np.float16 else np.float64)
+    assert_close(dx, dxe, tol, "dx")
+    assert_close(dbeta, dbe, tol, "dbeta")
+
+
+def test_channel_axis_zero(rng):
+    x = make_data(rng, (C, 8), axis=0)
+    mask = make_mask(rng, (8,))
+    for a, b in zip(bn.forward_train(x, axis=0, mask=mask), ref.forward_train(x, axis=0, mask=mask)):
+        assert_close(a, b, 1e-12, "axis 0")
+    assert_close(at_real(bn.forward_train(x, axis=0, mask=mask)[0], mask, 0)[0],
+                 bn.forward_train(compact(x, mask, 0))[0], 1e-12, "vs compacted")
