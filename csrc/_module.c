@@ -420,10 +420,197 @@ fail:
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Masked BN: forward_train, batch_stats and backward over the positions a boolean mask marks as     */
+/* real data. x is read in place, in whatever layout bn_prepare_input found; the mask (no channel    */
+/* axis) is broadcast into a new C-contiguous bool array laid out in x's memory order without the    */
+/* channel axis, so that the kernels find position (n, s) of the (N, C, S) view at mask[n * S + s]. */
+
+/* The mask as the kernels read it (*out, a new bool array of x.size / C entries) and its count of True
+ * entries. Only dtype bool is accepted: integer 0/1 masks are refused rather than guessed at (sequence
+ * lengths passed by mistake would otherwise pass as a mask). */
+static int masked_prepare(PyObject *obj, const bn_input *in, PyArrayObject **out, int64_t *count)
+{
+    char b1[200], b2[200];
+    PyArrayObject *m = NULL, *flat = NULL, *view = NULL;
+    const int nd = PyArray_NDIM(in->arr), axis = in->axis;
+    npy_intp want[NPY_MAXDIMS], pshape[NPY_MAXDIMS], permute[NPY_MAXDIMS];
+    *out = NULL;
+    for (int i = 0, k = 0; i < nd; i++)
+        if (i != axis) want[k++] = PyArray_DIM(in->arr, i);
+    bn_shape_str(b2, sizeof b2, nd - 1, want);
+    if (!(m = bn_as_array(obj, "mask"))) return -1;
+    if (PyArray_TYPE(m) != NPY_BOOL) {
+        PyErr_Format(PyExc_TypeError, "mask must be a boolean array (True where a position is real data), got "
+                     "dtype %S; use e.g. mask.astype(bool)", (PyObject *)PyArray_DESCR(m));
+        goto fail;
+    }
+    int fits = PyArray_NDIM(m) <= nd - 1;
+    for (int j = 1; fits && j <= PyArray_NDIM(m); j++) {
+        const npy_intp have = PyArray_DIM(m, PyArray_NDIM(m) - j), need = want[nd - 1 - j];
+        fits = have == need || have == 1;
+    }
+    if (!fits) {
+        SHAPE_OF(b1, m);
+        PyErr_Format(PyExc_ValueError, "mask has shape %s, expected a shape broadcastable to %s (the shape of x "
+                     "without its channel axis %d)", b1, b2, axis);
+        goto fail;
+    }
+    /* pshape: x's dimensions in memory order without the channel axis; permute takes the logical axes
+     * (x's without the channel axis) to their place in that order */
+    for (int j = 0, k = 0; j < nd; j++) {
+        const int ax = in->L.perm[j];
+        if (ax == axis) continue;
+        pshape[k] = PyArray_DIM(in->arr, ax);
+        permute[ax < axis ? ax : ax - 1] = k;
+        k++;
+    }
+    if (!(flat = (PyArrayObject *)PyArray_SimpleNew(nd - 1, pshape, NPY_BOOL))) goto fail;
+    PyArray_Dims pd = {permute, nd - 1};
+    if (!(view = (PyArrayObject *)PyArray_Transpose(flat, &pd)) || PyArray_CopyInto(view, m) < 0) goto fail;
+    Py_DECREF(view);
+    Py_DECREF(m);
+    *count = bn_mask_count((const uint8_t *)PyArray_DATA(flat), PyArray_SIZE(flat));
+    *out = flat;
+    return 0;
+fail:
+    Py_XDECREF(m); Py_XDECREF(flat); Py_XDECREF(view);
+    return -1;
+}
+
+static int has_arg(PyObject *obj)
+{
+    return obj != NULL && obj != Py_None;
+}
+
+/* The combinations not supported (yet) with a mask. */
+static int masked_refuse(const char *what, int given)
+{
+    if (!given) return 0;
+    PyErr_Format(PyExc_ValueError, "mask cannot be combined with %s (not supported)", what);
+    return -1;
+}
+
+static PyObject *masked_forward_train(PyObject *x_obj, PyObject *const *vobj, PyObject *rm_obj, PyObject *rv_obj,
+                                      double momentum, double eps, PyObject *axis_obj, PyObject *out_obj,
+                                      PyObject *sd_obj, PyObject *mask_obj)
+{
+    static const char *const vnames[] = {"gamma", "beta"};
+    char b1[200], b2[200];
+    bn_input in = {0};
+    PyArrayObject *mask = NULL, *vec[2] = {NULL, NULL}, *rm = NULL, *rv = NULL, *result = NULL, *target = NULL,
+                  *mean = NULL, *m2 = NULL, *invstd = NULL;
+    PyObject *mean_r = NULL, *invstd_r = NULL, *ret = NULL;
+    int64_t count = 0;
+    int status = BN_OK, stats_type;
+
+    if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
+    const npy_intp C = in.L.dims.C;
+    if (masked_prepare(mask_obj, &in, &mask, &count) < 0) goto fail;
+    if (nonempty(&in) && count < 2) {
+        SHAPE_OF(b1, mask); SHAPE_OF(b2, in.arr);
+        PyErr_Format(PyExc_ValueError, "Expected more than 1 value per channel when training, got a mask with %lld "
+                     "True position%s (mask broadcast to %s, x of shape %s with channel axis %d)", (long long)count,
+                     count == 1 ? "" : "s", b1, b2, in.axis);
+        goto fail;
+    }
+    if (bn_parse_stats_dtype(sd_obj, in.result, &stats_type) < 0 || channel_vectors(&in, 2, vnames, vobj, vec) < 0 ||
+        bn_running_stat(rm_obj, "running_mean", C, in.of, &rm) < 0 ||
+        bn_running_stat(rv_obj, "running_var", C, in.of, &rv) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, NULL, NULL, &result, &target) < 0 || detach_all(2, vec, target) < 0)
+        goto fail;
+    if (!(mean = bn_new_vector(C)) || !(m2 = bn_new_vector(C)) || !(invstd = bn_new_vector(C))) goto fail;
+    if (nonempty(&in)) {
+        Py_BEGIN_ALLOW_THREADS
+        status = BN_KERNEL(in.work, bn_masked_forward_train, DATA(in.arr), DATA(mask), DATA(target), in.L.dims,
+                           DDATA(vec[0]), DDATA(vec[1]), eps, DATA(mean), DATA(m2), DATA(invstd),
+                           bn_get_num_threads());
+        Py_END_ALLOW_THREADS
+    }
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    if (!(mean_r = bn_cast_vector(mean, stats_type)) || !(invstd_r = bn_cast_vector(invstd, stats_type))) goto fail;
+    if (bn_finish_output(result, target) < 0) goto fail;
+    /* Nothing below can fail. The running statistics see only the real positions: count = the mask's. */
+    if (rm && nonempty(&in)) bn_update_running(rm, DDATA(mean), 1.0, momentum);
+    if (rv && nonempty(&in)) bn_update_running(rv, DDATA(m2), (double)count - 1, momentum);
+    ret = Py_BuildValue("(OOO)", result, mean_r, invstd_r);
+fail:
+    bn_input_clear(&in);
+    clear_all(2, vec);
+    Py_XDECREF(mask); Py_XDECREF(rm); Py_XDECREF(rv); Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(mean);
+    Py_XDECREF(m2); Py_XDECREF(invstd); Py_XDECREF(mean_r); Py_XDECREF(invstd_r);
+    return ret;
+}
+
+static PyObject *masked_batch_stats(PyObject *x_obj, PyObject *axis_obj, PyObject *mask_obj)
+{
+    bn_input in = {0};
+    PyArrayObject *mask = NULL, *mean = NULL, *m2 = NULL;
+    PyObject *ret = NULL;
+    int64_t count = 0;
+    int status = BN_OK;
+
+    if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
+    const npy_intp C = in.L.dims.C;
+    if (masked_prepare(mask_obj, &in, &mask, &count) < 0) goto fail;
+    if (!(mean = bn_new_vector(C)) || !(m2 = bn_new_vector(C))) goto fail;
+    if (nonempty(&in)) {
+        Py_BEGIN_ALLOW_THREADS
+        status = BN_KERNEL(in.work, bn_masked_batch_stats, DATA(in.arr), DATA(mask), in.L.dims, DATA(mean),
+                           DATA(m2), bn_get_num_threads());
+        Py_END_ALLOW_THREADS
+    }
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    /* an x without channels (C = 0) has no values at all, whatever the mask says */
+    ret = Py_BuildValue("(LOO)", C ? (long long)count : 0LL, mean, m2);
+fail:
+    bn_input_clear(&in);
+    Py_XDECREF(mask); Py_XDECREF(mean); Py_XDECREF(m2);
+    return ret;
+}
+
+static PyObject *masked_backward(PyObject *dy_obj, PyObject *x_obj, PyObject *const *v, int training,
+                                 PyObject *axis_obj, PyObject *out_obj, PyObject *mask_obj)
+{
+    static const char *const vnames[] = {"mean", "invstd", "gamma"};
+    bn_input in = {0};
+    PyArrayObject *mask = NULL, *dy = NULL, *vec[3] = {NULL, NULL, NULL}, *result = NULL, *target = NULL,
+                  *dgamma = NULL, *dbeta = NULL;
+    PyObject *dgamma_r = NULL, *dbeta_r = NULL, *ret = NULL;
+    int64_t count = 0;
+    int status = BN_OK;
+
+    if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
+    const npy_intp C = in.L.dims.C;
+    if (bn_prepare_like(dy_obj, "dy", &in, &dy) < 0 || masked_prepare(mask_obj, &in, &mask, &count) < 0 ||
+        channel_vectors(&in, 3, vnames, v, vec) < 0 ||
+        bn_prepare_output(out_obj, &in, in.arr, dy, NULL, &result, &target) < 0 || detach_all(3, vec, target) < 0)
+        goto fail;
+    if (!(dgamma = bn_new_vector(C)) || !(dbeta = bn_new_vector(C))) goto fail;
+    if (nonempty(&in)) {
+        Py_BEGIN_ALLOW_THREADS
+        status = BN_KERNEL(in.work, bn_masked_backward, DATA(dy), DATA(in.arr), DATA(mask), DATA(target),
+                           in.L.dims, DDATA(vec[0]), DDATA(vec[1]), DDATA(vec[2]), training, DATA(dgamma),
+                           DATA(dbeta), bn_get_num_threads());
+        Py_END_ALLOW_THREADS
+    }
+    if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
+    const int grad_type = in.result == NPY_HALF ? NPY_FLOAT : in.result;
+    if (!(dgamma_r = bn_cast_vector(dgamma, grad_type)) || !(dbeta_r = bn_cast_vector(dbeta, grad_type))) goto fail;
+    if (bn_finish_output(result, target) < 0) goto fail;
+    ret = Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
+fail:
+    bn_input_clear(&in);
+    clear_all(3, vec);
+    Py_XDECREF(mask); Py_XDECREF(dy); Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(dgamma);
+    Py_XDECREF(dbeta); Py_XDECREF(dgamma_r); Py_XDECREF(dbeta_r);
+    return ret;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 /* forward_train                                                                                     */
 
 PyDoc_STRVAR(forward_train_doc,
-"forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-05, axis=1, out=None, stats_dtype=None, activation=None, residual=None, ghost_batch_size=None)\n"
+"forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-05, axis=1, out=None, stats_dtype=None, activation=None, residual=None, ghost_batch_size=None, mask=None)\n"
 "--\n\n"
 "Batch Normalization forward pass in training mode.\n\n"
 "Normalizes x with the statistics of the batch itself, per channel:\n"
@@ -464,7 +651,15 @@ PyDoc_STRVAR(forward_train_doc,
 "    then (K, C), one row per ghost batch; pass them to :func:`backward` with the same\n"
 "    ghost_batch_size. The running statistics move once per call, towards the average over the ghost\n"
 "    batches of their means and of their unbiased variances (the rule of Keras's virtual_batch_size).\n"
-"    None (default) normalizes the batch as a whole.\n\n"
+"    None (default) normalizes the batch as a whole.\n"
+"mask : array_like of bool, optional\n"
+"    Masked BN, for padded sequences and ragged batches: a boolean array broadcastable to x's shape\n"
+"    without the channel axis (e.g. (N, L) for (N, C, L) input, or for (N, L, C) with ``axis=-1``), True\n"
+"    where a position is real data. The statistics are those of the True positions only, y is 0 at the\n"
+"    False ones (whose values are never read: NaN padding is fine), and the running variance is\n"
+"    unbiased with the count M of True positions, ``m2 / (M - 1)``. Integer 0/1 masks are refused\n"
+"    (TypeError): pass ``mask.astype(bool)``. Not combined with ghost_batch_size, activation or\n"
+"    residual. x is not copied; pass mask to :func:`backward` too.\n\n"
 "Returns\n"
 "-------\n"
 "y : ndarray\n"
@@ -479,9 +674,9 @@ PyDoc_STRVAR(forward_train_doc,
 "TypeError\n"
 "    For an unsupported dtype or a non-array argument.\n"
 "ValueError\n"
-"    For wrong shapes, a bad axis, a single value per channel (in any ghost batch), eps < 0, momentum\n"
-"    outside [0, 1], a read-only ``out`` or running statistic, ghost_batch_size < 1 or with channel\n"
-"    axis 0. Nothing is modified when it raises.\n\n"
+"    For wrong shapes, a bad axis, a single value per channel (in any ghost batch, or fewer than 2 True\n"
+"    positions in a mask), eps < 0, momentum outside [0, 1], a read-only ``out`` or running statistic,\n"
+"    ghost_batch_size < 1 or with channel axis 0. Nothing is modified when it raises.\n\n"
 "Notes\n"
 "-----\n"
 "Statistics are accumulated in float64 with a two-pass (then pairwise-merged) variance, and the\n"
@@ -502,10 +697,11 @@ PyDoc_STRVAR(forward_train_doc,
 static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"x", "gamma", "beta", "running_mean", "running_var", "momentum", "eps", "axis",
-                             "out", "stats_dtype", "activation", "residual", "ghost_batch_size", NULL};
+                             "out", "stats_dtype", "activation", "residual", "ghost_batch_size", "mask", NULL};
     static const char *const vnames[] = {"gamma", "beta"};
     PyObject *x_obj, *vobj[2] = {NULL, NULL}, *rm_obj = NULL, *rv_obj = NULL, *mom_obj = NULL, *eps_obj = NULL,
-             *axis_obj = NULL, *out_obj = NULL, *sd_obj = NULL, *act_obj = NULL, *res_obj = NULL, *ghost_obj = NULL;
+             *axis_obj = NULL, *out_obj = NULL, *sd_obj = NULL, *act_obj = NULL, *res_obj = NULL, *ghost_obj = NULL,
+             *mask_obj = NULL;
     bn_input in = {0};
     PyArrayObject *vec[2] = {NULL, NULL}, *rm = NULL, *rv = NULL, *result = NULL, *target = NULL, *mean = NULL,
                   *m2 = NULL, *invstd = NULL, *res = NULL;
@@ -514,13 +710,17 @@ static PyObject *py_forward_train(PyObject *self, PyObject *args, PyObject *kwds
     int status, stats_type, relu = 0;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$OOOOOOOOOO:forward_train", kwlist, &x_obj, &vobj[0],
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$OOOOOOOOOOO:forward_train", kwlist, &x_obj, &vobj[0],
                                      &vobj[1], &rm_obj, &rv_obj, &mom_obj, &eps_obj, &axis_obj, &out_obj,
-                                     &sd_obj, &act_obj, &res_obj, &ghost_obj))
+                                     &sd_obj, &act_obj, &res_obj, &ghost_obj, &mask_obj))
         return NULL;
     if (bn_parse_momentum(mom_obj, &momentum) < 0 || bn_parse_eps(eps_obj, &eps) < 0) return NULL;
     npy_intp ghost;
     if (parse_ghost(ghost_obj, &ghost) < 0) return NULL;
+    if (has_arg(mask_obj))
+        return masked_refuse("ghost_batch_size", ghost != 0) < 0 || masked_refuse("activation", has_arg(act_obj)) < 0 ||
+               masked_refuse("residual", has_arg(res_obj)) < 0 ? NULL
+               : masked_forward_train(x_obj, vobj, rm_obj, rv_obj, momentum, eps, axis_obj, out_obj, sd_obj, mask_obj);
     if (ghost)
         return ghost_forward_train(x_obj, vobj, rm_obj, rv_obj, momentum, eps, axis_obj, out_obj, sd_obj, act_obj,
                                    res_obj, ghost);
@@ -562,7 +762,7 @@ fail:
 /* batch_stats, merge_stats, update_running_stats                                                    */
 
 PyDoc_STRVAR(batch_stats_doc,
-"batch_stats(x, *, axis=1)\n"
+"batch_stats(x, *, axis=1, mask=None)\n"
 "--\n\n"
 "The statistics phase: per channel, the count, mean and m2 of x's values.\n\n"
 "m2 is the sum of squared deviations from the mean, ``sum((x - mean)**2)``, so the biased variance is\n"
@@ -575,11 +775,15 @@ PyDoc_STRVAR(batch_stats_doc,
 "    A batch or a part of one; dtypes as in :func:`forward_train`. May be empty (N = 0): then count\n"
 "    is 0 and mean and m2 are zeros, a part :func:`merge_stats` skips.\n"
 "axis : int, default 1\n"
-"    The channel axis.\n\n"
+"    The channel axis.\n"
+"mask : array_like of bool, optional\n"
+"    Only the True positions count (masked BN; see :func:`forward_train`). Any number of them is\n"
+"    accepted, 0 included (a part of pure padding, which :func:`merge_stats` skips).\n\n"
 "Returns\n"
 "-------\n"
 "count : int\n"
-"    Values per channel: x.size // C.\n"
+"    Values per channel: x.size // C, or the number of True positions of the (broadcast) mask, the\n"
+"    same for every channel.\n"
 "mean, m2 : ndarray of shape (C,), float64\n\n"
 "Raises\n"
 "------\n"
@@ -594,14 +798,16 @@ PyDoc_STRVAR(batch_stats_doc,
 
 static PyObject *py_batch_stats(PyObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"x", "axis", NULL};
-    PyObject *x_obj, *axis_obj = NULL, *ret = NULL;
+    static char *kwlist[] = {"x", "axis", "mask", NULL};
+    PyObject *x_obj, *axis_obj = NULL, *mask_obj = NULL, *ret = NULL;
     bn_input in = {0};
     PyArrayObject *mean = NULL, *m2 = NULL;
     int status = BN_OK;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$O:batch_stats", kwlist, &x_obj, &axis_obj)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$OO:batch_stats", kwlist, &x_obj, &axis_obj, &mask_obj))
+        return NULL;
+    if (has_arg(mask_obj)) return masked_batch_stats(x_obj, axis_obj, mask_obj);
     if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
     const npy_intp C = in.L.dims.C;
     if (!(mean = bn_new_vector(C)) || !(m2 = bn_new_vector(C))) goto fail;
@@ -1144,7 +1350,7 @@ fail:
 }
 
 PyDoc_STRVAR(backward_doc,
-"backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None, activation=None, residual=None, y=None, beta=None, ghost_batch_size=None)\n"
+"backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None, activation=None, residual=None, y=None, beta=None, ghost_batch_size=None, mask=None)\n"
 "--\n\n"
 "Batch Normalization backward pass.\n\n"
 "Gradients of ``y = gamma * (x - mean) * invstd + beta`` given the upstream gradient dy. In training\n"
@@ -1188,7 +1394,13 @@ PyDoc_STRVAR(backward_doc,
 "ghost_batch_size : int, optional\n"
 "    Ghost Batch Normalization: the forward's ghost_batch_size; mean and invstd are then (K, C), one row\n"
 "    per ghost batch, and each ghost batch's gradient is exact for its own statistics. dgamma and dbeta\n"
-"    are the sums over the ghost batches.\n\n"
+"    are the sums over the ghost batches.\n"
+"mask : array_like of bool, optional\n"
+"    Masked BN: the forward's mask (mean and invstd its masked statistics). The sums run over the\n"
+"    True positions only, with M their count: ``dbeta = sum(dy)``, ``dgamma = sum(dy * xhat)`` there,\n"
+"    and dx is ``gamma * invstd * (dy - dbeta / M - xhat * dgamma / M)`` (``training=True``) or\n"
+"    ``gamma * invstd * dy`` (``training=False``) at True positions, 0 at False ones. Not combined\n"
+"    with ghost_batch_size, activation or residual.\n\n"
 "Returns\n"
 "-------\n"
 "dx : ndarray\n"
@@ -1221,10 +1433,11 @@ PyDoc_STRVAR(backward_doc,
 static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"dy", "x", "mean", "invstd", "gamma", "training", "axis", "out", "activation",
-                             "residual", "y", "beta", "ghost_batch_size", NULL};
+                             "residual", "y", "beta", "ghost_batch_size", "mask", NULL};
     static const char *const vnames[] = {"mean", "invstd", "gamma"};
     PyObject *dy_obj, *x_obj, *v[3] = {NULL, NULL, NULL}, *training_obj = NULL, *axis_obj = NULL,
-             *out_obj = NULL, *act_obj = NULL, *res_obj = NULL, *y_obj = NULL, *beta_obj = NULL, *ghost_obj = NULL;
+             *out_obj = NULL, *act_obj = NULL, *res_obj = NULL, *y_obj = NULL, *beta_obj = NULL, *ghost_obj = NULL,
+             *mask_obj = NULL;
     bn_input in = {0};
     bwd_epilogue e = {0};
     PyArrayObject *dy = NULL, *vec[3] = {NULL, NULL, NULL}, *result = NULL, *target = NULL, *dgamma = NULL,
@@ -1234,9 +1447,9 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
     npy_intp ghost;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|O$OOOOOOOO:backward", kwlist, &dy_obj, &x_obj, &v[0], &v[1],
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|O$OOOOOOOOO:backward", kwlist, &dy_obj, &x_obj, &v[0], &v[1],
                                      &v[2], &training_obj, &axis_obj, &out_obj, &act_obj, &res_obj, &y_obj,
-                                     &beta_obj, &ghost_obj))
+                                     &beta_obj, &ghost_obj, &mask_obj))
         return NULL;
     if (training_obj != NULL) {
         if (!PyBool_Check(training_obj) && !PyArray_IsScalar(training_obj, Bool)) {
@@ -1250,6 +1463,10 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     if (bwd_epilogue_flags(act_obj, y_obj, beta_obj, &relu) < 0 || parse_ghost(ghost_obj, &ghost) < 0) return NULL;
+    if (has_arg(mask_obj))
+        return masked_refuse("ghost_batch_size", ghost != 0) < 0 || masked_refuse("activation", relu) < 0 ||
+               masked_refuse("residual", has_arg(res_obj)) < 0 ? NULL
+               : masked_backward(dy_obj, x_obj, v, training, axis_obj, out_obj, mask_obj);
     if (ghost)
         return ghost_backward(dy_obj, x_obj, v, training, axis_obj, out_obj, act_obj, res_obj, y_obj, beta_obj,
                               ghost);

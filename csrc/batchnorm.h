@@ -158,6 +158,41 @@ const char *bn_simd_name(void);    /* the instruction set the vectorized loops w
 #define BN_PARALLEL_MIN_ELEMS_BACKWARD ((ptrdiff_t)1 << 14)
 #endif
 
+
+/*
+ * Masked BN (bn_masked.c): statistics and gradients over the real positions of a mask, for padded
+ * sequences and ragged batches. mask: uint8[N * S], C-contiguous; mask[n * S + s] != 0 marks position
+ * (n, s) of the (N, C, S) view as real, for every channel alike, so every channel has the same count
+ * M = bn_mask_count(mask, N * S). Outputs are 0 at the other positions, whose values are never used.
+ * Reductions run in a fixed order (bit-identical for any nthreads); there is no SIMD dispatch.
+ */
+int64_t bn_mask_count(const uint8_t *mask, ptrdiff_t len);
+
+/* Per channel, mean and m2 = sum((x - mean)^2) over the real positions (M = 0: both 0). */
+int bn_masked_batch_stats_f32(const float *x, const uint8_t *mask, bn_dims d, double *mean, double *m2,
+                              int nthreads);
+int bn_masked_batch_stats_f64(const double *x, const uint8_t *mask, bn_dims d, double *mean, double *m2,
+                              int nthreads);
+
+/* Training forward over the real positions: the statistics above, invstd = 1 / sqrt(m2 / M + eps),
+ * y = (x - mean) * invstd * gamma + beta at real positions, 0 elsewhere. M >= 1 (the caller checks). */
+int bn_masked_forward_train_f32(const float *x, const uint8_t *mask, float *y, bn_dims d, const double *gamma,
+                                const double *beta, double eps, double *mean, double *m2, double *invstd,
+                                int nthreads);
+int bn_masked_forward_train_f64(const double *x, const uint8_t *mask, double *y, bn_dims d,
+                                const double *gamma, const double *beta, double eps, double *mean, double *m2,
+                                double *invstd, int nthreads);
+
+/* Backward over the real positions: dbeta = sum(dy), dgamma = invstd * sum(dy * (x - mean)), and at real
+ * positions dx = gamma * invstd * (dy - dbeta / M - (x - mean) * invstd * dgamma / M) (training != 0) or
+ * gamma * invstd * dy (training == 0); dx = 0 elsewhere (also everywhere dy's sums are over M = 0). */
+int bn_masked_backward_f32(const float *dy, const float *x, const uint8_t *mask, float *dx, bn_dims d,
+                           const double *mean, const double *invstd, const double *gamma, int training,
+                           double *dgamma, double *dbeta, int nthreads);
+int bn_masked_backward_f64(const double *dy, const double *x, const uint8_t *mask, double *dx, bn_dims d,
+                           const double *mean, const double *invstd, const double *gamma, int training,
+                           double *dgamma, double *dbeta, int nthreads);
+
 #ifdef __cplusplus
 }
 #endif

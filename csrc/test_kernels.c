@@ -6,7 +6,8 @@
  *   - bit-identical results for 1, 2 and 3 threads;
  *   - statistics at a mean 1e8 (float64) / 1e5 (float32) times the spread against exact values;
  *   - a constant float32 channel at 1e12 normalizes to beta exactly;
- *   - +-inf in a channel gives it mean +-inf (NaN for both) and m2 NaN, wherever it sits. */
+ *   - +-inf in a channel gives it mean +-inf (NaN for both) and m2 NaN, wherever it sits;
+ *   - masked BN against naive sums over the real positions, NaN padding unread, threads bit-identical. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -361,6 +362,80 @@ static void inf_case(int f32, bn_dims d, ptrdiff_t at_n, ptrdiff_t at_s, int bot
     free(x); free(y); free(v);
 }
 
+/* ---- masked BN (bn_masked.c) ---------------------------------------------------------------- */
+
+/* Against naive double sums over the real positions; zeros at padding (NaN there is never read); the same
+ * bits for 1, 2 and 3 threads. */
+static void masked_case(tinfo t, bn_dims d)
+{
+    unsigned seed = 11u + (unsigned)(d.N * 7 + d.C * 3 + d.S);
+    const ptrdiff_t total = d.N * d.C * d.S, P = d.N * d.S;
+    void *x = malloc((size_t)total * t.es), *dy = malloc((size_t)total * t.es), *y = malloc((size_t)total * t.es),
+         *dx = malloc((size_t)total * t.es), *y2 = malloc((size_t)total * t.es), *dx2 = malloc((size_t)total * t.es);
+    uint8_t *mask = malloc((size_t)P);
+    double *mean = dalloc(d.C), *m2 = dalloc(d.C), *inv = dalloc(d.C), *g = dalloc(d.C), *b = dalloc(d.C),
+           *dg = dalloc(d.C), *db = dalloc(d.C), *mean2 = dalloc(d.C), *m22 = dalloc(d.C), *inv2 = dalloc(d.C),
+           *dg2 = dalloc(d.C), *db2 = dalloc(d.C), *sm = dalloc(d.C), *sq = dalloc(d.C);
+    for (ptrdiff_t p = 0; p < P; p++) mask[p] = rnd(&seed) < 0.2 || p < 2;
+    for (ptrdiff_t i = 0; i < total; i++) {
+        const int real = mask[(i / (d.C * d.S)) * d.S + i % d.S];
+        const double v = real ? 3.0 + rnd(&seed) : NAN, w = real ? rnd(&seed) : NAN;
+        if (t.f32) { ((float *)x)[i] = (float)v; ((float *)dy)[i] = (float)w; }
+        else { ((double *)x)[i] = v; ((double *)dy)[i] = w; }
+    }
+    for (ptrdiff_t c = 0; c < d.C; c++) { g[c] = 1.0 + 0.1 * (double)c; b[c] = 0.5 - 0.2 * (double)c; }
+    const double M = (double)bn_mask_count(mask, P);
+    for (int nt = 1; nt <= 3; nt++) {
+        double *mo = nt == 1 ? mean : mean2, *qo = nt == 1 ? m2 : m22, *io = nt == 1 ? inv : inv2;
+        double *go = nt == 1 ? dg : dg2, *bo = nt == 1 ? db : db2;
+        void *yo = nt == 1 ? y : y2, *dxo = nt == 1 ? dx : dx2;
+        int st = t.f32 ? bn_masked_forward_train_f32(x, mask, yo, d, g, b, 1e-5, mo, qo, io, nt)
+                       : bn_masked_forward_train_f64(x, mask, yo, d, g, b, 1e-5, mo, qo, io, nt);
+        CHECK(st == BN_OK, "masked: forward status");
+        st = t.f32 ? bn_masked_backward_f32(dy, x, mask, dxo, d, mo, io, g, 1, go, bo, nt)
+                   : bn_masked_backward_f64(dy, x, mask, dxo, d, mo, io, g, 1, go, bo, nt);
+        CHECK(st == BN_OK, "masked: backward status");
+        st = t.f32 ? bn_masked_batch_stats_f32(x, mask, d, sm, sq, nt) : bn_masked_batch_stats_f64(x, mask, d, sm, sq, nt);
+        CHECK(st == BN_OK && !memcmp(sm, mo, (size_t)d.C * sizeof *sm) && !memcmp(sq, qo, (size_t)d.C * sizeof *sq),
+              "masked: batch_stats differs from forward_train's statistics (threads %d)", nt);
+        if (nt > 1) {
+            CHECK(!memcmp(y, y2, (size_t)total * t.es) && !memcmp(dx, dx2, (size_t)total * t.es) &&
+                  !memcmp(mean, mean2, (size_t)d.C * sizeof *mean) && !memcmp(m2, m22, (size_t)d.C * sizeof *m2) &&
+                  !memcmp(dg, dg2, (size_t)d.C * sizeof *dg) && !memcmp(db, db2, (size_t)d.C * sizeof *db),
+                  "masked: %d threads change the bits", nt);
+        }
+    }
+    const double tol = t.f32 ? 1e-5 : 1e-12;
+    for (ptrdiff_t c = 0; c < d.C; c++) {
+        double s = 0, q = 0, sdy = 0, sdyx = 0;
+        for (ptrdiff_t n = 0; n < d.N; n++) for (ptrdiff_t k = 0; k < d.S; k++)
+            if (mask[n * d.S + k]) s += at(x, t.f32, IDX(d, n, c, k));
+        const double mu = s / M;
+        for (ptrdiff_t n = 0; n < d.N; n++) for (ptrdiff_t k = 0; k < d.S; k++)
+            if (mask[n * d.S + k]) {
+                const double v = at(x, t.f32, IDX(d, n, c, k)) - mu, w = at(dy, t.f32, IDX(d, n, c, k));
+                q += v * v; sdy += w; sdyx += w * v;
+            }
+        CHECK(close_to(mean[c], mu, 1e-13, 1.0) && close_to(m2[c], q, 1e-12, 1.0), "masked: stats c=%td", c);
+        const double is = 1.0 / sqrt(q / M + 1e-5);
+        CHECK(close_to(db[c], sdy, 1e-12, 1.0) && close_to(dg[c], sdyx * is, 1e-12, 1.0), "masked: dgamma/dbeta c=%td", c);
+        for (ptrdiff_t n = 0; n < d.N; n++) for (ptrdiff_t k = 0; k < d.S; k++) {
+            const ptrdiff_t i = IDX(d, n, c, k);
+            if (!mask[n * d.S + k]) {
+                CHECK(at(y, t.f32, i) == 0 && at(dx, t.f32, i) == 0, "masked: padding not zero at %td", i);
+                continue;
+            }
+            const double xh = (at(x, t.f32, i) - mu) * is, w = at(dy, t.f32, i);
+            CHECK(close_to(at(y, t.f32, i), g[c] * xh + b[c], tol, 1.0), "masked: y at %td", i);
+            CHECK(close_to(at(dx, t.f32, i), g[c] * is * (w - sdy / M - xh * sdyx * is / M), tol, 1.0),
+                  "masked: dx at %td", i);
+        }
+    }
+    free(x); free(dy); free(y); free(dx); free(y2); free(dx2); free(mask);
+    free(mean); free(m2); free(inv); free(g); free(b); free(dg); free(db); free(mean2); free(m22); free(inv2);
+    free(dg2); free(db2); free(sm); free(sq);
+}
+
 int main(void)
 {
     bn_dims cases[] = {{2, 3, 1}, {7, 5, 3}, {64, 8, 40}, {300, 4, 1}, {5000, 3, 1}, {3, 2, 70000},
@@ -413,6 +488,19 @@ int main(void)
             large_mean_case(f32, large[i]);
             if (failures != before) {
                 fprintf(stderr, "  in large-mean case N=%td C=%td S=%td %s\n", large[i].N, large[i].C, large[i].S,
+                        f32 ? "f32" : "f64");
+                failed++;
+            }
+            run++;
+        }
+    bn_dims masked[] = {{2, 3, 1}, {7, 5, 3}, {300, 4, 1}, {129, 300, 1}, {3, 2, 5000}, {40, 3, 33}, {2000, 40, 1}};
+    for (int f32 = 0; f32 < 2; f32++)
+        for (size_t i = 0; i < sizeof masked / sizeof masked[0]; i++) {
+            tinfo t = {f32, f32 ? sizeof(float) : sizeof(double)};
+            before = failures;
+            masked_case(t, masked[i]);
+            if (failures != before) {
+                fprintf(stderr, "  in masked case N=%td C=%td S=%td %s\n", masked[i].N, masked[i].C, masked[i].S,
                         f32 ? "f32" : "f64");
                 failed++;
             }

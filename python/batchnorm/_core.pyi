@@ -29,9 +29,11 @@ def forward_train(
     activation: Optional[Literal["relu"]] = None,
     residual: Optional[ArrayLike] = None,
     ghost_batch_size: Optional[int] = None,
+    mask: Optional[ArrayLike] = None,
 ) -> Tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]:
     """Training forward pass: returns ``(y, mean, invstd)``; updates the running statistics in place.
-    With ``ghost_batch_size`` mean and invstd are (K, C), one row per ghost batch."""
+    With ``ghost_batch_size`` mean and invstd are (K, C), one row per ghost batch; with ``mask`` (boolean,
+    x's shape without the channel axis) only the True positions count and y is 0 at the others."""
     ...
 
 def forward_infer(
@@ -65,13 +67,16 @@ def backward(
     y: Optional[ArrayLike] = None,
     beta: Optional[ArrayLike] = None,
     ghost_batch_size: Optional[int] = None,
+    mask: Optional[ArrayLike] = None,
 ) -> Tuple[NDArray[np.floating], ...]:
     """Backward pass: returns ``(dx, dgamma, dbeta)``, and ``d_residual`` fourth with ``residual``; with
     ``ghost_batch_size``, mean and invstd are the (K, C) statistics forward_train returned for it."""
     ...
 
-def batch_stats(x: ArrayLike, *, axis: int = 1) -> Tuple[int, NDArray[np.float64], NDArray[np.float64]]:
-    """Statistics phase: ``(count, mean, m2)`` per channel, float64."""
+def batch_stats(
+    x: ArrayLike, *, axis: int = 1, mask: Optional[ArrayLike] = None
+) -> Tuple[int, NDArray[np.float64], NDArray[np.float64]]:
+    """Statistics phase: ``(count, mean, m2)`` per channel, float64 (over the True positions of mask)."""
     ...
 
 def merge_stats(

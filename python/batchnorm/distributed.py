@@ -213,11 +213,13 @@ class SyncBatchNorm(BatchNorm):
             if value is not None and np.shape(value) != (self.num_features,):
                 raise ValueError(f"{name} has shape {np.shape(value)}, expected ({self.num_features},)")
 
-    def forward(self, x, residual=None):
+    def forward(self, x, residual=None, *, mask=None):
         """Normalize x with the statistics of every process's batch (training mode, collective) or
         with the running statistics (eval mode, local); the ``use_batch_stats`` and
         ``update_running_stats`` flags act as on :class:`batchnorm.BatchNorm`. Returns y; ``residual`` and the
-        layer's ``activation`` as in :meth:`batchnorm.BatchNorm.forward`."""
+        layer's ``activation`` as in :meth:`batchnorm.BatchNorm.forward`. ``mask`` (masked BN) is taken
+        only where the running statistics normalize (a local forward); with batch statistics it raises
+        ValueError, on every process alike: the synchronized masked forward is not implemented yet."""
         precise = self._precise is not None
         use = precise or self._uses_batch_stats()
         update = not precise and self._updates_running_stats(use)
@@ -225,7 +227,10 @@ class SyncBatchNorm(BatchNorm):
             if update:  # from this process's part alone the processes' running statistics would drift apart
                 raise ValueError("SyncBatchNorm does not support update_running_stats=True with "
                                  "use_batch_stats=False")
-            return super().forward(x, residual)
+            return super().forward(x, residual, mask=mask)
+        if mask is not None:  # before any communication, so that no process waits for one that raised
+            raise ValueError("SyncBatchNorm does not support mask= with batch statistics yet (training mode or "
+                             "use_batch_stats=True); BatchNorm(mask=) does it on one process")
         if self.renorm or self.ghost_batch_size is not None:  # attributes set after construction
             raise ValueError("SyncBatchNorm does not support renorm or ghost_batch_size")
         comm = self._communicator()

@@ -441,12 +441,18 @@ class BatchNorm:
             kw["residual"] = residual if self.activation is not None else True
         return kw
 
+    def _check_masked_count(self, x, mask, count):
+        if x.size and count < 2:  # the message forward_train(mask=) gives
+            raise ValueError(f"Expected more than 1 value per channel when training, got a mask with {count} True "
+                             f"position{'' if count == 1 else 's'} (mask of shape {np.shape(mask)}, x of shape "
+                             f"{x.shape} with channel axis {self.axis})")
+
     def _check_training_count(self, x, count):
         if count == 1:  # the message forward_train gives
             raise ValueError(f"Expected more than 1 value per channel when training, got input of shape "
                              f"{x.shape} with channel axis {self.axis}")
 
-    def forward(self, x, residual=None):
+    def forward(self, x, residual=None, *, mask=None):
         """Normalize x; in training mode also update the running statistics. Returns y.
 
         What normalizes and whether the running statistics are updated follow the mode, or the
@@ -454,32 +460,77 @@ class BatchNorm:
         array of x's shape) y is ``act(bn(x) + residual)``, with the layer's ``activation`` (none or
         ReLU), fused into the same pass; ``backward`` then also returns the gradient with respect to the
         residual.
+
+        With ``mask`` (masked BN: a boolean array broadcastable to x's shape without the channel axis,
+        True at real positions, e.g. (N, L) for padded (N, C, L) sequences) the batch statistics and the
+        running statistics' updates use only the True positions, and y is 0 at the False ones, in every
+        mode; ``backward`` uses the same mask (dx is 0 at the False positions). Not combined with
+        ``renorm``, ``ghost_batch_size``, ``activation`` or ``residual``.
         """
         x = self._check_input(x)
         if residual is not None:
             residual = np.asarray(residual)
+        if mask is not None:
+            mask = self._check_mask(x, mask, residual)
         epilogue = {"activation": self.activation, "residual": residual}
         precise = self._precise is not None
         use = precise or self._uses_batch_stats()
         update = not precise and self._updates_running_stats(use)
         if precise:
-            y, mean, invstd, extra = self._forward_precise(x, epilogue)
+            y, mean, invstd, extra = self._forward_precise(x, epilogue, mask)
         elif use:
-            y, mean, invstd, extra = self._forward_batch(x, update, epilogue)
+            y, mean, invstd, extra = self._forward_batch(x, update, epilogue, mask)
         else:
-            y, mean, invstd, extra = self._forward_frozen(x, update, epilogue)
+            y, mean, invstd, extra = self._forward_frozen(x, update, epilogue, mask)
         if update and x.size:  # an empty batch is no batch: PyTorch's checkpoints count alike
             self.num_batches_tracked += 1
+        if mask is not None:
+            extra = ("mask", mask)
         self._remember(x, mean, invstd, use, extra=extra, residual=residual)
         return y
 
     __call__ = forward
 
-    def _forward_batch(self, x, update, epilogue):
+    def _check_mask(self, x, mask, residual):
+        """The mask as given (a boolean array broadcastable to x's shape without the channel axis), checked
+        before anything changes, with the options it does not combine with refused."""
+        for name, on in (("renorm=True", self.renorm), ("ghost_batch_size", self._ghost_batch_size is not None),
+                         ("activation", self.activation is not None), ("residual", residual is not None)):
+            if on:
+                raise ValueError(f"mask cannot be combined with {name} (not supported)")
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_:
+            raise TypeError(f"mask must be a boolean array (True where a position is real data), got dtype "
+                            f"{mask.dtype}; use e.g. mask.astype(bool)")
+        axis = self.axis % x.ndim
+        want = x.shape[:axis] + x.shape[axis + 1:]
+        try:
+            np.broadcast_to(mask, want)
+        except ValueError:
+            raise ValueError(f"mask has shape {mask.shape}, expected a shape broadcastable to {want} (the shape of "
+                             f"x without its channel axis {self.axis})") from None
+        return mask
+
+    def _zero_padding(self, y, mask):
+        """y = 0 at the positions mask marks as padding (for the paths without a masked kernel)."""
+        axis = self.axis % y.ndim
+        full = np.expand_dims(np.broadcast_to(mask, y.shape[:axis] + y.shape[axis + 1:]), axis)
+        np.copyto(y, 0, where=~full)
+        return y
+
+    def _forward_batch(self, x, update, epilogue, mask=None):
         """Normalize with x's own statistics; update the running ones when asked.
         Returns (y, mean, invstd, extra) with what backward needs."""
         if self.renorm:
             return self._forward_renorm(x, update, epilogue)
+        if mask is not None:
+            y, mean, invstd = _forward_train(
+                x, self.weight, self.bias,
+                running_mean=self.running_mean if update else None,
+                running_var=self.running_var if update else None,
+                momentum=self._momentum_now() if update else 0.0, eps=self.eps, axis=self.axis,
+                stats_dtype=np.float64, mask=mask)
+            return y, mean, invstd, None
         ghost = self._ghost_batch_size
         y, mean, invstd = _forward_train(
             x, self.weight, self.bias,
@@ -492,10 +543,15 @@ class BatchNorm:
             stats_dtype=np.float64, ghost_batch_size=ghost, **epilogue)
         return y, mean, invstd, None if ghost is None else ("ghost", ghost)
 
-    def _update_stats(self, x):
+    def _update_stats(self, x, mask=None):
         """(count, mean, m2) of x for update_running_stats, as a training forward would update with them;
         with ghost_batch_size, the chunks' average mean and average unbiased variance (as m2 over a
-        count of 2, whose m2 / (count - 1) is that variance). Count 0 for an empty batch."""
+        count of 2, whose m2 / (count - 1) is that variance); with a mask, of its True positions. Count 0
+        for an empty batch."""
+        if mask is not None:
+            count, mean, m2 = _batch_stats(x, axis=self.axis, mask=mask)
+            self._check_masked_count(x, mask, count)
+            return count, mean, m2
         g = self._ghost_batch_size
         if g is None:
             count, mean, m2 = _batch_stats(x, axis=self.axis)
@@ -523,24 +579,32 @@ class BatchNorm:
             momentum=self._momentum_now(), eps=self.eps, axis=self.axis, update=update)
         return y, mean, invstd, ("renorm", r, d)
 
-    def _forward_precise(self, x, epilogue):
+    def _forward_precise(self, x, epilogue, mask=None):
         """Inside batchnorm.precise_stats: plain batch statistics, recorded exactly (m2, not invstd), no
-        update. batch_stats then normalize give forward_train's bits."""
-        count, mean, m2 = _batch_stats(x, axis=self.axis)
-        self._check_training_count(x, count)
+        update. batch_stats then normalize give forward_train's bits. With a mask, the statistics of its
+        True positions, and y zeroed at the others."""
+        count, mean, m2 = _batch_stats(x, axis=self.axis, mask=mask)
+        if mask is None:
+            self._check_training_count(x, count)
+        else:
+            self._check_masked_count(x, mask, count)
         invstd = 1.0 / np.sqrt(m2 / count + self.eps) if count else np.zeros(self.num_features)
         y = _normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis, **epilogue)
+        if mask is not None:
+            y = self._zero_padding(y, mask)
         self._precise._add(count, mean, m2)
         return y, mean, invstd, None
 
-    def _forward_frozen(self, x, update, epilogue):
+    def _forward_frozen(self, x, update, epilogue, mask=None):
         """Normalize with the running statistics (constants for backward); with ``update``, then update
-        them from x's statistics. Returns (y, mean, invstd, extra)."""
+        them from x's statistics (of mask's True positions). Returns (y, mean, invstd, extra)."""
         mean, invstd = self._frozen_stats()
         if update:
-            count, batch_mean, batch_m2 = self._update_stats(x)
+            count, batch_mean, batch_m2 = self._update_stats(x, mask)
         y = _forward_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                            eps=self.eps, axis=self.axis, **epilogue)
+        if mask is not None:
+            y = self._zero_padding(y, mask)
         if update and count:  # last: nothing is changed when a call above raised
             _update_running_stats(self.running_mean, self.running_var, batch_mean, batch_m2, count,
                                   momentum=self._momentum_now())
@@ -578,9 +642,11 @@ class BatchNorm:
         if extra is not None and extra[0] == "renorm":
             grads = _backward_renorm(dy, x, mean, invstd, extra[1], extra[2], weight, axis=self.axis)
         else:
-            ghost = {"ghost_batch_size": extra[1]} if extra is not None and extra[0] == "ghost" else {}
+            kw = {"ghost_batch_size": extra[1]} if extra is not None and extra[0] == "ghost" else {}
+            if extra is not None and extra[0] == "mask":
+                kw = {"mask": extra[1]}
             grads = _backward(dy, x, mean, invstd, weight, training=batch_stats, axis=self.axis,
-                              **ghost, **self._epilogue_kwargs())
+                              **kw, **self._epilogue_kwargs())
         self._set_gradients(grads[1], grads[2])
         return (grads[0], grads[3]) if len(grads) == 4 else grads[0]
 

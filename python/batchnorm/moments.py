@@ -84,20 +84,6 @@ class Moments:
 
     # -- accumulating --------------------------------------------------------------------------------
 
-    def _select(self, x, mask):
-        """The values of x at mask's True positions, as (k, C): one gather, no other copy."""
-        mask = np.asarray(mask)
-        if mask.dtype != np.bool_:
-            raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
-        moved = np.moveaxis(x, self.axis, -1)  # a view: channels last
-        try:
-            mask = np.broadcast_to(mask, moved.shape[:-1])
-        except ValueError:
-            raise ValueError(f"mask has shape {mask.shape}, expected one broadcastable to "
-                             f"{moved.shape[:-1]} (x's shape {x.shape} without its channel axis "
-                             f"{self.axis})") from None
-        return moved[mask]
-
     def update(self, x, mask=None):
         """Add the values of x, per channel; returns self.
 
@@ -108,8 +94,8 @@ class Moments:
             takes. May be empty.
         mask : array_like of bool, optional
             Broadcastable to x's shape without its channel axis (e.g. (N, L) for (N, C, L) input, or for
-            (N, L, C) input with ``axis=-1``): only the values at True positions are added. The selected
-            values are gathered once into a (k, C) array; without a mask x is read in place.
+            (N, L, C) input with ``axis=-1``): only the values at True positions are added (by
+            :func:`batchnorm.batch_stats` with the mask: x is read in place, nothing is gathered).
 
         Raises
         ------
@@ -124,10 +110,7 @@ class Moments:
             raise ValueError(f"axis {self.axis} is out of bounds for x of shape {x.shape}")
         if x.shape[self.axis] != self.num_features:
             raise ValueError(f"x has shape {x.shape}, expected {self.num_features} channels on axis {self.axis}")
-        if mask is None:
-            count, mean, m2 = batch_stats(x, axis=self.axis)
-        else:
-            count, mean, m2 = batch_stats(self._select(x, mask), axis=1)
+        count, mean, m2 = batch_stats(x, axis=self.axis, mask=mask)
         return self._add(count, mean, m2)
 
     def _add(self, count, mean, m2):

@@ -52,6 +52,14 @@ def _finish(flat, moved_shape, axis, x, out):
     return res
 
 
+def _flat_mask(mask, x, axis):
+    """The mask (x's shape without the channel axis, broadcast) as a boolean vector over _layout's rows."""
+    x = np.asarray(x)
+    axis = axis % x.ndim
+    shape = x.shape[:axis] + x.shape[axis + 1:]
+    return np.broadcast_to(np.asarray(mask, bool), shape).reshape(-1)
+
+
 def _param(p, C, default):
     return np.full(C, default, np.float64) if p is None else np.asarray(p, np.float64).reshape(C)
 
@@ -87,7 +95,7 @@ def _grad_at_bn(dy, x, mean, invstd, gamma, axis, activation, residual, y, beta)
 
 def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1,
                   eps=1e-5, axis=1, out=None, stats_dtype=None, activation=None, residual=None,
-                  ghost_batch_size=None):
+                  ghost_batch_size=None, mask=None):
     """Training forward: normalize with batch statistics; returns (y, mean, invstd).
 
     With ``activation="relu"`` and/or ``residual``: y = max(bn(x) + residual, 0).
@@ -95,7 +103,13 @@ def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=No
     An empty batch gives an empty y, zero mean and invstd, and leaves the running statistics alone.
     With ``ghost_batch_size`` each chunk of that many samples along axis 0 is normalized on its own (see
     ``_ghost_forward_train``).
+    With ``mask`` (boolean, x's shape without the channel axis, broadcast) the statistics are those of
+    the real (True) positions only, y is 0 at the others, and the running variance is unbiased with the
+    count of True positions.
     """
+    if mask is not None:
+        return _masked_forward_train(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out,
+                                     stats_dtype, mask)
     if ghost_batch_size is not None:
         return _ghost_forward_train(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out,
                                     stats_dtype, ghost_batch_size, activation, residual)
@@ -118,6 +132,23 @@ def forward_train(x, gamma=None, beta=None, *, running_mean=None, running_var=No
     y = _finish(y, moved_shape, axis, x, out)
     sdt = _result_dtype(x) if stats_dtype is None else np.dtype(stats_dtype)
     return y, mean.astype(sdt), invstd.astype(sdt)
+
+
+def _masked_forward_train(x, gamma, beta, running_mean, running_var, momentum, eps, axis, out, stats_dtype,
+                          mask):
+    """Masked BN: plain BN over the compacted real rows, y = 0 at the padding."""
+    flat, moved_shape, axis = _layout(x, axis)
+    real = _flat_mask(mask, x, axis)
+    C = flat.shape[1]
+    sdt = _result_dtype(x) if stats_dtype is None else np.dtype(stats_dtype)
+    if flat.shape[0] == 0:
+        return _finish(flat, moved_shape, axis, x, out), np.zeros(C, sdt), np.zeros(C, sdt)
+    y_real, mean, invstd = forward_train(flat[real], gamma, beta, running_mean=running_mean,
+                                         running_var=running_var, momentum=momentum, eps=eps,
+                                         stats_dtype=np.float64)
+    y = np.zeros_like(flat)
+    y[real] = y_real
+    return _finish(y, moved_shape, axis, x, out), mean.astype(sdt), invstd.astype(sdt)
 
 
 def _chunks(a, g):
@@ -163,7 +194,7 @@ def forward_infer(x, running_mean, running_var, gamma=None, beta=None, *, eps=1e
 
 
 def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None, activation=None,
-             residual=None, y=None, beta=None, ghost_batch_size=None):
+             residual=None, y=None, beta=None, ghost_batch_size=None, mask=None):
     """Gradients of y = gamma * (x - mean) * invstd + beta; returns (dx, dgamma, dbeta).
 
     With ``training=True`` mean and invstd are the batch statistics of x, so the gradient flows through
@@ -173,7 +204,19 @@ def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None
     ``beta``) was not > 0; with ``residual`` the masked dy is returned fourth, as d_residual.
     With ``ghost_batch_size`` mean and invstd are (K, C), one row per ghost batch: each ghost batch's
     gradient with its own row; dgamma and dbeta are the sums over the ghost batches.
+    With ``mask`` the sums run over the real (True) positions only, M is their count, and dx is 0 at
+    the others.
     """
+    if mask is not None:
+        flat, moved_shape, ax = _layout(x, axis)
+        real = _flat_mask(mask, x, ax)
+        dflat = _layout(dy, ax)[0]
+        dx_real, dgamma, dbeta = backward(dflat[real], flat[real], mean, invstd, gamma, training=training)
+        dx = np.zeros_like(flat)
+        dx[real] = dx_real
+        dt = _result_dtype(x)
+        gdt = np.dtype(np.float32) if dt == np.float16 else dt
+        return _finish(dx, moved_shape, ax, x, out), dgamma.astype(gdt), dbeta.astype(gdt)
     if ghost_batch_size is not None:
         g = ghost_batch_size
         n = len(_chunks(x, g))
@@ -225,12 +268,14 @@ def backward(dy, x, mean, invstd, gamma=None, *, training=True, axis=1, out=None
 # --------------------------------------------------------------------------------------------------
 
 
-def batch_stats(x, *, axis=1):
+def batch_stats(x, *, axis=1, mask=None):
     """Per channel: count (values per channel), mean and m2 = sum((x - mean)**2), float64.
 
-    An empty x gives count 0 and zeros.
+    An empty x gives count 0 and zeros. With ``mask`` only the True positions count.
     """
-    flat, _, _ = _layout(x, axis)
+    flat, _, axis = _layout(x, axis)
+    if mask is not None:
+        flat = flat[_flat_mask(mask, x, axis)] if flat.size else flat[:0]
     M, C = flat.shape
     if M == 0:
         return 0, np.zeros(C), np.zeros(C)
