@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../csrc"
 here=$(pwd)
-KERNELS="bn_plan.c bn_drive.c bn_merge.c bn_forward.c bn_backward.c bn_avx2.c bn_avx512.c bn_dispatch.c"
+KERNELS="bn_plan.c bn_drive.c bn_merge.c bn_forward.c bn_backward.c bn_avx2.c bn_avx512.c bn_dispatch.c bn_masked.c"
 BINDING="_module.c _args.c _layout.c"
 fail=0
 work=$(mktemp -d)
