@@ -360,7 +360,8 @@ def _check_report(text, d):
     shown = [t for t in small if any(u["status"] != "n/a" for u in small
                                      if (u["case"], u["op"]) == (t["case"], t["op"]))]
     assert len(parsed) * len(d["meta"]["threads"]) == len(shown)
-    assert shown or not small
+    # without torch every small-tensor target is n/a (nothing to compare with): no lines to check
+    assert shown or not small or d["meta"]["torch"] is None
     for t in shown:
         v, s = parsed[(t["case"], t["op"])][t["threads"]]
         assert s == t["status"]
