@@ -90,8 +90,10 @@ took "fresh venv without a compiler + wheel + test extras"
 mkdir "$work/sdist" "$work/run"
 tar -C "$work/sdist" -xzf "$sdist"
 src=$(ls -d "$work"/sdist/*/)
-# the tests read benchmarks/, examples/ and tools/ beside tests/: all of them from the sdist, no package source
-for d in tests benchmarks examples tools; do cp -r "$src/$d" "$work/run/$d"; done
+# the tests read benchmarks/, examples/, tools/, docs/ and README.md beside tests/: all of them from the
+# sdist, no package source
+for d in tests benchmarks examples tools docs; do cp -r "$src/$d" "$work/run/$d"; done
+cp "$src/README.md" "$work/run/README.md"
 cd "$work/run"
 python - <<'EOF'
 import os, sys, batchnorm
