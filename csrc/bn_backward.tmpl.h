@@ -211,6 +211,31 @@ static void BN_NAME(expand)(int n, double *const *dst, const double *const *src,
     }
 }
 
+/* Row mode: dx over the (n, c) runs r0 .. r1-1 (run r is channel r % C, at r * S), in memory order;
+ * `folded`: every channel is folded (see grad_item). */
+static void BN_NAME(grad_runs)(const BN_T *dy, const BN_T *x, const BN_T *aux, BN_T *dx, const bn_plan *p,
+                               ptrdiff_t r0, ptrdiff_t r1, int training, int folded, const double *centre,
+                               const double *k1, const double *k2, const double *k3, const double *fcen,
+                               const double *falpha, const double *foff, int gm)
+{
+    const ptrdiff_t S = p->S, C = p->C;
+    const int recompute = gm == BN_GM_X || gm == BN_GM_XR;
+    for (ptrdiff_t r = r0, c = r0 % C; r < r1; r++, c = c + 1 == C ? 0 : c + 1) {
+        const double m = centre[c], a = k1[c], b = k2[c], e = k3[c];
+        const double fc = recompute ? fcen[c] : 0.0, fa = recompute ? falpha[c] : 0.0, fo = recompute ? foff[c] : 0.0;
+        const int fold = folded || bn_is_plus_zero(m);
+        const ptrdiff_t off = r * S;
+        const BN_T *dr = dy + off, *xr = x + off, *ar = aux ? aux + off : NULL;
+        BN_T *out = dx + off;
+        switch (gm) {
+        case BN_GM_Y: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_Y); break;
+        case BN_GM_X: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_X); break;
+        case BN_GM_XR: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_XR); break;
+        default: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_NONE);
+        }
+    }
+}
+
 /* dx over one item, from per-channel k1, k2, k3 and centre (training) or k1 alone (frozen), and g as
  * grad_in gives it (gm; aux and the forward's coefficients fc, fa, fo for the masks).
  *  - float64: dx = k1 * ((g - k2) - (x - mean) * k3), centre = mean.
@@ -232,21 +257,8 @@ static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, const BN_T *aux, B
     const int recompute = gm == BN_GM_X || gm == BN_GM_XR;
     if (!p->colmode) {
         for (ptrdiff_t n = n0; n < n1; n++)
-            for (ptrdiff_t c = c0; c < c1; c++) {
-                const double m = centre[c], a = k1[c], b = k2[c], e = k3[c];
-                const double fc = recompute ? fcen[c] : 0.0, fa = recompute ? falpha[c] : 0.0,
-                             fo = recompute ? foff[c] : 0.0;
-                const int fold = folded || bn_is_plus_zero(m);
-                ptrdiff_t off = (n * p->C + c) * S;
-                const BN_T *dr = dy + off, *xr = x + off, *ar = aux ? aux + off : NULL;
-                BN_T *out = dx + off;
-                switch (gm) {
-                case BN_GM_Y: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_Y); break;
-                case BN_GM_X: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_X); break;
-                case BN_GM_XR: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_XR); break;
-                default: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_NONE);
-                }
-            }
+            BN_NAME(grad_runs)(dy, x, aux, dx, p, n * p->C + c0, n * p->C + c1, training, folded, centre, k1, k2,
+                               k3, fcen, falpha, foff, gm);
         return;
     }
     const ptrdiff_t wb = (c1 - c0) * S, first = c0 * S;
@@ -447,6 +459,19 @@ static void BN_NAME(grad_apply)(const bn_job *job, bn_item w, double *scratch)
                            a->k1, a->k2, a->k3, a->fcen, a->falpha, a->foff, a->gm, scratch);
 }
 
+/* Row mode, after the reduction: the runs r0 .. r1-1 in memory order (bn_job's apply_rows). */
+static void BN_NAME(grad_apply_rows)(const bn_job *job, ptrdiff_t r0, ptrdiff_t r1)
+{
+    const BN_NAME(bwd_args) *a = job->args;
+    const int folded = BN_FOLD && (!a->training || bn_all_plus_zero(a->centre, 0, job->plan->C));
+    if (a->dres)
+        BN_NAME(grad_runs)(a->dres, a->x, NULL, a->dx, job->plan, r0, r1, a->training, folded, a->centre, a->k1,
+                           a->k2, a->k3, NULL, NULL, NULL, BN_GM_NONE);
+    else
+        BN_NAME(grad_runs)(a->dy, a->x, a->aux, a->dx, job->plan, r0, r1, a->training, folded, a->centre, a->k1,
+                           a->k2, a->k3, a->fcen, a->falpha, a->foff, a->gm);
+}
+
 /* Two inputs stream through every backward kernel: their plan sizes items for both, and
  * backward_reduce must cut exactly as backward does to give its bits. */
 static void BN_NAME(bwd_plan)(bn_plan *p, bn_dims d, int nthreads, ptrdiff_t min_elems)
@@ -477,7 +502,7 @@ int BN_NAME(bn_backward_apply)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims 
     BN_NAME(bwd_args) a = {dy, x, dx, mean, invstd, gamma, 1, count, sum_dy, sum_dy_xmu, NULL, NULL, NULL, NULL,
                            k, bn_padded_array(k, d.C, 1), bn_padded_array(k, d.C, 2), bn_padded_array(k, d.C, 3),
                            BN_GM_NONE, NULL, NULL, NULL, NULL, NULL};
-    bn_job job = {&p, NULL, BN_NAME(apply_finish), BN_NAME(grad_apply), NULL, 0,
+    bn_job job = {&p, NULL, BN_NAME(apply_finish), BN_NAME(grad_apply), BN_NAME(grad_apply_rows), 0,
                   BN_NAME(bwd_scratch)(&p, BN_GM_NONE), &a};
     int status = bn_drive(&job);
     free(k);
@@ -518,7 +543,7 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
         for (ptrdiff_t c = 0; c < d.C; c++)
             bn_forward_coefs(BN_FOLD, gamma, ep->beta, c, mean[c], invstd[c], &a.falpha[c], &a.fcen[c], &a.foff[c]);
     }
-    bn_job job = {&p, BN_NAME(sums_reduce), BN_NAME(backward_finish), BN_NAME(grad_apply), NULL,
+    bn_job job = {&p, BN_NAME(sums_reduce), BN_NAME(backward_finish), BN_NAME(grad_apply), BN_NAME(grad_apply_rows),
                   sizeof(bn_sums), BN_NAME(bwd_scratch)(&p, gm), &a};
     int status = bn_drive(&job);
     free(k);

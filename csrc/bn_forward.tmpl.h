@@ -467,7 +467,7 @@ int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *g
     BN_NAME(fwd_args) a = {x, y, gamma, beta, eps, mean, m2, invstd, NULL, coefs, bn_padded_array(coefs, d.C, 1),
                            bn_padded_array(coefs, d.C, 2), NULL, 0};
     BN_NAME(set_epilogue)(&a, ep);
-    bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(train_finish), BN_NAME(normalize_apply), NULL,
+    bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(train_finish), BN_NAME(normalize_apply), BN_NAME(normalize_rows),
                   sizeof(bn_moments), BN_NAME(fwd_scratch)(&p, 6), &a};
     int status = bn_drive(&job);
     free(coefs);
