@@ -164,6 +164,23 @@ static int bwd_epilogue_finish(bwd_epilogue *e, PyArrayObject *dy)
     return bn_finish_output(e->dres_r, e->dres_t);
 }
 
+/* The backward's return value (a new reference, or NULL with an error set): (dx, dgamma, dbeta), and
+ * d_residual after them when the epilogue makes one (e may be NULL). Sums over a whole batch overflow
+ * float16 easily: those of float16 input come back in float32. */
+static PyObject *backward_results(const bn_input *in, PyArrayObject *result, PyArrayObject *target,
+                                  PyArrayObject *dgamma, PyArrayObject *dbeta, bwd_epilogue *e, PyArrayObject *dy)
+{
+    const int grad_type = in->result == NPY_HALF ? NPY_FLOAT : in->result;
+    PyObject *dgamma_r = NULL, *dbeta_r = NULL, *ret = NULL;
+    if ((dgamma_r = bn_cast_vector(dgamma, grad_type)) && (dbeta_r = bn_cast_vector(dbeta, grad_type)) &&
+        bn_finish_output(result, target) == 0 && (!e || bwd_epilogue_finish(e, dy) == 0))
+        ret = e && e->want_dres ? Py_BuildValue("(OOOO)", result, dgamma_r, dbeta_r, e->dres_r)
+                                : Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
+    Py_XDECREF(dgamma_r);
+    Py_XDECREF(dbeta_r);
+    return ret;
+}
+
 /* ------------------------------------------------------------------------------------------------ */
 /* Ghost Batch Normalization (Hoffer et al., 2017): forward_train and backward per chunk of          */
 /* ghost_batch_size consecutive samples along axis 0, each chunk a contiguous sub-block of the       */
@@ -366,7 +383,7 @@ static PyObject *ghost_backward(PyObject *dy_obj, PyObject *x_obj, PyObject *con
     ghost_chunks gc;
     PyArrayObject *dy = NULL, *mean = NULL, *invstd = NULL, *gamma[1] = {NULL}, *result = NULL, *target = NULL,
                   *dg_parts = NULL, *db_parts = NULL, *dgamma = NULL, *dbeta = NULL;
-    PyObject *dgamma_r = NULL, *dbeta_r = NULL, *ret = NULL;
+    PyObject *ret = NULL;
     int status = BN_OK;
 
     if (bn_prepare_input(x_obj, axis_obj, BN_ALLOW_EMPTY, &in) < 0) return NULL;
@@ -404,18 +421,13 @@ static PyObject *ghost_backward(PyObject *dy_obj, PyObject *x_obj, PyObject *con
             pg[c] += DDATA(dg_parts)[k * C + c];
             pb[c] += DDATA(db_parts)[k * C + c];
         }
-    const int grad_type = in.result == NPY_HALF ? NPY_FLOAT : in.result;
-    if (!(dgamma_r = bn_cast_vector(dgamma, grad_type)) || !(dbeta_r = bn_cast_vector(dbeta, grad_type))) goto fail;
-    if (bn_finish_output(result, target) < 0 || bwd_epilogue_finish(&e, dy) < 0) goto fail;
-    ret = e.want_dres ? Py_BuildValue("(OOOO)", result, dgamma_r, dbeta_r, e.dres_r)
-                      : Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
+    ret = backward_results(&in, result, target, dgamma, dbeta, &e, dy);
 fail:
     bn_input_clear(&in);
     bwd_epilogue_clear(&e);
     clear_all(1, gamma);
     Py_XDECREF(dy); Py_XDECREF(mean); Py_XDECREF(invstd); Py_XDECREF(result); Py_XDECREF(target);
-    Py_XDECREF(dg_parts); Py_XDECREF(db_parts); Py_XDECREF(dgamma); Py_XDECREF(dbeta); Py_XDECREF(dgamma_r);
-    Py_XDECREF(dbeta_r);
+    Py_XDECREF(dg_parts); Py_XDECREF(db_parts); Py_XDECREF(dgamma); Py_XDECREF(dbeta);
     return ret;
 }
 
@@ -575,7 +587,7 @@ static PyObject *masked_backward(PyObject *dy_obj, PyObject *x_obj, PyObject *co
     bn_input in = {0};
     PyArrayObject *mask = NULL, *dy = NULL, *vec[3] = {NULL, NULL, NULL}, *result = NULL, *target = NULL,
                   *dgamma = NULL, *dbeta = NULL;
-    PyObject *dgamma_r = NULL, *dbeta_r = NULL, *ret = NULL;
+    PyObject *ret = NULL;
     int64_t count = 0;
     int status = BN_OK;
 
@@ -594,15 +606,12 @@ static PyObject *masked_backward(PyObject *dy_obj, PyObject *x_obj, PyObject *co
         Py_END_ALLOW_THREADS
     }
     if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
-    const int grad_type = in.result == NPY_HALF ? NPY_FLOAT : in.result;
-    if (!(dgamma_r = bn_cast_vector(dgamma, grad_type)) || !(dbeta_r = bn_cast_vector(dbeta, grad_type))) goto fail;
-    if (bn_finish_output(result, target) < 0) goto fail;
-    ret = Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
+    ret = backward_results(&in, result, target, dgamma, dbeta, NULL, dy);
 fail:
     bn_input_clear(&in);
     clear_all(3, vec);
     Py_XDECREF(mask); Py_XDECREF(dy); Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(dgamma);
-    Py_XDECREF(dbeta); Py_XDECREF(dgamma_r); Py_XDECREF(dbeta_r);
+    Py_XDECREF(dbeta);
     return ret;
 }
 
@@ -1442,7 +1451,7 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
     bwd_epilogue e = {0};
     PyArrayObject *dy = NULL, *vec[3] = {NULL, NULL, NULL}, *result = NULL, *target = NULL, *dgamma = NULL,
                   *dbeta = NULL;
-    PyObject *dgamma_r = NULL, *dbeta_r = NULL, *ret = NULL;
+    PyObject *ret = NULL;
     int status, training = 1, relu;
     npy_intp ghost;
     (void)self;
@@ -1488,18 +1497,12 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwds)
         Py_END_ALLOW_THREADS
     }
     if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
-    /* sums over a whole batch overflow float16 easily: those of float16 input come back in float32 */
-    const int grad_type = in.result == NPY_HALF ? NPY_FLOAT : in.result;
-    if (!(dgamma_r = bn_cast_vector(dgamma, grad_type)) || !(dbeta_r = bn_cast_vector(dbeta, grad_type))) goto fail;
-    if (bn_finish_output(result, target) < 0 || bwd_epilogue_finish(&e, dy) < 0) goto fail;
-    ret = e.want_dres ? Py_BuildValue("(OOOO)", result, dgamma_r, dbeta_r, e.dres_r)
-                      : Py_BuildValue("(OOO)", result, dgamma_r, dbeta_r);
+    ret = backward_results(&in, result, target, dgamma, dbeta, &e, dy);
 fail:
     bn_input_clear(&in);
     bwd_epilogue_clear(&e);
     clear_all(3, vec);
     Py_XDECREF(dy); Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(dgamma); Py_XDECREF(dbeta);
-    Py_XDECREF(dgamma_r); Py_XDECREF(dbeta_r);
     return ret;
 }
 

@@ -191,6 +191,34 @@ int MF(bn_masked_batch_stats)(const T *x, const uint8_t *mask, bn_dims d, double
     return MF(masked_stats)(&p, x, mask, d, 0.0, mean, m2, NULL);
 }
 
+/* The elementwise pass at the real positions, 0 elsewhere: out = ka * dy + ((x - mean) * kb + ko), per
+ * channel, in double, rounded once; without dy (the forward) out = (x - mean) * kb + ko. */
+static void MF(masked_apply)(const masked_plan *p, const T *dy, const T *x, const uint8_t *mask, T *out, bn_dims d,
+                             const double *mean, const double *ka, const double *kb, const double *ko)
+{
+    const ptrdiff_t N = d.N, C = d.C, S = d.S;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(p->nthreads) if (p->nthreads > 1)
+#endif
+    for (ptrdiff_t n = 0; n < N; n++) {
+        const uint8_t *mr = mask + n * S;
+        for (ptrdiff_t c = 0; c < C; c++) {
+            const ptrdiff_t off = (n * C + c) * S;
+            const T *xr = x + off;
+            T *o = out + off;
+            const double mu = mean[c], b = kb[c], k = ko[c];
+            if (dy) {
+                const T *dr = dy + off;
+                const double a = ka[c];
+                for (ptrdiff_t s = 0; s < S; s++)
+                    o[s] = mr[s] ? (T)(a * (double)dr[s] + (((double)xr[s] - mu) * b + k)) : (T)0;
+            } else {
+                for (ptrdiff_t s = 0; s < S; s++) o[s] = mr[s] ? (T)(((double)xr[s] - mu) * b + k) : (T)0;
+            }
+        }
+    }
+}
+
 /* Statistics over the real positions, then y = (x - mean) * invstd * gamma + beta there and 0 elsewhere
  * (centred, in double, rounded once). */
 int MF(bn_masked_forward_train)(const T *x, const uint8_t *mask, T *y, bn_dims d, const double *gamma,
@@ -208,19 +236,7 @@ int MF(bn_masked_forward_train)(const T *x, const uint8_t *mask, T *y, bn_dims d
         alpha[c] = gamma ? invstd[c] * gamma[c] : invstd[c];
         offset[c] = beta ? beta[c] : 0.0;
     }
-    const ptrdiff_t N = d.N, C = d.C, S = d.S;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(p.nthreads) if (p.nthreads > 1)
-#endif
-    for (ptrdiff_t n = 0; n < N; n++) {
-        const uint8_t *mr = mask + n * S;
-        for (ptrdiff_t c = 0; c < C; c++) {
-            const T *xr = x + (n * C + c) * S;
-            T *yr = y + (n * C + c) * S;
-            const double a = alpha[c], mu = mean[c], o = offset[c];
-            for (ptrdiff_t s = 0; s < S; s++) yr[s] = mr[s] ? (T)(((double)xr[s] - mu) * a + o) : (T)0;
-        }
-    }
+    MF(masked_apply)(&p, NULL, x, mask, y, d, mean, NULL, alpha, offset);
     free(coef);
     return BN_OK;
 }
@@ -292,20 +308,7 @@ int MF(bn_masked_backward)(const T *dy, const T *x, const uint8_t *mask, T *dx, 
         k0[c] = full ? -k1[c] * (acc.dy / M) : 0.0;
     }
     free(parts);
-    const ptrdiff_t N = d.N, C = d.C, S = d.S;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(p.nthreads) if (p.nthreads > 1)
-#endif
-    for (ptrdiff_t n = 0; n < N; n++) {
-        const uint8_t *mr = mask + n * S;
-        for (ptrdiff_t c = 0; c < C; c++) {
-            const T *xr = x + (n * C + c) * S, *dr = dy + (n * C + c) * S;
-            T *out = dx + (n * C + c) * S;
-            const double a = k1[c], b = kx[c], o = k0[c], mu = mean[c];
-            for (ptrdiff_t s = 0; s < S; s++)
-                out[s] = mr[s] ? (T)(a * (double)dr[s] + (((double)xr[s] - mu) * b + o)) : (T)0;
-        }
-    }
+    MF(masked_apply)(&p, dy, x, mask, dx, d, mean, k1, kx, k0);
     free(coef);
     return BN_OK;
 }

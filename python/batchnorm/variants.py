@@ -49,22 +49,20 @@ def _running(arr, name, C, update):
             raise TypeError(f"{name} must be float32 or float64 (it is updated in place), got dtype {arr.dtype}")
         if not arr.flags.writeable:
             raise ValueError(f"{name} is read-only (it is updated in place)")
-    value = np.asarray(arr)
-    if value.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be real numbers, got dtype {value.dtype}")
-    if value.shape != (C,):
-        raise ValueError(f"{name} has shape {value.shape}, expected ({C},): one value per channel of x")
-    return value.astype(np.float64)
+    if arr is None:
+        raise TypeError(f"{name} is required (renorm corrects towards it), got None")
+    return _vector(arr, name, C, None)
 
 
 def _vector(v, name, C, default):
+    """A per-channel vector as float64 (C,); None gives `default` everywhere."""
     if v is None:
         return np.full(C, default)
     value = np.asarray(v)
     if value.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be real numbers, got dtype {value.dtype}")
     if value.shape != (C,):
-        raise ValueError(f"{name} has shape {value.shape}, expected ({C},): one value per channel")
+        raise ValueError(f"{name} has shape {value.shape}, expected ({C},): one value per channel of x")
     return value.astype(np.float64)
 
 
