@@ -514,6 +514,10 @@ def test_renorm_functional_errors_change_nothing(rng):
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         bn.forward_train_renorm(x[:1], rm, rv)
     assert rm.tobytes() == before[0].tobytes() and rv.tobytes() == before[1].tobytes()
+    with pytest.raises(TypeError, match="running_mean must be a numpy.ndarray"):
+        bn.forward_train_renorm(x, None, rv)
+    with pytest.raises(TypeError, match="running_var is required"):  # renorm corrects towards it
+        bn.forward_train_renorm(x, rm, None, update=False)
     # read-only or list running statistics are fine when they are not updated
     y = bn.forward_train_renorm(x, list(rm), tuple(rv), update=False)[0]
     assert_close(y, ref.forward_train_renorm(x, rm.copy(), rv.copy(), update=False)[0], 1e-12)
