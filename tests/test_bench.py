@@ -530,3 +530,27 @@ def test_train_step_script_runs(tmp_path):
         for name in res["impls"]:
             assert re.search(re.escape(train_step.LABELS[name]) + r"\s+%d\s+\d+\.\d" % res["threads"], r.stdout)
     assert "MISMATCH" not in r.stdout
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"),
+                    reason="the probe's Makefile flags are x86-64 GCC/clang ones")
+def test_arith_probe_builds_runs_and_its_sums_agree(tmp_path):
+    """benchmarks/arith_probe.c (README, "Small tensors"): it builds as the Makefile says, prints a line per
+    shape with the three normalize ways' errors in the order of their accuracy, and its one-loop sums (the
+    form runs_sums uses with vector extensions) give the two-loop sums' bits."""
+    import shutil
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        pytest.skip("no C compiler")
+    exe = str(tmp_path / "arith_probe")
+    subprocess.run([cc, "-std=gnu11", "-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off",
+                    "-o", exe, os.path.join(BENCH_DIR, "arith_probe.c"), "-lm"], check=True, timeout=120)
+    out = subprocess.run([exe, "3"], check=True, capture_output=True, text=True, timeout=120).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 4, out
+    for line in lines:
+        ulps = [float(u) for u in re.findall(r"\(([0-9.]+) ulp\)", line)]
+        assert len(ulps) == 3, line
+        assert ulps[0] <= 0.5 + 1e-3 and ulps[1] <= 1.0 + 1e-2 and ulps[2] >= ulps[1], line
+    rows = [line for line in lines if " row " in line]
+    assert len(rows) == 2 and all("bits same" in line for line in rows), out
