@@ -13,41 +13,14 @@
  * The two sums are the only reductions; they are cut and combined in a thread-independent order.
  */
 
-/* sum(dy) and sum(dy * (x - m)) over `runs` runs of `len` values, `stride` apart. In plain C the two
- * sums are separate loops: GCC vectorizes each (BN_LANES independent lanes, no reassociation) but not the
- * fused form, which ran 1.5x slower. With vector extensions (BN_HAVE_VEXT) they are one loop, which
- * converts dy once and reads it once: the same additions lane by lane and tail by tail, so the same bits,
- * and 20-30% less time at (32, 64, 8, 8) and (8, 16, 16, 16) float32. */
+/* sum(dy) and sum(dy * (x - m)) over `runs` runs of `len` values, `stride` apart. The two sums are
+ * separate loops: GCC vectorizes each (BN_LANES independent lanes, no reassociation) but not the fused
+ * form, which ran 1.5x slower. */
 static bn_sums BN_NAME(runs_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, ptrdiff_t runs,
                                   ptrdiff_t stride, double m)
 {
     double a[BN_LANES] = {0}, b[BN_LANES] = {0}, ta = 0, tb = 0;
     const ptrdiff_t body = len - len % BN_LANES;
-#if BN_HAVE_VEXT
-    bn_v8d a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, g0, g1, x0, x1;
-    const bn_v8d mv = {m, m, m, m, m, m, m, m};
-    for (ptrdiff_t r = 0; r < runs; r++) {
-        const BN_T *g = dy + r * stride, *v = x + r * stride;
-        for (ptrdiff_t i = 0; i < body; i += BN_LANES) {
-            bn_v8d_load(&g0, g + i, sizeof(BN_T));
-            bn_v8d_load(&g1, g + i + 8, sizeof(BN_T));
-            bn_v8d_load(&x0, v + i, sizeof(BN_T));
-            bn_v8d_load(&x1, v + i + 8, sizeof(BN_T));
-            a0 += g0;
-            a1 += g1;
-            b0 += g0 * (x0 - mv);
-            b1 += g1 * (x1 - mv);
-        }
-        for (ptrdiff_t i = body; i < len; i++) {
-            ta += (double)g[i];
-            tb += (double)g[i] * ((double)v[i] - m);
-        }
-    }
-    memcpy(a, &a0, sizeof a0);
-    memcpy(a + 8, &a1, sizeof a1);
-    memcpy(b, &b0, sizeof b0);
-    memcpy(b + 8, &b1, sizeof b1);
-#else
     for (ptrdiff_t r = 0; r < runs; r++) {
         const BN_T *g = dy + r * stride;
         for (ptrdiff_t i = 0; i < body; i += BN_LANES)
@@ -62,7 +35,6 @@ static bn_sums BN_NAME(runs_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, 
             tb += (double)g[i] * ((double)v[i] - m);
         }
     }
-#endif
     bn_sums r;
     r.dy = bn_lanes_sum(a) + ta;
     r.dyxm = bn_lanes_sum(b) + tb;

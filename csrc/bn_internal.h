@@ -288,29 +288,6 @@ static inline double *bn_padded_array(double *base, ptrdiff_t len, int j)
 
 /* Accumulator lanes of the contiguous reductions, and their fixed summation tree. */
 #define BN_LANES 16
-
-/* GCC's and clang's vector extensions, for loops GCC does not vectorize as written in plain C (the
- * backward's two sums in one loop, runs_sums): BN_LANES lanes as two 8-double vectors, each lane adding
- * in the same order as the plain loops, so every build gives the same bits (an AVX2 or SSE2 build splits
- * the vectors into its own widths; elementwise, that changes nothing). Elsewhere (MSVC) the plain loops.
- * Loads go through memcpy (any alignment) and results through pointers (no vector ABI at a call). */
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)
-#define BN_HAVE_VEXT (BN_LANES == 16)
-typedef double bn_v8d __attribute__((vector_size(64)));
-typedef float bn_v8f __attribute__((vector_size(32)));
-static inline void bn_v8d_load(bn_v8d *out, const void *p, size_t elsize)
-{
-    if (elsize == sizeof(float)) {
-        bn_v8f f;
-        memcpy(&f, p, sizeof f);
-        *out = __builtin_convertvector(f, bn_v8d);
-    } else {
-        memcpy(out, p, sizeof *out);
-    }
-}
-#else
-#define BN_HAVE_VEXT 0
-#endif
 static inline double bn_lanes_sum(const double *a)
 {
     double h[8];
