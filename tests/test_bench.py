@@ -536,8 +536,8 @@ def test_train_step_script_runs(tmp_path):
                     reason="the probe's Makefile flags are x86-64 GCC/clang ones")
 def test_arith_probe_builds_runs_and_its_sums_agree(tmp_path):
     """benchmarks/arith_probe.c (README, "Small tensors"): it builds as the Makefile says, prints a line per
-    shape with the three normalize ways' errors in the order of their accuracy, and its one-loop sums (the
-    form runs_sums uses with vector extensions) give the two-loop sums' bits."""
+    shape with the three normalize ways' errors in the order of their accuracy, and its one-loop sums
+    (vector extensions) give the two-loop sums' bits."""
     import shutil
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
