@@ -152,14 +152,14 @@ static double unif(void) { return (double)rand() / RAND_MAX; }
 static double gauss(void) { return sqrt(-2 * log(unif() + 1e-300)) * cos(6.283185307179586 * unif()); }
 
 /* Largest |got - exact| in float32 ulps of max(|exact|, 1/4), exact = x * a + b in long double. */
-static double max_ulps(const norm_args *p, int colmode)
+static double max_ulps(const norm_args *p)
 {
     double worst = 0;
     for (long n = 0; n < p->N; n++)
         for (long c = 0; c < p->C; c++)
             for (long s = 0; s < p->S; s++) {
-                const long i = (n * p->C + c) * p->S + s, k = colmode ? c : c;
-                const long double exact = (long double)p->x[i] * p->a[k] + p->b[k];
+                const long i = (n * p->C + c) * p->S + s;
+                const long double exact = (long double)p->x[i] * p->a[c] + p->b[c];
                 const float scale = (float)fmaxl(fabsl(exact), 0.25L);
                 const double unit = (double)(nextafterf(scale, INFINITY) - scale);
                 const double err = (double)fabsl((long double)p->y[i] - exact) / unit;
@@ -198,7 +198,7 @@ static void probe(long N, long C, long S, int reps)
     double best[5] = {1e9, 1e9, 1e9, 1e9, 1e9}, ulps[3];
     for (int way = 0; way < 3; way++) {
         if (colmode) norm_cols(&p, way); else norm_rows(&p, way);
-        ulps[way] = max_ulps(&p, colmode);
+        ulps[way] = max_ulps(&p);
     }
     for (int r = 0; r < reps; r++)
         for (int k = 0; k < 5; k++) {
