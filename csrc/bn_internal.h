@@ -238,7 +238,8 @@ static inline int bn_team_size(void)
  *   apply_rows:   optional, for row mode: the elementwise pass over the (n, c) rows [r0, r1) in memory
  *                 order, used instead of apply whenever the items are not fused (an item walks a
  *                 channel's runs C * S apart, which the prefetchers follow worse: with rows, the training
- *                 forward and backward at (32, 64, 8, 8) and (64, 256, 28, 28) float32 ran 5-19% faster).
+ *                 forward and backward at (32, 64, 8, 8) and (8, 16, 16, 16) float32 ran 5-12% faster,
+ *                 benchmarks/small_ab.py).
  * Any step may be NULL. When a reduction and an apply share a plan whose items are whole channels small
  * enough for cache (plan.fused), each item is reduced, finished and applied in a row, reading x from
  * cache the second time. The reduction order depends only on the plan, never on the thread count.
