@@ -19,7 +19,7 @@
  * Backward sums, sum(dy) and sum(dy * (x - m)) in double over a channel's runs (row mode):
  *   two loops  plain C, as GCC vectorizes it (dy read and converted twice);
  *   one loop   GCC/clang vector extensions, the same additions lane by lane, so the same bits (checked
- *              here); not in the kernels (README, "Small tensors", says why).
+ *              here); the kernels' runs_sums uses the one loop where the compiler has vector extensions.
  */
 #define _POSIX_C_SOURCE 199309L
 #include <float.h>

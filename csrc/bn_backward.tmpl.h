@@ -13,14 +13,39 @@
  * The two sums are the only reductions; they are cut and combined in a thread-independent order.
  */
 
-/* sum(dy) and sum(dy * (x - m)) over `runs` runs of `len` values, `stride` apart. The two sums are
- * separate loops: GCC vectorizes each (BN_LANES independent lanes, no reassociation) but not the fused
- * form, which ran 1.5x slower. */
+/* sum(dy) and sum(dy * (x - m)) over `runs` runs of `len` values, `stride` apart. In plain C the two
+ * sums are separate loops: GCC vectorizes each (BN_LANES independent lanes, no reassociation) but not the
+ * fused form, which ran 1.5x slower. With vector extensions (BN_HAVE_VEXT) they are one loop, which
+ * converts dy once and reads it once: the same additions lane by lane and tail by tail, so the same bits,
+ * and the backward 6-8% faster at (32, 64, 8, 8) and (8, 16, 16, 16) float32 (small_ab.py --base). */
 static bn_sums BN_NAME(runs_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, ptrdiff_t runs,
                                   ptrdiff_t stride, double m)
 {
-    double a[BN_LANES] = {0}, b[BN_LANES] = {0}, ta = 0, tb = 0;
+    double ta = 0, tb = 0;
     const ptrdiff_t body = len - len % BN_LANES;
+    bn_sums res;
+#if BN_HAVE_VEXT
+    bn_v8d a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
+    const bn_v8d mv = {m, m, m, m, m, m, m, m};
+    for (ptrdiff_t r = 0; r < runs; r++) {
+        const BN_T *g = dy + r * stride, *v = x + r * stride;
+        for (ptrdiff_t i = 0; i < body; i += BN_LANES) {
+            const bn_v8d g0 = BN_V8D_LOAD(g + i), g1 = BN_V8D_LOAD(g + i + 8), x0 = BN_V8D_LOAD(v + i),
+                         x1 = BN_V8D_LOAD(v + i + 8);
+            a0 += g0;
+            a1 += g1;
+            b0 += g0 * (x0 - mv);
+            b1 += g1 * (x1 - mv);
+        }
+        for (ptrdiff_t i = body; i < len; i++) {
+            ta += (double)g[i];
+            tb += (double)g[i] * ((double)v[i] - m);
+        }
+    }
+    res.dy = BN_V8D_LANES_SUM(a0, a1) + ta;
+    res.dyxm = BN_V8D_LANES_SUM(b0, b1) + tb;
+#else
+    double a[BN_LANES] = {0}, b[BN_LANES] = {0};
     for (ptrdiff_t r = 0; r < runs; r++) {
         const BN_T *g = dy + r * stride;
         for (ptrdiff_t i = 0; i < body; i += BN_LANES)
@@ -35,10 +60,10 @@ static bn_sums BN_NAME(runs_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, 
             tb += (double)g[i] * ((double)v[i] - m);
         }
     }
-    bn_sums r;
-    r.dy = bn_lanes_sum(a) + ta;
-    r.dyxm = bn_lanes_sum(b) + tb;
-    return r;
+    res.dy = bn_lanes_sum(a) + ta;
+    res.dyxm = bn_lanes_sum(b) + tb;
+#endif
+    return res;
 }
 
 /* g, the gradient at BN's output: dy, or dy where the forward's output was > 0 and 0 elsewhere (a select,

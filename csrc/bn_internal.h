@@ -289,6 +289,30 @@ static inline double *bn_padded_array(double *base, ptrdiff_t len, int j)
 
 /* Accumulator lanes of the contiguous reductions, and their fixed summation tree. */
 #define BN_LANES 16
+
+/* GCC's and clang's vector extensions, for loops GCC does not vectorize as written in plain C (the
+ * backward's two sums in one loop, runs_sums): BN_LANES lanes as two 8-double vectors, each lane adding
+ * in the same order as the plain loops, so every build gives the same bits (an AVX2 or SSE2 build splits
+ * the vectors into its own widths; elementwise, that changes nothing). Elsewhere (MSVC) the plain loops.
+ * No local vector has its address taken (loads through may_alias pointer types of element alignment,
+ * sums by macro): under AddressSanitizer an addressable local lives on its fake stack, and GCC 12's
+ * AVX-512 code then crashed there in an OpenMP worker. */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)
+#define BN_HAVE_VEXT (BN_LANES == 16)
+typedef double bn_v8d __attribute__((vector_size(64)));
+typedef double bn_v8d_mem __attribute__((vector_size(64), aligned(8), may_alias));
+typedef float bn_v8f_mem __attribute__((vector_size(32), aligned(4), may_alias));
+/* 8 values from p (float or double, any alignment) as doubles. */
+#define BN_V8D_LOAD(p)                                                                                  \
+    (sizeof(*(p)) == sizeof(float) ? __builtin_convertvector(*(const bn_v8f_mem *)(const void *)(p), bn_v8d) \
+                                   : (bn_v8d)(*(const bn_v8d_mem *)(const void *)(p)))
+/* bn_lanes_sum of the 16 lanes lo[0..7], hi[0..7] (lanes 0-7 and 8-15), in the same order. */
+#define BN_V8D_LANES_SUM(lo, hi)                                                                        \
+    ((((lo)[0] + (hi)[0]) + ((lo)[4] + (hi)[4])) + (((lo)[1] + (hi)[1]) + ((lo)[5] + (hi)[5])) +        \
+     ((((lo)[2] + (hi)[2]) + ((lo)[6] + (hi)[6])) + (((lo)[3] + (hi)[3]) + ((lo)[7] + (hi)[7]))))
+#else
+#define BN_HAVE_VEXT 0
+#endif
 static inline double bn_lanes_sum(const double *a)
 {
     double h[8];
@@ -307,6 +331,14 @@ static inline double bn_lanes_sum(const double *a)
 #elif defined(__x86_64__) && defined(__clang__)
 #define BN_HAVE_AVX2 1
 #define BN_HAVE_AVX512 (__clang_major__ >= 8)
+#elif defined(__x86_64__) && defined(__GNUC__) && defined(__SANITIZE_ADDRESS__)
+/* GCC's AddressSanitizer builds (.ci/asan.sh) stop at AVX2. With use-after-return detection GCC moves a
+ * function's addressable locals to a fake frame from the runtime, 4096-aligned, but lays them out for the
+ * real stack's base, which it keeps only 32-aligned: a local array the vectorizer aligned to 64 bytes for
+ * 512-bit vectors sits 32 bytes off there, and its aligned stores crash (GCC 12, the backward's accumulator
+ * arrays in runs_sums_gm). 32-byte alignment holds in both frames. The AVX2 kernels are the same source. */
+#define BN_HAVE_AVX2 1
+#define BN_HAVE_AVX512 0
 #elif defined(__x86_64__) && defined(__GNUC__)
 #define BN_HAVE_AVX2 1
 #define BN_HAVE_AVX512 (__GNUC__ >= 9)

@@ -90,7 +90,7 @@ echo "check_portability: OpenMP: $(grep -cE 'omp for' ./*.c | awk -F: '{s+=$2} E
 
 # --- 4. GCC-only extensions, allowed only where guarded ---
 # file:pattern pairs allowed (each sits inside #if BN_HAVE_AVX2 / __GNUC__ / __clang__ guards)
-allowed="bn_internal.h:__attribute__((always_inline))|bn_dispatch.c:__builtin_cpu_init|bn_dispatch.c:__builtin_cpu_supports|bn_internal.h:__attribute__((noinline))|bn_avx2.c:#pragma GCC target|bn_avx512.c:#pragma GCC target|bn_avx2.c:__attribute__((target|bn_avx512.c:__attribute__((target"
+allowed="bn_internal.h:__attribute__((always_inline))|bn_dispatch.c:__builtin_cpu_init|bn_dispatch.c:__builtin_cpu_supports|bn_internal.h:__attribute__((noinline))|bn_avx2.c:#pragma GCC target|bn_avx512.c:#pragma GCC target|bn_avx2.c:__attribute__((target|bn_avx512.c:__attribute__((target|bn_internal.h:__attribute__((vector_size|bn_internal.h:__builtin_convertvector"
 found=$(grep -nE "__builtin_|__attribute__|#pragma GCC|\btypeof\b|__typeof__|__int128" ./*.c ./*.h | grep -v "^\./test_kernels.c" || true)
 while IFS= read -r line; do
     [ -n "$line" ] || continue
