@@ -417,6 +417,72 @@ def test_parameters_of_other_dtypes_are_cast(rng, x_dtype, p_dtype):
         assert_close(g, w, tol, name)
 
 
+def _vector_forms(v):
+    """v (1-D float64) in the forms a channel vector can arrive in, each holding the same values."""
+    f32 = v.astype(np.float32)
+
+    class Sub(np.ndarray):
+        pass
+
+    def unaligned(a):
+        buf = np.zeros(a.nbytes + 1, np.uint8)
+        u = buf[1:].view(a.dtype)
+        u[...] = a
+        assert not u.flags.aligned
+        return u
+
+    def strided(a):
+        big = np.full(2 * a.size, np.nan, a.dtype)
+        big[::2] = a
+        return big[::2]
+
+    return {
+        "f32": f32, "f64": v.copy(), "f32_step": strided(f32), "f64_step": strided(v),
+        "f32_neg": f32[::-1].copy()[::-1], "f64_neg": v[::-1].copy()[::-1],
+        ">f4": f32.astype(">f4"), ">f8": v.astype(">f8"), "f32_unaligned": unaligned(f32),
+        "f64_unaligned": unaligned(v), "f32_subclass": f32.view(Sub), "f64_readonly": _readonly(v.copy()),
+        "list": [float(t) for t in f32],
+    }
+
+
+def _readonly(a):
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_channel_vectors_in_every_form_give_the_same_bits(rng, dtype):
+    """gamma, beta, running statistics and the backward's mean/invstd as float32 or float64, strided,
+    reversed, byte-swapped, unaligned, a subclass, read-only or a list: the same values give the same
+    bits (the binding converts the common forms itself and hands the rest to NumPy), and no vector is
+    changed."""
+    shape, C = (7, 5, 3), 5
+    x = make_data(rng, shape, dtype)
+    dy = make_data(rng, shape, dtype)
+    # values exact in float32, so that every form holds the same numbers
+    vals = {k: rng.uniform(lo, hi, C).astype(np.float32).astype(np.float64)
+            for k, lo, hi in (("g", 0.5, 2), ("b", -1, 1), ("rm", -1, 1), ("rv", 0.5, 2), ("m", -1, 1),
+                              ("s", 0.5, 2))}
+
+    def run(f):
+        y, mean, invstd = bn.forward_train(x, f["g"], f["b"])
+        return [y, mean, invstd, bn.forward_infer(x, f["rm"], f["rv"], f["g"], f["b"]),
+                bn.normalize(x, f["m"], f["s"], f["g"], f["b"]),
+                *bn.backward(dy, x, f["m"], f["s"], f["g"]),
+                *bn.backward(dy, x, f["m"], f["s"], f["g"], training=False)]
+
+    want = run(vals)
+    forms = {k: _vector_forms(v) for k, v in vals.items()}
+    for form in forms["g"]:
+        f = {k: forms[k][form] for k in vals}
+        before = {k: np.array(v, copy=True) for k, v in f.items()}
+        got = run(f)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g.dtype == w.dtype and g.tobytes() == w.tobytes(), (form, i)
+        for k, v in f.items():
+            np.testing.assert_array_equal(np.asarray(v), before[k], err_msg=f"{form}: {k} changed")
+
+
 def test_list_parameters_are_accepted(rng):
     x = make_data(rng, (5, 3), np.float64)
     y, _, _ = bn.forward_train(x, [1.0, 2.0, -1.0], (0.0, 1.0, 2.0))
