@@ -74,12 +74,92 @@ static BN_ALWAYS_INLINE double BN_NAME(grad_in)(const BN_T *dy, const BN_T *x, c
 {
     const double g = (double)dy[i];
     if (gm == BN_GM_Y) return aux[i] > 0 ? g : 0.0;
+    if (gm == BN_GM_XT) /* fc, fa: the range mask_bounds found, BN_T values (row mode: constants of the loop) */
+        return (x[i] >= (BN_T)fc) & (x[i] <= (BN_T)fa) ? g : 0.0;
     if (gm == BN_GM_X || gm == BN_GM_XR) {
         double v = ((double)x[i] - fc) * fa + fo; /* x - (+0.0) is x: the folded forward's value too */
         if (gm == BN_GM_XR) v += (double)aux[i];
         return (BN_T)v > 0 ? g : 0.0;
     }
     return g;
+}
+
+/* The ReLU mask of BN_GM_X as a range of x. With the forward's coefficients finite and fa != 0,
+ * x -> (BN_T)(((double)x - fc) * fa + fo) is monotone in x (each step, exact or rounded, is), rising for
+ * fa > 0 and falling for fa < 0, from x = -inf to +inf. So the x where the forward's y > 0 are the x of
+ * one range: [t, +inf] or [-inf, t] or none. fa = 0 gives every finite x or none (inf * 0 is NaN). The
+ * end t is found by asking grad_in's own expression, from the real root outwards (a few values, in the
+ * order of the keys, bn_order_key_*), then by bisection, so the range holds exactly the x of the forward's
+ * mask, NaN in none. Written to *lo, *hi (BN_T values, as doubles; an empty range is lo > hi). */
+static int BN_NAME(relu_on)(BN_T v, double fc, double fa, double fo)
+{
+    const BN_T one = 1;
+    return BN_NAME(grad_in)(&one, &v, NULL, 0, fc, fa, fo, BN_GM_X) != 0.0;
+}
+
+static int64_t BN_NAME(order_key)(BN_T v)
+{
+    return sizeof(BN_T) == sizeof(float) ? bn_order_key_f32((float)v) : bn_order_key_f64((double)v);
+}
+
+static BN_T BN_NAME(from_order_key)(int64_t k)
+{
+    return sizeof(BN_T) == sizeof(float) ? (BN_T)bn_from_order_key_f32(k) : (BN_T)bn_from_order_key_f64(k);
+}
+
+static void BN_NAME(mask_bounds)(double fc, double fa, double fo, double *lo, double *hi)
+{
+    const double maxv = sizeof(BN_T) == sizeof(float) ? (double)FLT_MAX : DBL_MAX;
+    if (fa == 0) {
+        const int on = BN_NAME(relu_on)((BN_T)0, fc, fa, fo);
+        *lo = on ? -maxv : INFINITY;
+        *hi = on ? maxv : -INFINITY;
+        return;
+    }
+    /* u = dir * key: on(u) rises with u */
+    const int64_t dir = fa > 0 ? 1 : -1, top = BN_NAME(order_key)((BN_T)INFINITY);
+#define BN_ON(u) BN_NAME(relu_on)(BN_NAME(from_order_key)(dir * (u)), fc, fa, fo)
+    const double root = fc - fo / fa, clamped = root > maxv ? maxv : root < -maxv ? -maxv : root;
+    const int64_t u0 = dir * BN_NAME(order_key)((BN_T)clamped);
+    /* below: off (or -top - 1, below every value); above: on. Distances as unsigned: keys span 2 * top. */
+    int64_t below, above;
+    uint64_t step = 1;
+    if (BN_ON(u0)) {
+        above = u0;
+        for (;;) {
+            if ((uint64_t)above + (uint64_t)top < step) { below = -top - 1; break; }
+            below = above - (int64_t)step;
+            if (!BN_ON(below)) break;
+            above = below;
+            step *= 2;
+        }
+    } else {
+        below = u0;
+        for (;;) {
+            if ((uint64_t)top - (uint64_t)below <= step) {
+                if (!BN_ON(top)) { /* off everywhere */
+                    *lo = INFINITY;
+                    *hi = -INFINITY;
+                    return;
+                }
+                above = top;
+                break;
+            }
+            above = below + (int64_t)step;
+            if (BN_ON(above)) break;
+            below = above;
+            step *= 2;
+        }
+    }
+    while ((uint64_t)above - (uint64_t)below > 1) {
+        const int64_t mid = below + (int64_t)(((uint64_t)above - (uint64_t)below) / 2);
+        if (BN_ON(mid)) above = mid;
+        else below = mid;
+    }
+#undef BN_ON
+    const double t = (double)BN_NAME(from_order_key)(dir * above);
+    *lo = dir > 0 ? t : -INFINITY;
+    *hi = dir > 0 ? INFINITY : t;
 }
 
 /* runs_sums of the masked g instead of dy, writing g to dres on the way when `write` (a constant, as gm:
@@ -139,6 +219,7 @@ static bn_sums BN_NAME(runs_sums_any)(const BN_T *dy, const BN_T *x, const BN_T 
     case BN_GM_Y: BN_CASE(BN_GM_Y);
     case BN_GM_X: BN_CASE(BN_GM_X);
     case BN_GM_XR: BN_CASE(BN_GM_XR);
+    case BN_GM_XT: BN_CASE(BN_GM_XT);
     default: return BN_NAME(runs_sums)(dy, x, len, runs, stride, m);
     }
 #undef BN_CASE
@@ -154,16 +235,22 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x
                                                    double *BN_RESTRICT sa, double *BN_RESTRICT sb, const int gm,
                                                    const int write)
 {
-    const int rc = gm == BN_GM_X || gm == BN_GM_XR;
+    const int rc = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
+    const BN_T *BN_RESTRICT tlo = gm == BN_GM_XT ? (const BN_T *)(const void *)fc : NULL,
+               *BN_RESTRICT thi = gm == BN_GM_XT ? (const BN_T *)(const void *)fa : NULL;
     for (ptrdiff_t n = n0; n < n1; n++) {
         ptrdiff_t off = n * p->W + first;
         const BN_T *dr = dy + off, *xr = x + off, *ar = gm == BN_GM_Y || gm == BN_GM_XR ? aux + off : NULL;
         BN_T *BN_RESTRICT gr = write ? dres + off : NULL;
         for (ptrdiff_t q = 0; q < wb; q++) {
-            const double g = BN_NAME(grad_in)(dr, xr, ar, q, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0, rc ? fo[q] : 0.0, gm);
+            const double xq = (double)xr[q];
+            /* XT: fc and fa hold the range's ends as BN_T values (item_sums) */
+            const double g = gm == BN_GM_XT ? ((xr[q] >= tlo[q]) & (xr[q] <= thi[q]) ? (double)dr[q] : 0.0)
+                                            : BN_NAME(grad_in)(dr, xr, ar, q, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0,
+                                                               rc ? fo[q] : 0.0, gm);
             if (write) gr[q] = (BN_T)g;
             sa[q] += g;
-            sb[q] += g * ((double)xr[q] - em[q]);
+            sb[q] += g * (xq - em[q]);
         }
     }
 }
@@ -205,7 +292,7 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_cols)(const BN_T *dy, const BN_T *x, c
                                                 const double *BN_RESTRICT fc, const double *BN_RESTRICT fa,
                                                 const double *BN_RESTRICT fo, const int gm)
 {
-    const int rc = gm == BN_GM_X || gm == BN_GM_XR;
+    const int rc = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
 #define BN_G(q) BN_NAME(grad_in)(dr, xr, ar, q, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0, rc ? fo[q] : 0.0, gm)
     for (ptrdiff_t n = n0; n < n1; n++) {
         ptrdiff_t off = n * p->W + first;
@@ -244,7 +331,7 @@ static void BN_NAME(grad_runs)(const BN_T *dy, const BN_T *x, const BN_T *aux, B
                                const double *falpha, const double *foff, int gm)
 {
     const ptrdiff_t S = p->S, C = p->C;
-    const int recompute = gm == BN_GM_X || gm == BN_GM_XR;
+    const int recompute = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
     for (ptrdiff_t r = r0, c = r0 % C; r < r1; r++, c = c + 1 == C ? 0 : c + 1) {
         const double m = centre[c], a = k1[c], b = k2[c], e = k3[c];
         const double fc = recompute ? fcen[c] : 0.0, fa = recompute ? falpha[c] : 0.0, fo = recompute ? foff[c] : 0.0;
@@ -256,6 +343,7 @@ static void BN_NAME(grad_runs)(const BN_T *dy, const BN_T *x, const BN_T *aux, B
         case BN_GM_Y: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_Y); break;
         case BN_GM_X: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_X); break;
         case BN_GM_XR: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_XR); break;
+        case BN_GM_XT: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_XT); break;
         default: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_NONE);
         }
     }
@@ -279,7 +367,7 @@ static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, const BN_T *aux, B
 {
     const ptrdiff_t S = p->S;
     const int folded = BN_FOLD && (!training || bn_all_plus_zero(centre, c0, c1));
-    const int recompute = gm == BN_GM_X || gm == BN_GM_XR;
+    const int recompute = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
     if (!p->colmode) {
         for (ptrdiff_t n = n0; n < n1; n++)
             BN_NAME(grad_runs)(dy, x, aux, dx, p, n * p->C + c0, n * p->C + c1, training, folded, centre, k1, k2,
@@ -303,6 +391,9 @@ static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, const BN_T *aux, B
         break;
     case BN_GM_XR:
         BN_NAME(grad_cols)(dy, x, aux, dx, p, first, wb, n0, n1, training, folded, em, ea, eb, ee, fc, fa, fo, BN_GM_XR);
+        break;
+    case BN_GM_XT:
+        BN_NAME(grad_cols)(dy, x, aux, dx, p, first, wb, n0, n1, training, folded, em, ea, eb, ee, fc, fa, fo, BN_GM_XT);
         break;
     default:
         BN_NAME(grad_cols)(dy, x, aux, dx, p, first, wb, n0, n1, training, folded, em, ea, eb, ee, fc, fa, fo,
@@ -335,7 +426,7 @@ static void BN_NAME(item_sums)(const BN_NAME(bwd_args) *a, const bn_plan *p, ptr
     const ptrdiff_t S = p->S;
     const BN_T *dy = a->dy, *x = a->x;
     const double *mean = a->mean;
-    const int gm = a->gm, recompute = gm == BN_GM_X || gm == BN_GM_XR;
+    const int gm = a->gm, recompute = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
     if (!p->colmode) {
         const ptrdiff_t stride = p->C * S, rows_per_chunk = S <= BN_SEG ? BN_SEG / S : 1;
         for (ptrdiff_t c = c0; c < c1; c++) {
@@ -363,8 +454,19 @@ static void BN_NAME(item_sums)(const BN_NAME(bwd_args) *a, const bn_plan *p, ptr
     double *fc = recompute ? scratch + 3 * wb : NULL, *fa = recompute ? scratch + 4 * wb : NULL,
            *fo = recompute ? scratch + 5 * wb : NULL;
     double *dst[4] = {em, fc, fa, fo};
-    const double *src[4] = {mean, fc ? a->fcen : NULL, fa ? a->falpha : NULL, fo ? a->foff : NULL};
+    const int xt = gm == BN_GM_XT;
+    const double *src[4] = {mean, fc && !xt ? a->fcen : NULL, fa && !xt ? a->falpha : NULL,
+                            fo && !xt ? a->foff : NULL};
     BN_NAME(expand)(4, dst, src, c0, c1, S);
+    if (xt) {
+        /* the range's ends per position as BN_T values in fc's and fa's room: compared with x as they are */
+        BN_T *lo = (BN_T *)(void *)fc, *hi = (BN_T *)(void *)fa;
+        for (ptrdiff_t k = 0; k < c1 - c0; k++)
+            for (ptrdiff_t s = 0; s < S; s++) {
+                lo[k * S + s] = (BN_T)a->fcen[c0 + k];
+                hi[k * S + s] = (BN_T)a->falpha[c0 + k];
+            }
+    }
     for (ptrdiff_t q = 0; q < wb; q++) sa[q] = sb[q] = 0;
 #define BN_CASE(GM)                                                                                       \
     if (a->dres)                                                                                          \
@@ -376,6 +478,7 @@ static void BN_NAME(item_sums)(const BN_NAME(bwd_args) *a, const bn_plan *p, ptr
     case BN_GM_Y: BN_CASE(BN_GM_Y)
     case BN_GM_X: BN_CASE(BN_GM_X)
     case BN_GM_XR: BN_CASE(BN_GM_XR)
+    case BN_GM_XT: BN_CASE(BN_GM_XT)
     default:
         BN_NAME(cols_sums_gm)(dy, x, NULL, NULL, p, first, wb, n0, n1, em, NULL, NULL, NULL, sa, sb, BN_GM_NONE, 0);
     }
@@ -394,7 +497,7 @@ static void BN_NAME(item_sums)(const BN_NAME(bwd_args) *a, const bn_plan *p, ptr
  * (unpadded, as fwd_scratch's); a recomputed mask needs the forward's 3 coefficients beside them. */
 static ptrdiff_t BN_NAME(bwd_scratch)(const bn_plan *p, int gm)
 {
-    const int arrays = gm == BN_GM_X || gm == BN_GM_XR ? 7 : 4;
+    const int arrays = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT ? 7 : 4;
     return p->colmode ? arrays * p->ch_per_block * p->S : 0;
 }
 
@@ -545,7 +648,7 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
                    : ep->mask == BN_MASK_Y       ? BN_GM_Y
                    : ep->residual                ? BN_GM_XR
                                                  : BN_GM_X;
-    const int recompute = gm == BN_GM_X || gm == BN_GM_XR;
+    const int recompute = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
     double *k = malloc(sizeof(double) * bn_padded_size(d.C, recompute ? 7 : 4));
     if (!k) return BN_ENOMEM;
     BN_NAME(bwd_args) a = {dy, x, dx, mean, invstd, gamma, training, (double)d.N * (double)d.S, NULL, NULL,
@@ -565,8 +668,20 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
         a.fcen = bn_padded_array(k, d.C, 4);
         a.falpha = bn_padded_array(k, d.C, 5);
         a.foff = bn_padded_array(k, d.C, 6);
-        for (ptrdiff_t c = 0; c < d.C; c++)
+        int finite = 1;
+        for (ptrdiff_t c = 0; c < d.C; c++) {
             bn_forward_coefs(BN_FOLD, gamma, ep->beta, c, mean[c], invstd[c], &a.falpha[c], &a.fcen[c], &a.foff[c]);
+            finite &= isfinite(a.falpha[c]) && isfinite(a.fcen[c]) && isfinite(a.foff[c]);
+        }
+        /* the mask as a range of x (mask_bounds), where the coefficients are finite (a NaN or inf statistic
+         * keeps the forward's arithmetic): at (32, 64, 8, 8) float32 the recomputed mask cost the backward
+         * more than reading y for it. Finding a range costs ~10 ns a channel, which channels of a few values
+         * (64 or fewer; (8, 512): 1.1x) do not win back. */
+        if (gm == BN_GM_X && finite && (double)d.N * (double)d.S >= BN_MASK_RANGE_MIN_COUNT) {
+            for (ptrdiff_t c = 0; c < d.C; c++)
+                BN_NAME(mask_bounds)(a.fcen[c], a.falpha[c], a.foff[c], &a.fcen[c], &a.falpha[c]);
+            a.gm = BN_GM_XT;
+        }
     }
     bn_job job = {&p, BN_NAME(sums_reduce), BN_NAME(backward_finish), BN_NAME(grad_apply), BN_NAME(grad_apply_rows),
                   sizeof(bn_sums), BN_NAME(bwd_scratch)(&p, gm), &a};

@@ -165,7 +165,42 @@ enum { BN_EPI_RELU = 1, BN_EPI_ADD = 2 };
 /* The ReLU masks of the backward (bn_grad_epilogue), as the constants its loops are specialized on: none,
  * read from y, or recomputed from x (and the residual, GM_XR) with the forward's coefficients and the
  * forward's very expression, so that it is the forward's y > 0 bit for bit. */
-enum { BN_GM_NONE = 0, BN_GM_Y = 1, BN_GM_X = 2, BN_GM_XR = 3 };
+enum { BN_GM_NONE = 0, BN_GM_Y = 1, BN_GM_X = 2, BN_GM_XR = 3, BN_GM_XT = 4 };
+/* BN_GM_XT is BN_GM_X as a range of x (mask_bounds in bn_backward.tmpl.h): the same mask, two comparisons a
+ * value. Ranges are found by walking the values in order: these keys number the floats and doubles in
+ * value order, -0.0 and +0.0 alike (key 0), +-inf at the ends. */
+#define BN_MASK_RANGE_MIN_COUNT 64.0 /* values per channel from which the backward uses BN_GM_XT */
+static inline int64_t bn_order_key_f32(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    const int64_t m = (int64_t)(u & 0x7fffffffu);
+    return u >> 31 ? -m : m;
+}
+
+static inline int64_t bn_order_key_f64(double v)
+{
+    uint64_t u;
+    memcpy(&u, &v, sizeof u);
+    const int64_t m = (int64_t)(u & 0x7fffffffffffffffull);
+    return u >> 63 ? -m : m;
+}
+
+static inline float bn_from_order_key_f32(int64_t k)
+{
+    const uint32_t u = k < 0 ? (uint32_t)(-k) | 0x80000000u : (uint32_t)k;
+    float v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+static inline double bn_from_order_key_f64(int64_t k)
+{
+    const uint64_t u = k < 0 ? (uint64_t)(-k) | 0x8000000000000000ull : (uint64_t)k;
+    double v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
 
 /* restrict for the per-position coefficient arrays and scratch that a loop reads beside the data it writes:
  * without it GCC gives up on the runtime alias checks of loops with many pointers and runs them scalar. */

@@ -133,6 +133,69 @@ def test_ties_at_zero_get_zero_gradient(dtype):
     np.testing.assert_array_equal(db_b, db_y)
 
 
+def _boundary_data(rng, dtype, layout, mean, invstd, gamma, beta, per_channel):
+    """x (N, C) or (N, C, S) whose values crowd each channel's ReLU boundary: the real root of
+    (x - mean) * invstd * gamma + beta and its neighbours a few ulps either side, plus zeros, +-inf, NaN,
+    the largest values and random ones."""
+    C = mean.size
+    info = np.finfo(dtype)
+    cols = []
+    for c in range(C):
+        with np.errstate(all="ignore"):
+            root = mean[c] - beta[c] / (invstd[c] * gamma[c])
+        r = dtype(root) if np.isfinite(root) and abs(root) < info.max else dtype(0)
+        near = [r]
+        lo = hi = r
+        for _ in range(6):
+            lo, hi = np.nextafter(lo, dtype(-np.inf)), np.nextafter(hi, dtype(np.inf))
+            near += [lo, hi]
+        special = [dtype(0), -dtype(0), dtype(np.inf), dtype(-np.inf), dtype(np.nan), info.max, -info.max,
+                   info.tiny, -info.tiny, dtype(mean[c]) if abs(mean[c]) < info.max else dtype(1)]
+        v = np.array(near + special, dtype)
+        v = np.concatenate([v, (rng.standard_normal(per_channel - v.size) * 3 + mean[c]).astype(dtype)])
+        cols.append(rng.permutation(v))
+    x = np.stack(cols, axis=1)  # (per_channel, C)
+    if layout == "row":  # NCHW-like, S = 8 positions per (n, c): row mode
+        x = x.reshape(per_channel // 8, 8, C).transpose(0, 2, 1).copy()
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["col", "row"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
+def test_mask_from_beta_is_the_forwards_at_the_boundary(rng, dtype, layout, training):
+    """The backward's mask from beta (found per channel as a range of x, or recomputed) against the
+    forward's own y > 0, on values one ulp either side of each channel's boundary, ties at 0, +-inf and
+    NaN; gamma of both signs and 0, means near 0 and far from it (float32's folded and centred forms),
+    tiny and huge invstd; and statistics that are not finite."""
+    C = 12
+    mean = np.array([0.0, 1.5, -3.0, 1e5, -2e6, 0.25, 7.0, 1e-3, 3.0, 0.0, 5.0, -1.0])
+    invstd = np.array([1.0, 2.0, 0.5, 1e-2, 3e-1, 1e4, 1e-30, 3.0, 1.0, 1.0, 2.0, 1e30])
+    gamma = np.array([1.0, -0.5, 2.0, 1.0, -3.0, 0.7, 1.0, 0.0, -1.0, 1.0, 0.0, 1e-3])
+    beta = np.array([0.0, 0.3, -1.0, 0.5, 2.0, -0.1, 1e-20, 0.2, 0.0, 1e-40, -0.5, -4.0])
+    for stats in ("finite", "inf mean", "nan invstd"):
+        m, s = mean.copy(), invstd.copy()
+        if stats == "inf mean":
+            m[3] = np.inf
+        elif stats == "nan invstd":
+            s[5] = np.nan
+        x = _boundary_data(rng, dtype, layout, mean, invstd, gamma, beta, per_channel=96)
+        y = bn.normalize(x, m, s, gamma, beta)
+        assert y.dtype == dtype
+        dy = make_data(rng, x.shape, dtype)
+        dx_b, dg_b, db_b = bn.backward(dy, x, m, s, gamma, training=training, activation="relu", beta=beta)
+        dx_y, dg_y, db_y = bn.backward(dy, x, m, s, gamma, training=training, activation="relu",
+                                       y=np.maximum(y, 0))
+        g = np.where(y > 0, dy, 0).astype(dtype)
+        dx0, dg0, db0 = bn.backward(g, x, m, s, gamma, training=training)
+        ones = bn.backward(np.ones_like(x), x, m, s, gamma, training=training, activation="relu", beta=beta)[2]
+        axes = (0, 2) if layout == "row" else 0
+        np.testing.assert_array_equal(ones, np.count_nonzero(y > 0, axis=axes), err_msg=stats)
+        for got, want in ((dx_b, dx0), (db_b, db0), (dx_y, dx0), (db_y, db0)):
+            np.testing.assert_array_equal(got, want, err_msg=stats)
+        np.testing.assert_array_equal(dg_b, dg0, err_msg=stats)
+
+
 def test_nan_stays_nan_and_masked_dy_does_not_leak():
     x = np.array([[1.0, 3.0], [2.0, 1.0], [3.0, 2.0], [4.0, 0.0]])
     r = np.zeros_like(x)
