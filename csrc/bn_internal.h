@@ -322,6 +322,24 @@ static inline double *bn_padded_array(double *base, ptrdiff_t len, int j)
     return base + (ptrdiff_t)j * (len + BN_ARRAY_PAD);
 }
 
+/* Column mode's per-position coefficients: out[j][k * S + s] = src[j][c0 + k] for k < c1 - c0, written
+ * to room[j]; with S = 1 that is src[j] + c0 itself, read in place (a copy per channel, in a loop of one
+ * position, was most of a (2, 4096) call). NULL src[j]: out[j] = room[j], left as it is. */
+static inline void bn_expand(int n, double *const *room, const double **out, const double *const *src,
+                             ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t S)
+{
+    for (int j = 0; j < n; j++) {
+        out[j] = room[j];
+        if (!src[j]) continue;
+        if (S == 1) {
+            out[j] = src[j] + c0;
+            continue;
+        }
+        for (ptrdiff_t k = 0; k < c1 - c0; k++)
+            for (ptrdiff_t s = 0; s < S; s++) room[j][k * S + s] = src[j][c0 + k];
+    }
+}
+
 /* Accumulator lanes of the contiguous reductions, and their fixed summation tree. */
 #define BN_LANES 16
 
@@ -330,8 +348,8 @@ static inline double *bn_padded_array(double *base, ptrdiff_t len, int j)
  * in the same order as the plain loops, so every build gives the same bits (an AVX2 or SSE2 build splits
  * the vectors into its own widths; elementwise, that changes nothing). Elsewhere (MSVC) the plain loops.
  * No local vector has its address taken (loads through may_alias pointer types of element alignment,
- * sums by macro): under AddressSanitizer an addressable local lives on its fake stack, and GCC 12's
- * AVX-512 code then crashed there in an OpenMP worker. */
+ * sums by macro), so none lives in memory (see BN_HAVE_AVX512 below for what AddressSanitizer did to
+ * 64-byte-aligned locals). */
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)
 #define BN_HAVE_VEXT (BN_LANES == 16)
 typedef double bn_v8d __attribute__((vector_size(64)));
