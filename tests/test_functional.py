@@ -729,6 +729,44 @@ def _lazy_zeros(nbytes):
         pytest.skip("cannot reserve the address space")
 
 
+@pytest.mark.parametrize("shape", [(6000, 300), (24, 300, 12, 12), (3, 4096), (40, 600, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_many_channels_and_row_groups(rng, shape):
+    """More channels than the kernels' per-channel steps take in one block (256), with the rows split into
+    groups (partial sums merged per channel) and without (one position per channel, coefficients read in
+    place): against the float64 reference, fused epilogues included, and the same bits at 1 and 2 threads."""
+    C = shape[1]
+    x = make_data(rng, shape, np.float32, loc=3.0)
+    dy = make_data(rng, shape, np.float32)
+    gamma, beta = params(rng, C)
+    rm, rv = uniform_stats(rng, C)
+    runs = []
+    for threads in (1, 2):
+        bn.set_num_threads(threads)
+        y, mean, invstd = bn.forward_train(x, gamma, beta, stats_dtype=np.float64)
+        yr, _, _ = bn.forward_train(x, gamma, beta, stats_dtype=np.float64, activation="relu")
+        runs.append([y, mean, invstd, yr, bn.forward_infer(x, rm, rv, gamma, beta),
+                     *bn.backward(dy, x, mean, invstd, gamma),
+                     *bn.backward(dy, x, mean, invstd, gamma, activation="relu", beta=beta),
+                     *bn.backward(dy, x, mean, invstd, gamma, training=False)])
+    for a, b in zip(*runs):
+        assert a.tobytes() == b.tobytes()
+    y, mean, invstd, yr, yi, dx, dg, db, dxr, dgr, dbr, dxf, dgf, dbf = runs[0]
+    ry, rmean, rinv = ref.forward_train(x, gamma, beta)
+    assert_close(y, ry, TOL[F32], "y")
+    assert_close(mean, rmean, TOL[F32], "mean")  # the reference rounds its statistics to float32
+    assert_close(invstd, rinv, TOL[F32], "invstd")
+    assert_close(yr, np.maximum(ry, 0), TOL[F32], "relu y")
+    assert_close(yi, ref.forward_infer(x, rm, rv, gamma, beta), TOL[F32], "infer")
+    for got, want in zip((dx, dg, db), ref.backward(dy, x, mean, invstd, gamma)):
+        assert_close(got, want, TOL[F32], "backward")
+    g = np.where(yr > 0, dy, 0).astype(np.float32)
+    for got, want in zip((dxr, dgr, dbr), ref.backward(g, x, mean, invstd, gamma)):
+        assert_close(got, want, TOL[F32], "backward, mask from beta")
+    for got, want in zip((dxf, dgf, dbf), ref.backward(dy, x, mean, invstd, gamma, training=False)):
+        assert_close(got, want, TOL[F32], "frozen backward")
+
+
 def test_strides_beyond_2_pow_31_bytes():
     from numpy.lib.stride_tricks import as_strided
     buf = _lazy_zeros(3 * 2**30 + 4096).view(np.float32)
