@@ -75,7 +75,7 @@ static BN_ALWAYS_INLINE double BN_NAME(grad_in)(const BN_T *dy, const BN_T *x, c
     const double g = (double)dy[i];
     if (gm == BN_GM_Y) return aux[i] > 0 ? g : 0.0;
     if (gm == BN_GM_XT) /* fc, fa: the range mask_bounds found, BN_T values (row mode: constants of the loop) */
-        return (x[i] >= (BN_T)fc) & (x[i] <= (BN_T)fa) ? g : 0.0;
+        return ((x[i] >= (BN_T)fc) & (x[i] <= (BN_T)fa)) ? g : 0.0;
     if (gm == BN_GM_X || gm == BN_GM_XR) {
         double v = ((double)x[i] - fc) * fa + fo; /* x - (+0.0) is x: the folded forward's value too */
         if (gm == BN_GM_XR) v += (double)aux[i];
@@ -245,7 +245,7 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x
         for (ptrdiff_t q = 0; q < wb; q++) {
             const double xq = (double)xr[q];
             /* XT: fc and fa hold the range's ends as BN_T values (item_sums) */
-            const double g = gm == BN_GM_XT ? ((xr[q] >= tlo[q]) & (xr[q] <= thi[q]) ? (double)dr[q] : 0.0)
+            const double g = gm == BN_GM_XT ? (((xr[q] >= tlo[q]) & (xr[q] <= thi[q])) ? (double)dr[q] : 0.0)
                                             : BN_NAME(grad_in)(dr, xr, ar, q, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0,
                                                                rc ? fo[q] : 0.0, gm);
             if (write) gr[q] = (BN_T)g;

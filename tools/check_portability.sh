@@ -63,8 +63,10 @@ EOF
 cat >"$stub/math.h" <<'EOF'
 #pragma once
 double sqrt(double); double fabs(double);
-/* the UCRT defines these as macros over _dclass/_dsign in C */
+/* the UCRT defines these as macros over _dclass/_dsign in C, and INFINITY as below */
 int _dclass(double); int _dsign(double);
+#define _HUGE_ENUF 1e+300
+#define INFINITY ((float)(_HUGE_ENUF * _HUGE_ENUF))
 #define isfinite(x) (_dclass(x) <= 0)
 #define signbit(x) (_dsign(x) != 0)
 EOF
