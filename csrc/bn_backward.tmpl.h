@@ -662,7 +662,7 @@ int BN_NAME(bn_backward_apply)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims 
 {
     bn_plan p;
     BN_NAME(bwd_plan)(&p, d, nthreads, BN_PARALLEL_MIN_ELEMS);
-    double *k = malloc(sizeof(double) * bn_padded_size(d.C, 4));
+    double *k = bn_scratch_take(sizeof(double) * bn_padded_size(d.C, 4));
     if (!k) return BN_ENOMEM;
     BN_NAME(bwd_args) a = {dy, x, dx, mean, invstd, gamma, 1, count, sum_dy, sum_dy_xmu, NULL, NULL, NULL, NULL,
                            k, bn_padded_array(k, d.C, 1), bn_padded_array(k, d.C, 2), bn_padded_array(k, d.C, 3),
@@ -670,7 +670,7 @@ int BN_NAME(bn_backward_apply)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims 
     bn_job job = {&p, NULL, BN_NAME(apply_finish), BN_NAME(grad_apply), BN_NAME(grad_apply_rows), 0,
                   BN_NAME(bwd_scratch)(&p, BN_GM_NONE), &a};
     int status = bn_drive(&job);
-    free(k);
+    bn_scratch_give(k);
     return status;
 }
 
@@ -686,7 +686,7 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
                    : ep->residual                ? BN_GM_XR
                                                  : BN_GM_X;
     const int recompute = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
-    double *k = malloc(sizeof(double) * bn_padded_size(d.C, recompute ? 7 : 4));
+    double *k = bn_scratch_take(sizeof(double) * bn_padded_size(d.C, recompute ? 7 : 4));
     if (!k) return BN_ENOMEM;
     BN_NAME(bwd_args) a = {dy, x, dx, mean, invstd, gamma, training, (double)d.N * (double)d.S, NULL, NULL,
                            NULL, NULL, dgamma, dbeta, k, bn_padded_array(k, d.C, 1), bn_padded_array(k, d.C, 2),
@@ -723,7 +723,7 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
     bn_job job = {&p, BN_NAME(sums_reduce), BN_NAME(backward_finish), BN_NAME(grad_apply), BN_NAME(grad_apply_rows),
                   sizeof(bn_sums), BN_NAME(bwd_scratch)(&p, gm), &a};
     int status = bn_drive(&job);
-    free(k);
+    bn_scratch_give(k);
     return status;
 }
 #undef BN_FOLD

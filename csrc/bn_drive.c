@@ -1,5 +1,6 @@
 /* bn_drive.c - the one OpenMP driver every kernel runs on: reduce -> finish -> apply over a plan (the
  * steps are described beside bn_job in bn_internal.h). Type-independent: the steps are the kernels'. */
+#include <string.h>
 #include "bn_internal.h"
 
 /* The steps over the plan, as run by each thread of a team: the loops are OpenMP worksharing constructs
@@ -62,7 +63,7 @@ int bn_drive(const bn_job *job)
     /* parts first (their slots are doubles), scratch after, both in one block */
     const size_t parts_doubles = (parts_bytes + sizeof(double) - 1) / sizeof(double);
     const size_t total = parts_bytes ? parts_doubles * sizeof(double) + scratch_bytes : scratch_bytes;
-    if (total > sizeof stack && !(heap = malloc(total))) return BN_ENOMEM;
+    if (total > sizeof stack && !(heap = bn_scratch_take(total))) return BN_ENOMEM;
     double *block = heap ? heap : stack;
     if (parts_bytes) parts = (char *)block;
     if (scratch_bytes) scratch = block + (parts_bytes ? parts_doubles : 0);
@@ -76,6 +77,90 @@ int bn_drive(const bn_job *job)
         /* no parallel region for one thread: entering one costs a call on a small tensor dearly */
         drive_team(job, scratch, parts, fused);
     }
-    free(heap);
+    bn_scratch_give(heap);
     return BN_OK;
 }
+
+/* ---- bn_scratch_take / bn_scratch_give (see bn_internal.h) ---- */
+
+/* A block is a header (its capacity) and the caller's bytes after it; the header keeps malloc's alignment. */
+#define BN_SCRATCH_HEADER 64
+
+static void *scratch_new(size_t bytes)
+{
+    if (bytes > (size_t)-1 - BN_SCRATCH_HEADER) return NULL;
+    char *b = malloc(BN_SCRATCH_HEADER + bytes);
+    if (b == NULL) return NULL;
+    memcpy(b, &bytes, sizeof bytes);
+    return b + BN_SCRATCH_HEADER;
+}
+
+static void scratch_free(void *p)
+{
+    if (p) free((char *)p - BN_SCRATCH_HEADER);
+}
+
+#if BN_SCRATCH_KEEPS
+#include <stdatomic.h>
+static _Atomic(void *) scratch_slots[BN_SCRATCH_SLOTS];
+
+static size_t scratch_capacity(const void *p)
+{
+    size_t cap;
+    memcpy(&cap, (const char *)p - BN_SCRATCH_HEADER, sizeof cap);
+    return cap;
+}
+
+/* Whether a kept block of capacity cap serves a request of bytes. Under AddressSanitizer only an exact
+ * fit, so that a kernel writing past its request still runs into the allocation's redzone. */
+static int scratch_fits(size_t cap, size_t bytes)
+{
+#if defined(__SANITIZE_ADDRESS__)
+    return cap == bytes;
+#else
+    return cap >= bytes;
+#endif
+}
+
+/* All kept blocks are taken out at once, the smallest that serves is used and the others go back: a call
+ * takes two blocks of different sizes (coefficients, then the driver's), and a first fit would hand the
+ * larger one to the smaller request. Another thread meanwhile finds the slots empty and allocates. */
+void *bn_scratch_take(size_t bytes)
+{
+    void *got[BN_SCRATCH_SLOTS];
+    int n = 0, best = -1;
+    for (int i = 0; i < BN_SCRATCH_SLOTS; i++) {
+        if (atomic_load_explicit(&scratch_slots[i], memory_order_relaxed) == NULL) continue;
+        void *p = atomic_exchange(&scratch_slots[i], NULL);
+        if (p != NULL) got[n++] = p;
+    }
+    for (int j = 0; j < n; j++)
+        if (scratch_fits(scratch_capacity(got[j]), bytes) &&
+            (best < 0 || scratch_capacity(got[j]) < scratch_capacity(got[best])))
+            best = j;
+    for (int j = 0; j < n; j++)
+        if (j != best) bn_scratch_give(got[j]);
+    return best >= 0 ? got[best] : scratch_new(bytes);
+}
+
+void bn_scratch_give(void *p)
+{
+    if (p == NULL) return;
+    if (scratch_capacity(p) <= BN_SCRATCH_KEEP_BYTES)
+        for (int i = 0; i < BN_SCRATCH_SLOTS; i++) {
+            void *expected = NULL;
+            if (atomic_compare_exchange_strong(&scratch_slots[i], &expected, p)) return;
+        }
+    scratch_free(p);
+}
+#else
+void *bn_scratch_take(size_t bytes)
+{
+    return scratch_new(bytes);
+}
+
+void bn_scratch_give(void *p)
+{
+    scratch_free(p);
+}
+#endif

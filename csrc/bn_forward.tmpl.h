@@ -461,7 +461,7 @@ int BN_NAME(bn_normalize)(const BN_T *x, BN_T *y, bn_dims d, const double *mean,
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads, BN_PARALLEL_MIN_ELEMS_NORMALIZE);
-    double *coefs = malloc(sizeof(double) * bn_padded_size(d.C, 3));
+    double *coefs = bn_scratch_take(sizeof(double) * bn_padded_size(d.C, 3));
     if (!coefs) return BN_ENOMEM;
     BN_NAME(fwd_args) a = {x, y, gamma, beta, 0.0, NULL, NULL, (double *)invstd, mean, coefs,
                            bn_padded_array(coefs, d.C, 1), bn_padded_array(coefs, d.C, 2), NULL, 0};
@@ -469,7 +469,7 @@ int BN_NAME(bn_normalize)(const BN_T *x, BN_T *y, bn_dims d, const double *mean,
     bn_job job = {&p, NULL, BN_NAME(normalize_finish), BN_NAME(normalize_apply), BN_NAME(normalize_rows), 0,
                   BN_NAME(fwd_scratch)(&p, 3), &a};
     int status = bn_drive(&job);
-    free(coefs);
+    bn_scratch_give(coefs);
     return status;
 }
 
@@ -479,7 +479,7 @@ int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *g
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads, BN_PARALLEL_MIN_ELEMS);
-    double *coefs = malloc(sizeof(double) * bn_padded_size(d.C, 3));
+    double *coefs = bn_scratch_take(sizeof(double) * bn_padded_size(d.C, 3));
     if (!coefs) return BN_ENOMEM;
     BN_NAME(fwd_args) a = {x, y, gamma, beta, eps, mean, m2, invstd, NULL, coefs, bn_padded_array(coefs, d.C, 1),
                            bn_padded_array(coefs, d.C, 2), NULL, 0};
@@ -487,7 +487,7 @@ int BN_NAME(bn_forward_train)(const BN_T *x, BN_T *y, bn_dims d, const double *g
     bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(train_finish), BN_NAME(normalize_apply), BN_NAME(normalize_rows),
                   sizeof(bn_moments), BN_NAME(fwd_scratch)(&p, 6), &a};
     int status = bn_drive(&job);
-    free(coefs);
+    bn_scratch_give(coefs);
     return status;
 }
 #undef BN_FOLD

@@ -162,9 +162,9 @@ static void MF(masked_stats_item)(const masked_plan *p, const T *x, const uint8_
 static int MF(masked_stats)(const masked_plan *p, const T *x, const uint8_t *mask, bn_dims d, double eps,
                             double *mean, double *m2, double *invstd)
 {
-    bn_moments *parts = malloc((size_t)(p->ngroups * d.C > 0 ? p->ngroups * d.C : 1) * sizeof *parts);
-    double *shift = malloc((size_t)(d.C > 0 ? d.C : 1) * sizeof *shift);
-    if (parts == NULL || shift == NULL) { free(parts); free(shift); return BN_ENOMEM; }
+    bn_moments *parts = bn_scratch_take((size_t)(p->ngroups * d.C > 0 ? p->ngroups * d.C : 1) * sizeof *parts);
+    double *shift = bn_scratch_take((size_t)(d.C > 0 ? d.C : 1) * sizeof *shift);
+    if (parts == NULL || shift == NULL) { bn_scratch_give(parts); bn_scratch_give(shift); return BN_ENOMEM; }
     MF(masked_shifts)(x, mask, d, shift);
     const ptrdiff_t nitems = p->nitems;
 #ifdef _OPENMP
@@ -178,8 +178,8 @@ static int MF(masked_stats)(const masked_plan *p, const T *x, const uint8_t *mas
         m2[c] = acc.m2;
         if (invstd) invstd[c] = 1.0 / sqrt((acc.n > 0 ? acc.m2 / acc.n : 0.0) + eps);
     }
-    free(parts);
-    free(shift);
+    bn_scratch_give(parts);
+    bn_scratch_give(shift);
     return BN_OK;
 }
 
@@ -227,17 +227,17 @@ int MF(bn_masked_forward_train)(const T *x, const uint8_t *mask, T *y, bn_dims d
 {
     masked_plan p;
     masked_make_plan(&p, d, nthreads);
-    double *coef = malloc(bn_padded_size(d.C, 2) * sizeof *coef);
+    double *coef = bn_scratch_take(bn_padded_size(d.C, 2) * sizeof *coef);
     if (coef == NULL) return BN_ENOMEM;
     int status = MF(masked_stats)(&p, x, mask, d, eps, mean, m2, invstd);
-    if (status != BN_OK) { free(coef); return status; }
+    if (status != BN_OK) { bn_scratch_give(coef); return status; }
     double *alpha = bn_padded_array(coef, d.C, 0), *offset = bn_padded_array(coef, d.C, 1);
     for (ptrdiff_t c = 0; c < d.C; c++) {
         alpha[c] = gamma ? invstd[c] * gamma[c] : invstd[c];
         offset[c] = beta ? beta[c] : 0.0;
     }
     MF(masked_apply)(&p, NULL, x, mask, y, d, mean, NULL, alpha, offset);
-    free(coef);
+    bn_scratch_give(coef);
     return BN_OK;
 }
 
@@ -282,9 +282,9 @@ int MF(bn_masked_backward)(const T *dy, const T *x, const uint8_t *mask, T *dx, 
 {
     masked_plan p;
     masked_make_plan(&p, d, nthreads);
-    bn_sums *parts = malloc((size_t)(p.ngroups * d.C > 0 ? p.ngroups * d.C : 1) * sizeof *parts);
-    double *coef = malloc(bn_padded_size(d.C, 3) * sizeof *coef);
-    if (parts == NULL || coef == NULL) { free(parts); free(coef); return BN_ENOMEM; }
+    bn_sums *parts = bn_scratch_take((size_t)(p.ngroups * d.C > 0 ? p.ngroups * d.C : 1) * sizeof *parts);
+    double *coef = bn_scratch_take(bn_padded_size(d.C, 3) * sizeof *coef);
+    if (parts == NULL || coef == NULL) { bn_scratch_give(parts); bn_scratch_give(coef); return BN_ENOMEM; }
     const ptrdiff_t nitems = p.nitems;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(p.nthreads) if (p.nthreads > 1)
@@ -307,9 +307,9 @@ int MF(bn_masked_backward)(const T *dy, const T *x, const uint8_t *mask, T *dx, 
         kx[c] = full ? -k1[c] * invstd[c] * invstd[c] * (acc.dyxm / M) : 0.0;
         k0[c] = full ? -k1[c] * (acc.dy / M) : 0.0;
     }
-    free(parts);
+    bn_scratch_give(parts);
     MF(masked_apply)(&p, dy, x, mask, dx, d, mean, k1, kx, k0);
-    free(coef);
+    bn_scratch_give(coef);
     return BN_OK;
 }
 

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "batchnorm.h"
+#include "bn_internal.h" /* bn_scratch_take / bn_scratch_give */
 
 static int failures = 0;
 #define CHECK(cond, ...)                                                             \
@@ -436,6 +437,35 @@ static void masked_case(tinfo t, bn_dims d)
     free(dg2); free(db2); free(sm); free(sq);
 }
 
+/* The kernels' per-call scratch: a block given back serves the next request of its size (where blocks
+ * are kept), blocks held at once are distinct, and more blocks than slots given back leak nothing (the
+ * leak checker of this sanitized build runs at exit). */
+static void scratch_case(void)
+{
+    unsigned char *p = bn_scratch_take(1000);
+    CHECK(p != NULL, "scratch: take failed");
+    if (p == NULL) return;
+    memset(p, 7, 1000);
+    bn_scratch_give(p);
+    unsigned char *q = bn_scratch_take(1000), *r = bn_scratch_take(1000);
+    CHECK(q != NULL && r != NULL && q != r, "scratch: two blocks held at once must differ");
+    if (BN_SCRATCH_KEEPS) CHECK(q == p || r == p, "scratch: the block given back was not reused");
+    if (q && r) {
+        memset(q, 1, 1000);
+        memset(r, 2, 1000);
+        CHECK(q[999] == 1 && r[0] == 2, "scratch: blocks overlap");
+    }
+    bn_scratch_give(q);
+    bn_scratch_give(r);
+    void *many[BN_SCRATCH_SLOTS + 3];
+    for (int i = 0; i < BN_SCRATCH_SLOTS + 3; i++) many[i] = bn_scratch_take((size_t)(100 + 10 * i));
+    for (int i = 0; i < BN_SCRATCH_SLOTS + 3; i++) bn_scratch_give(many[i]);
+    unsigned char *big = bn_scratch_take(BN_SCRATCH_KEEP_BYTES + 1); /* freed, not kept, when given back */
+    CHECK(big != NULL, "scratch: a large block");
+    if (big) big[BN_SCRATCH_KEEP_BYTES] = 1;
+    bn_scratch_give(big);
+}
+
 int main(void)
 {
     bn_dims cases[] = {{2, 3, 1}, {7, 5, 3}, {64, 8, 40}, {300, 4, 1}, {5000, 3, 1}, {3, 2, 70000},
@@ -444,6 +474,9 @@ int main(void)
     size_t run = 0, failed = 0;
     int before = failures;
     hand_case();
+    run++; failed += failures != before;
+    before = failures;
+    scratch_case();
     run++; failed += failures != before;
     for (int f32 = 0; f32 < 2; f32++)
         for (size_t i = 0; i < 2 * ncases; i++) {

@@ -554,3 +554,19 @@ def test_arith_probe_builds_runs_and_its_sums_agree(tmp_path):
         assert ulps[0] <= 0.5 + 1e-3 and ulps[1] <= 1.0 + 1e-2 and ulps[2] >= ulps[1], line
     rows = [line for line in lines if " row " in line]
     assert len(rows) == 2 and all("bits same" in line for line in rows), out
+
+
+def test_wide_step_script_runs_an_a_b():
+    """wide_step.py as a user runs it, this build against itself loaded as the base: exit 0, one row per
+    shape with a time and a fault count for each build and their ratio."""
+    import batchnorm._core as core
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(batchnorm.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
+    r = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "wide_step.py"), "--shapes", "2x64,3x500",
+                        "-r", "1", "-n", "2", "--base", core.__file__],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=BENCH_DIR)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("(")]
+    assert [row.split(")")[0] + ")" for row in rows] == ["(2, 64)", "(3, 500)"]
+    for row in rows:
+        assert len(row.split(")")[1].split()) == 5  # new us, new faults, base us, base faults, ratio
