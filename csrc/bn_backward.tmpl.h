@@ -235,7 +235,7 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x
                                                    double *BN_RESTRICT sa, double *BN_RESTRICT sb, const int gm,
                                                    const int write)
 {
-    const int rc = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
+    const int rc = bn_gm_from_x(gm);
     const BN_T *BN_RESTRICT tlo = gm == BN_GM_XT ? (const BN_T *)(const void *)fc : NULL,
                *BN_RESTRICT thi = gm == BN_GM_XT ? (const BN_T *)(const void *)fa : NULL;
     for (ptrdiff_t n = n0; n < n1; n++) {
@@ -292,7 +292,7 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_cols)(const BN_T *dy, const BN_T *x, c
                                                 const double *BN_RESTRICT fc, const double *BN_RESTRICT fa,
                                                 const double *BN_RESTRICT fo, const int gm)
 {
-    const int rc = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
+    const int rc = bn_gm_from_x(gm);
 #define BN_G(q) BN_NAME(grad_in)(dr, xr, ar, q, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0, rc ? fo[q] : 0.0, gm)
     for (ptrdiff_t n = n0; n < n1; n++) {
         ptrdiff_t off = n * p->W + first;
@@ -320,7 +320,7 @@ static void BN_NAME(grad_runs)(const BN_T *dy, const BN_T *x, const BN_T *aux, B
                                const double *falpha, const double *foff, int gm)
 {
     const ptrdiff_t S = p->S, C = p->C;
-    const int recompute = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
+    const int recompute = bn_gm_from_x(gm);
     for (ptrdiff_t r = r0, c = r0 % C; r < r1; r++, c = c + 1 == C ? 0 : c + 1) {
         const double m = centre[c], a = k1[c], b = k2[c], e = k3[c];
         const double fc = recompute ? fcen[c] : 0.0, fa = recompute ? falpha[c] : 0.0, fo = recompute ? foff[c] : 0.0;
@@ -356,7 +356,7 @@ static void BN_NAME(grad_item)(const BN_T *dy, const BN_T *x, const BN_T *aux, B
 {
     const ptrdiff_t S = p->S;
     const int folded = BN_FOLD && (!training || bn_all_plus_zero(centre, c0, c1));
-    const int recompute = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
+    const int recompute = bn_gm_from_x(gm);
     if (!p->colmode) {
         for (ptrdiff_t n = n0; n < n1; n++)
             BN_NAME(grad_runs)(dy, x, aux, dx, p, n * p->C + c0, n * p->C + c1, training, folded, centre, k1, k2,
@@ -415,7 +415,7 @@ static void BN_NAME(item_sums)(const BN_NAME(bwd_args) *a, const bn_plan *p, ptr
     const ptrdiff_t S = p->S;
     const BN_T *dy = a->dy, *x = a->x;
     const double *mean = a->mean;
-    const int gm = a->gm, recompute = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
+    const int gm = a->gm, recompute = bn_gm_from_x(gm);
     if (!p->colmode) {
         const ptrdiff_t stride = p->C * S, rows_per_chunk = S <= BN_SEG ? BN_SEG / S : 1;
         for (ptrdiff_t c = c0; c < c1; c++) {
@@ -493,7 +493,7 @@ static void BN_NAME(item_sums)(const BN_NAME(bwd_args) *a, const bn_plan *p, ptr
  * (unpadded, as fwd_scratch's); a recomputed mask needs the forward's 3 coefficients beside them. */
 static ptrdiff_t BN_NAME(bwd_scratch)(const bn_plan *p, int gm)
 {
-    const int arrays = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT ? 7 : 4;
+    const int arrays = bn_gm_from_x(gm) ? 7 : 4;
     return p->colmode ? arrays * p->ch_per_block * p->S : 0;
 }
 
@@ -685,7 +685,7 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
                    : ep->mask == BN_MASK_Y       ? BN_GM_Y
                    : ep->residual                ? BN_GM_XR
                                                  : BN_GM_X;
-    const int recompute = gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
+    const int recompute = bn_gm_from_x(gm);
     double *k = bn_scratch_take(sizeof(double) * bn_padded_size(d.C, recompute ? 7 : 4));
     if (!k) return BN_ENOMEM;
     BN_NAME(bwd_args) a = {dy, x, dx, mean, invstd, gamma, training, (double)d.N * (double)d.S, NULL, NULL,
@@ -705,16 +705,16 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
         a.fcen = bn_padded_array(k, d.C, 4);
         a.falpha = bn_padded_array(k, d.C, 5);
         a.foff = bn_padded_array(k, d.C, 6);
-        int finite = 1;
-        for (ptrdiff_t c = 0; c < d.C; c++) {
+        for (ptrdiff_t c = 0; c < d.C; c++)
             bn_forward_coefs(BN_FOLD, gamma, ep->beta, c, mean[c], invstd[c], &a.falpha[c], &a.fcen[c], &a.foff[c]);
-            finite &= isfinite(a.falpha[c]) && isfinite(a.fcen[c]) && isfinite(a.foff[c]);
-        }
         /* the mask as a range of x (mask_bounds), where the coefficients are finite (a NaN or inf statistic
          * keeps the forward's arithmetic): at (32, 64, 8, 8) float32 the recomputed mask cost the backward
          * more than reading y for it. Finding a range costs ~10 ns a channel, which channels of a few values
          * (64 or fewer; (8, 512): 1.1x) do not win back. */
-        if (gm == BN_GM_X && finite && (double)d.N * (double)d.S >= BN_MASK_RANGE_MIN_COUNT) {
+        int range = gm == BN_GM_X && (double)d.N * (double)d.S >= BN_MASK_RANGE_MIN_COUNT;
+        for (ptrdiff_t c = 0; range && c < d.C; c++)
+            range = isfinite(a.falpha[c]) && isfinite(a.fcen[c]) && isfinite(a.foff[c]);
+        if (range) {
             for (ptrdiff_t c = 0; c < d.C; c++)
                 BN_NAME(mask_bounds)(a.fcen[c], a.falpha[c], a.foff[c], &a.fcen[c], &a.falpha[c]);
             a.gm = BN_GM_XT;

@@ -170,6 +170,12 @@ enum { BN_GM_NONE = 0, BN_GM_Y = 1, BN_GM_X = 2, BN_GM_XR = 3, BN_GM_XT = 4 };
  * value. Ranges are found by walking the values in order: these keys number the floats and doubles in
  * value order, -0.0 and +0.0 alike (key 0), +-inf at the ends. */
 #define BN_MASK_RANGE_MIN_COUNT 64.0 /* values per channel from which the backward uses BN_GM_XT */
+/* Whether a mask is made from x with per-channel forward coefficients (fcen, falpha, foff: the forward's
+ * own, or for BN_GM_XT the range's ends in the first two), which the backward then carries and expands. */
+static inline int bn_gm_from_x(int gm)
+{
+    return gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_XT;
+}
 static inline int64_t bn_order_key_f32(float v)
 {
     uint32_t u;

@@ -431,14 +431,9 @@ def _vector_forms(v):
         assert not u.flags.aligned
         return u
 
-    def strided(a):
-        big = np.full(2 * a.size, np.nan, a.dtype)
-        big[::2] = a
-        return big[::2]
-
     return {
-        "f32": f32, "f64": v.copy(), "f32_step": strided(f32), "f64_step": strided(v),
-        "f32_neg": f32[::-1].copy()[::-1], "f64_neg": v[::-1].copy()[::-1],
+        "f32": f32, "f64": v.copy(), "f32_step": as_layout(f32, "step"), "f64_step": as_layout(v, "step"),
+        "f32_neg": as_layout(f32, "negall"), "f64_neg": as_layout(v, "negall"),
         ">f4": f32.astype(">f4"), ">f8": v.astype(">f8"), "f32_unaligned": unaligned(f32),
         "f64_unaligned": unaligned(v), "f32_subclass": f32.view(Sub), "f64_readonly": _readonly(v.copy()),
         "list": [float(t) for t in f32],
