@@ -267,12 +267,14 @@ int bn_channel_vector(PyObject *obj, const char *name, npy_intp C, const char *o
                 *out = v;
                 return 0;
             }
-            PyArrayObject *r = (PyArrayObject *)PyArray_SimpleNew(1, &C, NPY_DOUBLE);
+            PyArrayObject *r = bn_new_array(1, &C, NPY_DOUBLE, 0);
             if (r == NULL) return -1;
             double *d = (double *)PyArray_DATA(r);
             const char *src = PyArray_BYTES(v);
             const npy_intp step = PyArray_STRIDE(v, 0);
-            if (t == NPY_FLOAT)
+            if (t == NPY_FLOAT && step == (npy_intp)sizeof(float))
+                bn_widen_f32((const float *)src, d, C);
+            else if (t == NPY_FLOAT)
                 for (npy_intp i = 0; i < C; i++) d[i] = (double)*(const float *)(src + i * step);
             else
                 for (npy_intp i = 0; i < C; i++) d[i] = *(const double *)(src + i * step);
@@ -414,7 +416,7 @@ PyObject *bn_cast_vector(PyArrayObject *v, int typenum)
     if (typenum == NPY_FLOAT && PyArray_TYPE(v) == NPY_DOUBLE && PyArray_NDIM(v) == 1 &&
         PyArray_IS_C_CONTIGUOUS(v)) {
         npy_intp n = PyArray_DIM(v, 0);
-        PyArrayObject *r = (PyArrayObject *)PyArray_SimpleNew(1, &n, NPY_FLOAT);
+        PyArrayObject *r = bn_new_array(1, &n, NPY_FLOAT, 0);
         if (r == NULL) return NULL;
         const double *src = (const double *)PyArray_DATA(v);
         float *dst = (float *)PyArray_DATA(r);
@@ -428,9 +430,68 @@ PyObject *bn_cast_vector(PyArrayObject *v, int typenum)
     return r;
 }
 
+/* NumPy's allocator for the arrays bn_new_array takes from the kernels' block pool (batchnorm.h). The
+ * arrays own their data as any array does (base None, resizable); NumPy frees it through the handler
+ * they were made with, which gives the block back. */
+static void *pool_malloc(void *ctx, size_t size)
+{
+    (void)ctx;
+    return bn_block_take(size ? size : 1);
+}
+
+static void *pool_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    (void)ctx;
+    if (elsize && nelem > (size_t)-1 / elsize) return NULL;
+    const size_t size = nelem * elsize ? nelem * elsize : 1;
+    void *p = bn_block_take(size);
+    if (p) memset(p, 0, size);
+    return p;
+}
+
+static void *pool_realloc(void *ctx, void *ptr, size_t size)
+{
+    (void)ctx;
+    return bn_block_resize(ptr, size ? size : 1);
+}
+
+static void pool_free(void *ctx, void *ptr, size_t size)
+{
+    (void)ctx; (void)size;
+    bn_block_give(ptr);
+}
+
+static PyDataMem_Handler pool_handler = {
+    "batchnorm_block_pool", 1, {NULL, pool_malloc, pool_calloc, pool_realloc, pool_free}};
+
+PyArrayObject *bn_new_array(int nd, const npy_intp *shape, int typenum, int zeros)
+{
+    static PyObject *handler = NULL; /* a capsule of pool_handler, made once (the GIL is held) */
+    double bytes = typenum == NPY_DOUBLE ? 8 : typenum == NPY_FLOAT ? 4 : typenum == NPY_HALF ? 2 : 0;
+    for (int i = 0; i < nd; i++) bytes *= (double)shape[i];
+#ifdef Py_GIL_DISABLED
+    const int pooled = 0; /* the handler capsule is made lazily under the GIL */
+#else
+    const int pooled = bytes >= (double)BN_BLOCK_MIN_BYTES && bytes <= (double)BN_BLOCK_MAX_BYTES;
+#endif
+    if (!pooled)
+        return (PyArrayObject *)(zeros ? PyArray_ZEROS(nd, (npy_intp *)shape, typenum, 0)
+                                       : PyArray_SimpleNew(nd, (npy_intp *)shape, typenum));
+    if (handler == NULL && !(handler = PyCapsule_New(&pool_handler, "mem_handler", NULL))) return NULL;
+    PyObject *old = PyDataMem_SetHandler(handler);
+    if (old == NULL) return NULL;
+    PyArrayObject *a = (PyArrayObject *)(zeros ? PyArray_ZEROS(nd, (npy_intp *)shape, typenum, 0)
+                                               : PyArray_SimpleNew(nd, (npy_intp *)shape, typenum));
+    PyObject *back = PyDataMem_SetHandler(old);
+    Py_DECREF(old);
+    if (back == NULL) { Py_XDECREF(a); return NULL; }
+    Py_DECREF(back);
+    return a;
+}
+
 PyArrayObject *bn_new_vector(npy_intp C)
 {
-    return (PyArrayObject *)PyArray_ZEROS(1, &C, NPY_DOUBLE, 0);
+    return bn_new_array(1, &C, NPY_DOUBLE, 1);
 }
 
 PyObject *bn_kernel_failed(int status)

@@ -53,6 +53,9 @@ PyObject *bn_cast_vector(PyArrayObject *v, int typenum);  /* narrowing without N
  * bn_quiet_end keeps an error set in between and returns -1 then. */
 PyObject *bn_quiet_begin(void);
 int bn_quiet_end(PyObject *ctx);
+/* A new C-order array (of zeros if `zeros`); mid-sized ones take their memory from the kernels' block
+ * pool (batchnorm.h), which a training loop's next call gets back without fresh pages. */
+PyArrayObject *bn_new_array(int nd, const npy_intp *shape, int typenum, int zeros);
 PyArrayObject *bn_new_vector(npy_intp C);  /* float64 (C,) of zeros */
 PyObject *bn_kernel_failed(int status);
 /* activation=: None (NULL) or "relu" (*relu = 1). */

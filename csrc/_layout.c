@@ -64,7 +64,7 @@ static PyArrayObject *new_in_layout(const bn_layout *L, int typenum)
         pshape[j] = L->shape[L->perm[j]];
         inv[L->perm[j]] = j;
     }
-    PyArrayObject *flat = (PyArrayObject *)PyArray_SimpleNew(L->ndim, pshape, typenum);
+    PyArrayObject *flat = bn_new_array(L->ndim, pshape, typenum, 0);
     if (flat == NULL) return NULL;
     int identity = 1;
     for (int j = 0; j < L->ndim; j++) identity &= L->perm[j] == j;

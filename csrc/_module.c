@@ -1125,7 +1125,7 @@ static PyObject *normalize_impl(PyObject *x_obj, PyObject *const *vobj, const ch
                                 int allow_empty)
 {
     bn_input in = {0};
-    PyArrayObject *vec[4] = {NULL, NULL, NULL, NULL}, *result = NULL, *target = NULL, *invstd = NULL, *res = NULL;
+    PyArrayObject *vec[4] = {NULL, NULL, NULL, NULL}, *result = NULL, *target = NULL, *res = NULL;
     PyObject *ret = NULL;
     int status = BN_OK, relu = 0;
 
@@ -1136,20 +1136,14 @@ static PyObject *normalize_impl(PyObject *x_obj, PyObject *const *vobj, const ch
         bn_prepare_output(out_obj, &in, in.arr, res, NULL, &result, &target) < 0 || detach_all(4, vec, target) < 0)
         goto fail;
     const bn_epilogue ep = {relu, res ? DATA(res) : NULL};
-    if (eps >= 0) {
-        const npy_intp C = in.L.dims.C;
-        if (!(invstd = bn_new_vector(C))) goto fail;
-        double *pi = DATA(invstd);
-        const double *pv = DDATA(vec[1]);
-        for (npy_intp c = 0; c < C; c++) pi[c] = 1.0 / sqrt(pv[c] + eps);
-    } else {
-        invstd = vec[1];
-        Py_INCREF(invstd);
-    }
     if (nonempty(&in)) {
         Py_BEGIN_ALLOW_THREADS
-        status = BN_KERNEL(in.work, bn_normalize, DATA(in.arr), DATA(target), in.L.dims, DDATA(vec[0]),
-                           DDATA(invstd), DDATA(vec[2]), DDATA(vec[3]), &ep, bn_get_num_threads());
+        if (eps >= 0) /* inference: the kernel makes invstd of running_var */
+            status = BN_KERNEL(in.work, bn_forward_infer, DATA(in.arr), DATA(target), in.L.dims, DDATA(vec[0]),
+                               DDATA(vec[1]), eps, DDATA(vec[2]), DDATA(vec[3]), &ep, bn_get_num_threads());
+        else
+            status = BN_KERNEL(in.work, bn_normalize, DATA(in.arr), DATA(target), in.L.dims, DDATA(vec[0]),
+                               DDATA(vec[1]), DDATA(vec[2]), DDATA(vec[3]), &ep, bn_get_num_threads());
         Py_END_ALLOW_THREADS
     }
     if (status != BN_OK) { bn_kernel_failed(status); goto fail; }
@@ -1159,7 +1153,7 @@ static PyObject *normalize_impl(PyObject *x_obj, PyObject *const *vobj, const ch
 fail:
     bn_input_clear(&in);
     clear_all(4, vec);
-    Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(invstd); Py_XDECREF(res);
+    Py_XDECREF(result); Py_XDECREF(target); Py_XDECREF(res);
     return ret;
 }
 

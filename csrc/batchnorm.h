@@ -69,6 +69,18 @@ int bn_normalize_f32(const float *x, float *y, bn_dims d, const double *mean, co
 int bn_normalize_f64(const double *x, double *y, bn_dims d, const double *mean, const double *invstd,
                      const double *gamma, const double *beta, const bn_epilogue *ep, int nthreads);
 
+/* dst[i] = (double)src[i], i < n (the binding's float32 per-channel vectors), vectorized. */
+void bn_widen_f32(const float *src, double *dst, ptrdiff_t n);
+
+/* Inference: normalize with invstd = 1 / sqrt(running_var + eps), computed here (vectorized, the GIL
+ * released), the same bits as bn_normalize given that invstd. */
+int bn_forward_infer_f32(const float *x, float *y, bn_dims d, const double *running_mean,
+                         const double *running_var, double eps, const double *gamma, const double *beta,
+                         const bn_epilogue *ep, int nthreads);
+int bn_forward_infer_f64(const double *x, double *y, bn_dims d, const double *running_mean,
+                         const double *running_var, double eps, const double *gamma, const double *beta,
+                         const bn_epilogue *ep, int nthreads);
+
 /* Training forward: batch statistics, invstd = 1 / sqrt(m2 / (N * S) + eps), then normalize (and the
  * epilogue). mean, m2, invstd: double[C] outputs (the biased variance is m2 / (N * S)). */
 int bn_forward_train_f32(const float *x, float *y, bn_dims d, const double *gamma, const double *beta,
@@ -192,6 +204,23 @@ int bn_masked_backward_f32(const float *dy, const float *x, const uint8_t *mask,
 int bn_masked_backward_f64(const double *dy, const double *x, const uint8_t *mask, double *dx, bn_dims d,
                            const double *mean, const double *invstd, const double *gamma, int training,
                            double *dgamma, double *dbeta, int nthreads);
+
+/*
+ * Memory for the binding's mid-sized NumPy arrays (bn_drive.c): per-channel vectors of wide layers and
+ * outputs of small tensors, BN_BLOCK_MIN_BYTES to BN_BLOCK_MAX_BYTES. glibc serves such sizes from the
+ * top of its heap (or mmap) and hands them back to the system at every free, so a training loop that
+ * allocates them at every call faulted its pages in again each time: a fused BN+ReLU step at
+ * (2, 16384) took about 250 minor faults. Up to BN_BLOCK_SLOTS freed blocks (16 MiB in all) are kept
+ * for the next arrays, each serving requests of more than half its size (an array may outlive the call
+ * and should not hold much more than it uses); C11 atomics, any thread; plain malloc where the
+ * compiler has no <stdatomic.h>. bn_block_resize keeps the contents, as realloc.
+ */
+#define BN_BLOCK_SLOTS 16
+#define BN_BLOCK_MIN_BYTES ((size_t)32 << 10)
+#define BN_BLOCK_MAX_BYTES ((size_t)1 << 20)
+void *bn_block_take(size_t bytes);
+void bn_block_give(void *p);
+void *bn_block_resize(void *p, size_t bytes);
 
 #ifdef __cplusplus
 }

@@ -57,6 +57,13 @@ const char *bn_simd_name(void)
     {                                                                                                   \
         return BN_PICK(bn_normalize, TS, x, y, d, mean, invstd, gamma, beta, ep, nthreads);            \
     }                                                                                                   \
+    int bn_forward_infer_##TS(const T *x, T *y, bn_dims d, const double *running_mean,                 \
+                              const double *running_var, double eps, const double *gamma,               \
+                              const double *beta, const bn_epilogue *ep, int nthreads)                  \
+    {                                                                                                   \
+        return BN_PICK(bn_forward_infer, TS, x, y, d, running_mean, running_var, eps, gamma, beta, ep,   \
+                       nthreads);                                                                       \
+    }                                                                                                   \
     int bn_forward_train_##TS(const T *x, T *y, bn_dims d, const double *gamma, const double *beta,     \
                               double eps, double *mean, double *m2, double *invstd,                     \
                               const bn_epilogue *ep, int nthreads)                                      \
@@ -85,3 +92,8 @@ const char *bn_simd_name(void)
 
 BN_DEFINE_PUBLIC(float, f32)
 BN_DEFINE_PUBLIC(double, f64)
+
+void bn_widen_f32(const float *src, double *dst, ptrdiff_t n)
+{
+    BN_PICK(bn_widen, f32, src, dst, n);
+}

@@ -81,86 +81,138 @@ int bn_drive(const bn_job *job)
     return BN_OK;
 }
 
-/* ---- bn_scratch_take / bn_scratch_give (see bn_internal.h) ---- */
+/* ---- bn_scratch_take / bn_scratch_give and bn_block_* (see bn_internal.h and batchnorm.h) ---- */
 
-/* A block is a header (its capacity) and the caller's bytes after it; the header keeps malloc's alignment. */
-#define BN_SCRATCH_HEADER 64
+/* A block's bytes start on a 64-byte boundary (a cache line: vector loads from a pooled NumPy array
+ * then never straddle two; malloc's 16-byte alignment cost (64, 512) float32 inference ~10%), with
+ * malloc's own pointer and the capacity in the header before them. */
+#define BN_SCRATCH_ALIGN 64
+typedef struct {
+    void *raw;
+    size_t cap;
+} bn_block_header;
+
+static bn_block_header *scratch_header(const void *p)
+{
+    return (bn_block_header *)((char *)(uintptr_t)p - sizeof(bn_block_header));
+}
 
 static void *scratch_new(size_t bytes)
 {
-    if (bytes > (size_t)-1 - BN_SCRATCH_HEADER) return NULL;
-    char *b = malloc(BN_SCRATCH_HEADER + bytes);
-    if (b == NULL) return NULL;
-    memcpy(b, &bytes, sizeof bytes);
-    return b + BN_SCRATCH_HEADER;
+    const size_t extra = sizeof(bn_block_header) + BN_SCRATCH_ALIGN;
+    if (bytes > (size_t)-1 - extra) return NULL;
+    char *raw = malloc(extra + bytes);
+    if (raw == NULL) return NULL;
+    uintptr_t at = (uintptr_t)(raw + sizeof(bn_block_header));
+    char *p = raw + sizeof(bn_block_header) + ((BN_SCRATCH_ALIGN - at % BN_SCRATCH_ALIGN) % BN_SCRATCH_ALIGN);
+    bn_block_header h = {raw, bytes};
+    memcpy(scratch_header(p), &h, sizeof h);
+    return p;
 }
 
 static void scratch_free(void *p)
 {
-    if (p) free((char *)p - BN_SCRATCH_HEADER);
+    if (p) {
+        bn_block_header h;
+        memcpy(&h, scratch_header(p), sizeof h);
+        free(h.raw);
+    }
+}
+
+static size_t scratch_capacity(const void *p)
+{
+    bn_block_header h;
+    memcpy(&h, scratch_header(p), sizeof h);
+    return h.cap;
 }
 
 #if BN_SCRATCH_KEEPS
 #include <stdatomic.h>
-static _Atomic(void *) scratch_slots[BN_SCRATCH_SLOTS];
 
-static size_t scratch_capacity(const void *p)
-{
-    size_t cap;
-    memcpy(&cap, (const char *)p - BN_SCRATCH_HEADER, sizeof cap);
-    return cap;
-}
+/* Kept blocks: `n` slots, each empty or holding a freed block of at most `keep` bytes. */
+typedef struct {
+    _Atomic(void *) *slots;
+    _Atomic(unsigned) *turn; /* the slot a full pool's next freed block displaces */
+    int n;
+    size_t keep;
+    int snug; /* serve only requests of more than half a block (blocks that outlive the call) */
+} bn_pool;
+
+static _Atomic(void *) scratch_slots[BN_SCRATCH_SLOTS], block_slots[BN_BLOCK_SLOTS];
+static _Atomic(unsigned) scratch_turn, block_turn;
+static const bn_pool scratch_pool = {scratch_slots, &scratch_turn, BN_SCRATCH_SLOTS, BN_SCRATCH_KEEP_BYTES, 0};
+static const bn_pool block_pool = {block_slots, &block_turn, BN_BLOCK_SLOTS, BN_BLOCK_MAX_BYTES, 1};
 
 /* Whether a kept block of capacity cap serves a request of bytes. Under AddressSanitizer only an exact
  * fit, so that a kernel writing past its request still runs into the allocation's redzone. */
-static int scratch_fits(size_t cap, size_t bytes)
+static int pool_fits(const bn_pool *pool, size_t cap, size_t bytes)
 {
 #if defined(__SANITIZE_ADDRESS__)
+    (void)pool;
     return cap == bytes;
 #else
-    return cap >= bytes;
+    return cap >= bytes && (!pool->snug || cap / 2 < bytes);
 #endif
+}
+
+/* A freed block goes to an empty slot or, when all are full, displaces the block of the next slot in
+ * turn: blocks kept for sizes a program no longer uses (a model built before) would otherwise keep the
+ * sizes it now uses out for good. */
+static void pool_give(const bn_pool *pool, void *p)
+{
+    if (p == NULL) return;
+    if (scratch_capacity(p) > pool->keep) {
+        scratch_free(p);
+        return;
+    }
+    for (int i = 0; i < pool->n; i++) {
+        void *expected = NULL;
+        if (atomic_compare_exchange_strong(&pool->slots[i], &expected, p)) return;
+    }
+    const unsigned turn = atomic_fetch_add_explicit(pool->turn, 1u, memory_order_relaxed);
+    scratch_free(atomic_exchange(&pool->slots[turn % (unsigned)pool->n], p));
 }
 
 /* All kept blocks are taken out at once, the smallest that serves is used and the others go back: a call
  * takes two blocks of different sizes (coefficients, then the driver's), and a first fit would hand the
  * larger one to the smaller request. Another thread meanwhile finds the slots empty and allocates. */
-void *bn_scratch_take(size_t bytes)
+static void *pool_take(const bn_pool *pool, size_t bytes)
 {
-    void *got[BN_SCRATCH_SLOTS];
+    void *got[BN_BLOCK_SLOTS > BN_SCRATCH_SLOTS ? BN_BLOCK_SLOTS : BN_SCRATCH_SLOTS];
     int n = 0, best = -1;
-    for (int i = 0; i < BN_SCRATCH_SLOTS; i++) {
-        if (atomic_load_explicit(&scratch_slots[i], memory_order_relaxed) == NULL) continue;
-        void *p = atomic_exchange(&scratch_slots[i], NULL);
+    for (int i = 0; i < pool->n; i++) {
+        if (atomic_load_explicit(&pool->slots[i], memory_order_relaxed) == NULL) continue;
+        void *p = atomic_exchange(&pool->slots[i], NULL);
         if (p != NULL) got[n++] = p;
     }
     for (int j = 0; j < n; j++)
-        if (scratch_fits(scratch_capacity(got[j]), bytes) &&
+        if (pool_fits(pool, scratch_capacity(got[j]), bytes) &&
             (best < 0 || scratch_capacity(got[j]) < scratch_capacity(got[best])))
             best = j;
     for (int j = 0; j < n; j++)
-        if (j != best) bn_scratch_give(got[j]);
+        if (j != best) pool_give(pool, got[j]);
     return best >= 0 ? got[best] : scratch_new(bytes);
 }
 
-void bn_scratch_give(void *p)
-{
-    if (p == NULL) return;
-    if (scratch_capacity(p) <= BN_SCRATCH_KEEP_BYTES)
-        for (int i = 0; i < BN_SCRATCH_SLOTS; i++) {
-            void *expected = NULL;
-            if (atomic_compare_exchange_strong(&scratch_slots[i], &expected, p)) return;
-        }
-    scratch_free(p);
-}
+void *bn_scratch_take(size_t bytes) { return pool_take(&scratch_pool, bytes); }
+void bn_scratch_give(void *p) { pool_give(&scratch_pool, p); }
+void *bn_block_take(size_t bytes) { return pool_take(&block_pool, bytes); }
+void bn_block_give(void *p) { pool_give(&block_pool, p); }
 #else
-void *bn_scratch_take(size_t bytes)
-{
-    return scratch_new(bytes);
-}
-
-void bn_scratch_give(void *p)
-{
-    scratch_free(p);
-}
+void *bn_scratch_take(size_t bytes) { return scratch_new(bytes); }
+void bn_scratch_give(void *p) { scratch_free(p); }
+void *bn_block_take(size_t bytes) { return scratch_new(bytes); }
+void bn_block_give(void *p) { scratch_free(p); }
 #endif
+
+void *bn_block_resize(void *p, size_t bytes)
+{
+    if (p == NULL) return bn_block_take(bytes);
+    const size_t cap = scratch_capacity(p);
+    if (bytes <= cap && cap / 2 < bytes) return p;
+    void *q = bn_block_take(bytes);
+    if (q == NULL) return NULL;
+    memcpy(q, p, cap < bytes ? cap : bytes);
+    bn_block_give(p);
+    return q;
+}

@@ -430,6 +430,10 @@ static inline double bn_lanes_sum(const double *a)
     int bn_normalize_##SUFFIX(const T *x, T *y, bn_dims d, const double *mean, const double *invstd,    \
                               const double *gamma, const double *beta, const bn_epilogue *ep,          \
                               int nthreads);                                                            \
+    void bn_widen_##SUFFIX(const T *src, double *dst, ptrdiff_t n);                                     \
+    int bn_forward_infer_##SUFFIX(const T *x, T *y, bn_dims d, const double *running_mean,             \
+                                  const double *running_var, double eps, const double *gamma,           \
+                                  const double *beta, const bn_epilogue *ep, int nthreads);             \
     int bn_forward_train_##SUFFIX(const T *x, T *y, bn_dims d, const double *gamma, const double *beta, \
                                   double eps, double *mean, double *m2, double *invstd,                 \
                                   const bn_epilogue *ep, int nthreads);                                 \

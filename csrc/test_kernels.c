@@ -466,6 +466,45 @@ static void scratch_case(void)
     bn_scratch_give(big);
 }
 
+/* The binding's array blocks: 64-byte aligned; a block serves requests of more than half its size only;
+ * bn_block_resize keeps the contents; a full pool lets the newest block displace a kept one, so a size
+ * used now is kept whatever sizes filled the pool before. */
+static void block_case(void)
+{
+    unsigned char *p = bn_block_take(100000);
+    CHECK(p != NULL && (uintptr_t)p % 64 == 0, "block: take failed or not 64-byte aligned");
+    if (p == NULL) return;
+    bn_block_give(p);
+    unsigned char *small = bn_block_take(40000);
+    CHECK(small != NULL && small != p, "block: a block served a request of less than half its size");
+    unsigned char *q = bn_block_take(100000);
+    if (BN_SCRATCH_KEEPS) CHECK(q == p, "block: the block given back was not reused");
+    bn_block_give(small);
+    if (q == NULL) return;
+    for (int i = 0; i < 100000; i++) q[i] = (unsigned char)i;
+    unsigned char *g = bn_block_resize(q, 200000); /* grows: a new block, the old contents */
+    CHECK(g != NULL && (uintptr_t)g % 64 == 0, "block: resize failed or not aligned");
+    if (g == NULL) return;
+    CHECK(g[0] == 0 && g[99999] == (unsigned char)99999, "block: resize lost the contents");
+    g[199999] = 1;
+    unsigned char *h = bn_block_resize(g, 150000); /* shrinks to more than half: the same block */
+    CHECK(h == g && h[99999] == (unsigned char)99999, "block: resize within the block moved it");
+    bn_block_give(h);
+    void *many[BN_BLOCK_SLOTS];
+    for (int i = 0; i < BN_BLOCK_SLOTS; i++) many[i] = bn_block_take(3000);
+    for (int i = 0; i < BN_BLOCK_SLOTS; i++) bn_block_give(many[i]); /* the pool is full of 3000-byte blocks */
+    unsigned char *fresh = bn_block_take(70000);
+    CHECK(fresh != NULL, "block: take failed");
+    bn_block_give(fresh);
+    unsigned char *again = bn_block_take(70000);
+    if (BN_SCRATCH_KEEPS) CHECK(again == fresh, "block: a full pool did not keep the newest block");
+    bn_block_give(again);
+    unsigned char *big = bn_block_take(BN_BLOCK_MAX_BYTES + 1); /* freed, not kept, when given back */
+    CHECK(big != NULL, "block: a large block");
+    if (big) big[BN_BLOCK_MAX_BYTES] = 1;
+    bn_block_give(big);
+}
+
 int main(void)
 {
     bn_dims cases[] = {{2, 3, 1}, {7, 5, 3}, {64, 8, 40}, {300, 4, 1}, {5000, 3, 1}, {3, 2, 70000},
@@ -477,6 +516,7 @@ int main(void)
     run++; failed += failures != before;
     before = failures;
     scratch_case();
+    block_case();
     run++; failed += failures != before;
     for (int f32 = 0; f32 < 2; f32++)
         for (size_t i = 0; i < 2 * ncases; i++) {

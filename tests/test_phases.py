@@ -339,6 +339,31 @@ def test_forward_phases_have_forward_train_bits(rng, shape, axis, layout, dtype)
     assert_bits(bn.forward_infer(x, mean, m2 / count, gamma, beta, eps=eps, axis=axis), y, "forward_infer")
 
 
+@pytest.mark.parametrize("C", [1, 7, 33, 4099, 16387])
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("vectors", ["float32", "float32 strided", "float64"])
+def test_forward_infer_is_normalize_with_invstd_of_the_running_var(rng, C, dtype, vectors):
+    """forward_infer makes invstd = 1 / sqrt(running_var + eps) in the kernel (vectorized; any C, so the
+    loops' tails too) and converts float32 vectors itself: the bits of normalize given NumPy's invstd."""
+    x = (rng.standard_normal((3, C)) * 3 + 1).astype(dtype)
+    rm, rv, g, b = rng.standard_normal(C), rng.uniform(0.01, 4, C), rng.uniform(0.5, 2, C), rng.standard_normal(C)
+    rv[0] = 0.0  # invstd 1/sqrt(eps)
+
+    def vec(v):
+        if vectors == "float64":
+            return v
+        if vectors == "float32":
+            return v.astype(F32)
+        return np.repeat(v.astype(F32), 2)[::2]  # every other value of a float32 array: a stride of 8 bytes
+
+    rm, rv, g, b = (vec(v) for v in (rm, rv, g, b))
+    eps = 1e-3
+    invstd = 1 / np.sqrt(rv.astype(F64) + eps)
+    for relu in (None, "relu"):
+        want = bn.normalize(x, rm, invstd, g, b, activation=relu)
+        assert_bits(bn.forward_infer(x, rm, rv, g, b, eps=eps, activation=relu), want, f"forward_infer {relu}")
+
+
 @pytest.mark.parametrize("stats", ["result", "float64"])
 @pytest.mark.parametrize("shape,axis,layout,dtype", BIT_PARAMS + BIT_PARAMS_F16)
 def test_backward_phases_have_backward_bits(rng, shape, axis, layout, dtype, stats):

@@ -208,3 +208,120 @@ def test_a_ragged_list_names_the_argument_and_chains_numpys_reason():
         bn.forward_train([[1.0, 2.0], [3.0]])
     if np.lib.NumpyVersion(np.__version__) >= "1.24.0":  # before 1.24 NumPy made an object array, no error
         assert isinstance(info.value.__cause__, ValueError)
+
+
+# ---- the binding's pooled arrays (mid-sized outputs and per-channel vectors) ---------------------------
+
+def _handler_name(arr=None):
+    try:
+        from numpy._core.multiarray import get_handler_name
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import get_handler_name
+    return get_handler_name() if arr is None else get_handler_name(arr)
+
+
+@pytest.mark.parametrize("shape, axis", [((2, 16384), 1), ((4, 8, 8, 256), -1), ((64, 512), 1),
+                                         ((3, 7, 2000), 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_mid_sized_outputs_are_ordinary_arrays(rng, shape, axis, dtype):
+    """Outputs whose memory comes from the block pool behave as any NumPy array: they own it (or their
+    base does, for a channels-last result), can be resized, pickled and written, share nothing with each
+    other, and NumPy's own arrays made afterwards use its default allocator again."""
+    import pickle
+
+    x = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    dy = rng.standard_normal(shape).astype(dtype)
+    g, b = rng.uniform(0.5, 2, C), rng.uniform(-1, 1, C)
+    y, mean, invstd = bn.forward_train(x, g, b, axis=axis, stats_dtype=np.float64)
+    dx, dg, db = bn.backward(dy, x, mean, invstd, g, axis=axis)
+    yi = bn.forward_infer(x, mean, 1 / invstd**2, g, b, axis=axis, eps=0.0)
+    outs = [y, mean, invstd, dx, dg, db, yi]
+    for a in outs:
+        owner = a if a.base is None else a.base
+        assert owner.flags.owndata and owner.base is None
+        assert a.flags.writeable and a.flags.aligned
+        assert not any(np.shares_memory(a, o) for o in outs if o is not a)
+        back = pickle.loads(pickle.dumps(a))
+        np.testing.assert_array_equal(back, a)
+        assert back.dtype == a.dtype and back.shape == a.shape
+    assert _handler_name() == "default_allocator"
+    assert _handler_name(np.empty(shape, dtype)) == "default_allocator"
+    # the results are the unpooled ones: the same call on a copy that the pool is not asked for (out=)
+    y2 = np.empty_like(y)
+    bn.forward_train(x, g, b, axis=axis, out=y2)
+    np.testing.assert_array_equal(y, y2)
+    # growing and shrinking a pooled array in place keeps its values (NumPy resizes through the pool)
+    pooled = [a for a in outs if _handler_name(a if a.base is None else a.base) != "default_allocator"]
+    assert pooled or max(a.nbytes for a in outs) < 32 << 10  # the pool takes 32 KiB to 1 MiB
+    flat = dg
+    want = flat.copy()
+    flat.resize(3 * flat.size, refcheck=False)
+    np.testing.assert_array_equal(flat[:want.size], want)
+    assert not flat[want.size:].any()
+    flat.resize(want.size // 2 + 1, refcheck=False)
+    np.testing.assert_array_equal(flat, want[:want.size // 2 + 1])
+    # outputs freed in any order, then the same calls again, give the same bits
+    del outs, y, mean, invstd, dx, dg, db, yi
+    y3, m3, s3 = bn.forward_train(x, g, b, axis=axis, stats_dtype=np.float64)
+    np.testing.assert_array_equal(y3, y2)
+
+
+def test_pooled_arrays_from_many_threads(rng):
+    """Python threads calling at once (the kernels run without the GIL; arrays are freed in whichever
+    thread drops them) get the results of a single thread."""
+    import threading
+
+    xs = [rng.standard_normal((2, 8192 + 512 * k)).astype(np.float32) for k in range(6)]
+    want = [bn.forward_train(x)[0] for x in xs]
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(200):
+                y, mean, invstd = bn.forward_train(xs[k])
+                dx = bn.backward(y, xs[k], mean, invstd)[0]
+                if not np.array_equal(y, want[k]) or dx.shape != xs[k].shape:
+                    errors.append(k)
+                    return
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="minor faults as Linux counts them")
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""), reason="AddressSanitizer's own allocator")
+def test_a_wide_layers_steps_touch_no_fresh_memory():
+    """A training loop's fused BN+ReLU step on a wide layer (2, 16384) reuses its memory: glibc hands
+    mid-sized blocks back to the system at every free, and this step took ~250 minor page faults (most of
+    its time) before the binding's arrays came from a pool. Fresh process: glibc's state is the loop's."""
+    out = run_child("""
+    import resource
+    import numpy as np
+    import batchnorm as bn
+    bn.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    C = 16384
+    x, dy = (rng.standard_normal((2, C)).astype(np.float32) for _ in range(2))
+    g, b = rng.uniform(0.5, 2, C).astype(np.float32), rng.uniform(-1, 1, C).astype(np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    def step():
+        y, mean, invstd = bn.forward_train(x, g, b, running_mean=rm, running_var=rv, activation="relu",
+                                           stats_dtype=np.float64)
+        bn.backward(dy, x, mean, invstd, g, activation="relu", beta=b)
+        bn.forward_infer(x, rm, rv, g, b)
+    for _ in range(20):
+        step()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(100):
+        step()
+    print("faults", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 100)
+    """, timeout=120)
+    faults = float(out.split("faults")[-1])
+    assert faults < 16, out
