@@ -334,6 +334,13 @@ void bn_update_running(PyArrayObject *r, const double *batch, double divisor, do
     npy_intp C = PyArray_DIM(r, 0), stride = PyArray_STRIDE(r, 0);
     char *p = PyArray_BYTES(r);
     const int swap = !PyArray_ISNOTSWAPPED(r), single = PyArray_TYPE(r) == NPY_FLOAT;
+    if (!swap && PyArray_ISALIGNED(r) && stride == (single ? (npy_intp)sizeof(float) : (npy_intp)sizeof(double))) {
+        if (single)
+            bn_update_running_f32((float *)p, batch, divisor, momentum, C);
+        else
+            bn_update_running_f64((double *)p, batch, divisor, momentum, C);
+        return;
+    }
     for (npy_intp c = 0; c < C; c++, p += stride) {
         const double b = batch[c] / divisor;
         if (single) {
@@ -418,9 +425,7 @@ PyObject *bn_cast_vector(PyArrayObject *v, int typenum)
         npy_intp n = PyArray_DIM(v, 0);
         PyArrayObject *r = bn_new_array(1, &n, NPY_FLOAT, 0);
         if (r == NULL) return NULL;
-        const double *src = (const double *)PyArray_DATA(v);
-        float *dst = (float *)PyArray_DATA(r);
-        for (npy_intp i = 0; i < n; i++) dst[i] = (float)src[i];
+        bn_narrow_f32((const double *)PyArray_DATA(v), (float *)PyArray_DATA(r), n);
         return (PyObject *)r;
     }
     PyObject *quiet = bn_quiet_begin();

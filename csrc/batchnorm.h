@@ -69,8 +69,13 @@ int bn_normalize_f32(const float *x, float *y, bn_dims d, const double *mean, co
 int bn_normalize_f64(const double *x, double *y, bn_dims d, const double *mean, const double *invstd,
                      const double *gamma, const double *beta, const bn_epilogue *ep, int nthreads);
 
-/* dst[i] = (double)src[i], i < n (the binding's float32 per-channel vectors), vectorized. */
+/* Per-channel vector steps of the binding, vectorized: dst[i] = (double)src[i] and dst[i] = (float)src[i]
+ * for i < n; the running statistics' update r[c] = (1 - momentum) * r[c] + momentum * (batch[c] / divisor),
+ * evaluated in double and rounded to r's type. */
 void bn_widen_f32(const float *src, double *dst, ptrdiff_t n);
+void bn_narrow_f32(const double *src, float *dst, ptrdiff_t n);
+void bn_update_running_f32(float *r, const double *batch, double divisor, double momentum, ptrdiff_t n);
+void bn_update_running_f64(double *r, const double *batch, double divisor, double momentum, ptrdiff_t n);
 
 /* Inference: normalize with invstd = 1 / sqrt(running_var + eps), computed here (vectorized, the GIL
  * released), the same bits as bn_normalize given that invstd. */

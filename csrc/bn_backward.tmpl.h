@@ -705,8 +705,7 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
         a.fcen = bn_padded_array(k, d.C, 4);
         a.falpha = bn_padded_array(k, d.C, 5);
         a.foff = bn_padded_array(k, d.C, 6);
-        for (ptrdiff_t c = 0; c < d.C; c++)
-            bn_forward_coefs(BN_FOLD, gamma, ep->beta, c, mean[c], invstd[c], &a.falpha[c], &a.fcen[c], &a.foff[c]);
+        BN_NAME(bn_coefs_range)(d.C, mean, invstd, gamma, ep->beta, a.falpha, a.fcen, a.foff);
         /* the mask as a range of x (mask_bounds), where the coefficients are finite (a NaN or inf statistic
          * keeps the forward's arithmetic): at (32, 64, 8, 8) float32 the recomputed mask cost the backward
          * more than reading y for it. Finding a range costs ~10 ns a channel, which channels of a few values

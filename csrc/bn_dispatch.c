@@ -97,3 +97,18 @@ void bn_widen_f32(const float *src, double *dst, ptrdiff_t n)
 {
     BN_PICK(bn_widen, f32, src, dst, n);
 }
+
+void bn_narrow_f32(const double *src, float *dst, ptrdiff_t n)
+{
+    BN_PICK(bn_narrow, f32, src, dst, n);
+}
+
+void bn_update_running_f32(float *r, const double *batch, double divisor, double momentum, ptrdiff_t n)
+{
+    BN_PICK(bn_update_running, f32, r, batch, divisor, momentum, n);
+}
+
+void bn_update_running_f64(double *r, const double *batch, double divisor, double momentum, ptrdiff_t n)
+{
+    BN_PICK(bn_update_running, f64, r, batch, divisor, momentum, n);
+}

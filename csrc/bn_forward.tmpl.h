@@ -364,8 +364,10 @@ static inline bn_moments BN_NAME(merged_moments)(const bn_job *job, ptrdiff_t c,
 
 /* alpha, centre and offset of n channels from their mean and invstd (see the algebra at the top), from
  * restrict parameters so that the loop vectorizes without alias checks: wide layers ((2, 4096)) spend a
- * good part of a small call on these. gamma, beta as bn_forward_coefs takes them, from channel 0. */
-BN_NOINLINE static void BN_NAME(coefs_range)(ptrdiff_t n, const double *BN_RESTRICT mean,
+ * good part of a small call on these. gamma, beta as bn_forward_coefs takes them, from channel 0. The
+ * backward's recomputed ReLU mask calls it too (bn_internal.h declares it), for the forward's very
+ * coefficients. */
+BN_NOINLINE void BN_NAME(bn_coefs_range)(ptrdiff_t n, const double *BN_RESTRICT mean,
                                              const double *BN_RESTRICT invstd, const double *BN_RESTRICT gamma,
                                              const double *BN_RESTRICT beta, double *BN_RESTRICT alpha,
                                              double *BN_RESTRICT centre, double *BN_RESTRICT offset)
@@ -386,7 +388,7 @@ BN_NOINLINE static void BN_NAME(invstd_range)(ptrdiff_t n, const double *BN_REST
 static void BN_NAME(normalize_coefs)(const BN_NAME(fwd_args) *a, ptrdiff_t c0, ptrdiff_t c1, const double *mean,
                                      const double *invstd)
 {
-    BN_NAME(coefs_range)(c1 - c0, mean + c0, invstd + c0, a->gamma ? a->gamma + c0 : NULL,
+    BN_NAME(bn_coefs_range)(c1 - c0, mean + c0, invstd + c0, a->gamma ? a->gamma + c0 : NULL,
                          a->beta ? a->beta + c0 : NULL, a->alpha + c0, a->centre + c0, a->offset + c0);
 }
 
@@ -486,6 +488,21 @@ BN_NOINLINE static void BN_NAME(invstd_of_var)(ptrdiff_t n, const double *BN_RES
 void BN_NAME(bn_widen)(const BN_T *BN_RESTRICT src, double *BN_RESTRICT dst, ptrdiff_t n)
 {
     for (ptrdiff_t i = 0; i < n; i++) dst[i] = (double)src[i];
+}
+
+/* r = (1 - momentum) * r + momentum * (batch / divisor), rounded to r's type: the running statistics'
+ * update of a contiguous native vector (the binding's general loop, per value through memcpy and a
+ * division at its baseline SSE2, was a quarter of a training forward at (2, 16384)). */
+void BN_NAME(bn_update_running)(BN_T *BN_RESTRICT r, const double *BN_RESTRICT batch, double divisor,
+                                double momentum, ptrdiff_t n)
+{
+    for (ptrdiff_t c = 0; c < n; c++) r[c] = (BN_T)((1.0 - momentum) * (double)r[c] + momentum * (batch[c] / divisor));
+}
+
+/* dst[i] = src[i] rounded to BN_T (float64 statistics and gradients returned as float32). */
+void BN_NAME(bn_narrow)(const double *BN_RESTRICT src, BN_T *BN_RESTRICT dst, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++) dst[i] = (BN_T)src[i];
 }
 
 int BN_NAME(bn_forward_infer)(const BN_T *x, BN_T *y, bn_dims d, const double *running_mean,

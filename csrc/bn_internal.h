@@ -430,7 +430,13 @@ static inline double bn_lanes_sum(const double *a)
     int bn_normalize_##SUFFIX(const T *x, T *y, bn_dims d, const double *mean, const double *invstd,    \
                               const double *gamma, const double *beta, const bn_epilogue *ep,          \
                               int nthreads);                                                            \
+    void bn_coefs_range_##SUFFIX(ptrdiff_t n, const double *mean, const double *invstd,                \
+                                 const double *gamma, const double *beta, double *alpha, double *centre, \
+                                 double *offset);                                                       \
     void bn_widen_##SUFFIX(const T *src, double *dst, ptrdiff_t n);                                     \
+    void bn_narrow_##SUFFIX(const double *src, T *dst, ptrdiff_t n);                                    \
+    void bn_update_running_##SUFFIX(T *r, const double *batch, double divisor, double momentum,        \
+                                    ptrdiff_t n);                                                       \
     int bn_forward_infer_##SUFFIX(const T *x, T *y, bn_dims d, const double *running_mean,             \
                                   const double *running_var, double eps, const double *gamma,           \
                                   const double *beta, const bn_epilogue *ep, int nthreads);             \

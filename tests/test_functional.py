@@ -555,6 +555,29 @@ def test_running_stats_as_strided_views(rng, view):
     assert_close(y, ref.forward_infer(x, rm, rv), TOL[F32], "forward_infer with strided stats")
 
 
+@pytest.mark.parametrize("C", [1, 5, 67, 5000])
+@pytest.mark.parametrize("rs_dtype", ["f4", "f8"])
+def test_running_stats_update_has_the_same_bits_in_every_form(rng, C, rs_dtype):
+    """Contiguous native running statistics are updated by a vectorized kernel, strided, byte-swapped
+    and unaligned ones by the binding's general loop: the same expression, so the same bits."""
+    x = make_data(rng, (9, C, 2), np.float32)
+    rm0, rv0 = uniform_stats(rng, C, np.dtype(rs_dtype))
+
+    def forms(v):
+        strided = np.repeat(v, 2)[::2]
+        swapped = v.astype(v.dtype.newbyteorder(">"))
+        unaligned = np.ndarray(C, v.dtype, np.zeros(C * v.itemsize + 1, np.uint8), 1)
+        unaligned[...] = v
+        return {"contiguous": v.copy(), "strided": strided, "swapped": swapped, "unaligned": unaligned}
+
+    ms, vs = forms(rm0), forms(rv0)
+    for form in ms:
+        bn.forward_train(x, running_mean=ms[form], running_var=vs[form], momentum=0.3)
+    for form in ms:
+        for got, want, what in ((ms[form], ms["contiguous"], "mean"), (vs[form], vs["contiguous"], "var")):
+            assert _bits(np.asarray(got, rm0.dtype)) == _bits(want), f"running_{what} {form}"
+
+
 def test_defaults_eps_and_momentum(rng):
     """Small-variance data makes eps matter: the default must be 1e-5, momentum 0.1, axis 1."""
     x = make_data(rng, (8, 3, 4), np.float64, scale=2e-3)
