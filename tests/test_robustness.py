@@ -301,27 +301,16 @@ def test_a_wide_layers_steps_touch_no_fresh_memory():
     """A training loop's fused BN+ReLU step on a wide layer (2, 16384) reuses its memory: glibc hands
     mid-sized blocks back to the system at every free, and this step took ~250 minor page faults (most of
     its time) before the binding's arrays came from a pool. Fresh process: glibc's state is the loop's."""
-    out = run_child("""
-    import resource
-    import numpy as np
-    import batchnorm as bn
-    bn.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    C = 16384
-    x, dy = (rng.standard_normal((2, C)).astype(np.float32) for _ in range(2))
-    g, b = rng.uniform(0.5, 2, C).astype(np.float32), rng.uniform(-1, 1, C).astype(np.float32)
-    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
-    def step():
-        y, mean, invstd = bn.forward_train(x, g, b, running_mean=rm, running_var=rv, activation="relu",
-                                           stats_dtype=np.float64)
-        bn.backward(dy, x, mean, invstd, g, activation="relu", beta=b)
-        bn.forward_infer(x, rm, rv, g, b)
-    for _ in range(20):
-        step()
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(100):
-        step()
-    print("faults", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 100)
+    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks")
+    out = run_child(f"""
+    import sys
+    sys.path.insert(0, {bench!r})
+    import batchnorm._core as core
+    from wide_step import make_step, measure   # the step benchmarks/wide_step.py times
+    core.set_num_threads(1)
+    step = make_step(core, (2, 16384))
+    measure(step, 20)
+    print("faults", measure(step, 100)[1])
     """, timeout=120)
     faults = float(out.split("faults")[-1])
     assert faults < 16, out
