@@ -448,7 +448,7 @@ static void *pool_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     (void)ctx;
     if (elsize && nelem > (size_t)-1 / elsize) return NULL;
-    const size_t size = nelem * elsize ? nelem * elsize : 1;
+    const size_t size = nelem * elsize > 0 ? nelem * elsize : 1;
     void *p = bn_block_take(size);
     if (p) memset(p, 0, size);
     return p;

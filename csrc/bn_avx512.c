@@ -15,6 +15,15 @@
 #pragma GCC target("avx512f,avx512vl,prefer-vector-width=512")
 #endif
 
+#if BN_HAVE_VEXT
+/* one vcvtps2pd from memory per 8 floats (see BN_V8D_LOAD); the same values */
+#include <immintrin.h>
+#undef BN_V8F_CVT
+#define BN_V8F_CVT(p) ((bn_v8d)_mm512_cvtps_pd(_mm256_loadu_ps((const float *)(const void *)(p))))
+#undef BN_V8F_WIDEN
+#define BN_V8F_WIDEN(v) ((bn_v8d)_mm512_cvtps_pd((__m256)(v)))
+#endif
+
 #define BN_T float
 #define BN_NAME(f) f##_f32_avx512
 #include "bn_forward.tmpl.h"

@@ -172,6 +172,48 @@ static BN_ALWAYS_INLINE bn_sums BN_NAME(runs_sums_gm)(const BN_T *dy, const BN_T
 {
     double a[BN_LANES] = {0}, b[BN_LANES] = {0}, ta = 0, tb = 0;
     const ptrdiff_t body = len - len % BN_LANES;
+#if BN_HAVE_VEXT
+    /* float32, a mask from y or from x's range, g kept (write): one loop, as runs_sums (the same additions
+     * lane by lane, so the same bits), which selects g among the floats (dy, or +0.0 as grad_in gives
+     * it), stores it and sums it widened. GCC's two plain loops converted dy twice and read g back in a
+     * second pass: backward(relu, y=) at (32, 64, 8, 8) spent over half its time in them. */
+    if (sizeof(BN_T) == sizeof(float) && write && (gm == BN_GM_Y || gm == BN_GM_XT)) {
+        bn_v8d a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
+        const bn_v8d mv = {m, m, m, m, m, m, m, m};
+        const float lo = (float)fc, hi = (float)fa; /* XT: the range's ends, float values */
+        const bn_v8f zero = {0}, vlo = {lo, lo, lo, lo, lo, lo, lo, lo}, vhi = {hi, hi, hi, hi, hi, hi, hi, hi};
+#define BN_F8(p) (*(const bn_v8f_mem *)(const void *)(p))
+        for (ptrdiff_t r = 0; r < runs; r++) {
+            const ptrdiff_t o = r * stride;
+            const BN_T *g = dy + o, *v = x + o, *w = gm == BN_GM_Y ? aux + o : NULL;
+            BN_T *dr = dres + o;
+            for (ptrdiff_t i = 0; i < body; i += BN_LANES) {
+                const bn_v8f x0 = BN_F8(v + i), x1 = BN_F8(v + i + 8);
+                const bn_v8i k0 = gm == BN_GM_Y ? BN_F8(w + i) > zero : (x0 >= vlo) & (x0 <= vhi),
+                             k1 = gm == BN_GM_Y ? BN_F8(w + i + 8) > zero : (x1 >= vlo) & (x1 <= vhi);
+                const bn_v8f s0 = (bn_v8f)((bn_v8i)BN_F8(g + i) & k0), s1 = (bn_v8f)((bn_v8i)BN_F8(g + i + 8) & k1);
+                *(bn_v8f_mem *)(void *)(dr + i) = s0;
+                *(bn_v8f_mem *)(void *)(dr + i + 8) = s1;
+                const bn_v8d g0 = BN_V8F_WIDEN(s0), g1 = BN_V8F_WIDEN(s1);
+                a0 += g0;
+                a1 += g1;
+                b0 += g0 * (BN_V8F_WIDEN(x0) - mv);
+                b1 += g1 * (BN_V8F_WIDEN(x1) - mv);
+            }
+#undef BN_F8
+            for (ptrdiff_t i = body; i < len; i++) {
+                const double gv = BN_NAME(grad_in)(g, v, w, i, fc, fa, fo, gm);
+                dr[i] = (BN_T)gv;
+                ta += gv;
+                tb += gv * ((double)v[i] - m);
+            }
+        }
+        bn_sums res;
+        res.dy = BN_V8D_LANES_SUM(a0, a1) + ta;
+        res.dyxm = BN_V8D_LANES_SUM(b0, b1) + tb;
+        return res;
+    }
+#endif
     for (ptrdiff_t r = 0; r < runs; r++) {
         const ptrdiff_t o = r * stride;
         const BN_T *g = dy + o, *v = x + o, *w = gm == BN_GM_Y || gm == BN_GM_XR ? aux + o : NULL;

@@ -378,10 +378,17 @@ static inline void bn_expand(int n, double *const *room, const double **out, con
 typedef double bn_v8d __attribute__((vector_size(64)));
 typedef double bn_v8d_mem __attribute__((vector_size(64), aligned(8), may_alias));
 typedef float bn_v8f_mem __attribute__((vector_size(32), aligned(4), may_alias));
-/* 8 values from p (float or double, any alignment) as doubles. */
+/* 8 values from p (float or double, any alignment) as doubles. The float conversion is BN_V8F_CVT, which
+ * bn_avx512.c redefines: GCC 12 lowers this __builtin_convertvector to two 4-wide conversions, an extract
+ * and an insert, even for AVX-512. */
+#define BN_V8F_CVT(p) __builtin_convertvector(*(const bn_v8f_mem *)(const void *)(p), bn_v8d)
 #define BN_V8D_LOAD(p)                                                                                  \
-    (sizeof(*(p)) == sizeof(float) ? __builtin_convertvector(*(const bn_v8f_mem *)(const void *)(p), bn_v8d) \
-                                   : (bn_v8d)(*(const bn_v8d_mem *)(const void *)(p)))
+    (sizeof(*(p)) == sizeof(float) ? BN_V8F_CVT(p) : (bn_v8d)(*(const bn_v8d_mem *)(const void *)(p)))
+/* 8 floats in a register, their int lanes (comparisons: -1 true, 0 false), and the floats as doubles
+ * (BN_V8F_WIDEN, redefined by bn_avx512.c as BN_V8F_CVT is). */
+typedef float bn_v8f __attribute__((vector_size(32)));
+typedef int bn_v8i __attribute__((vector_size(32)));
+#define BN_V8F_WIDEN(v) __builtin_convertvector((v), bn_v8d)
 /* bn_lanes_sum of the 16 lanes lo[0..7], hi[0..7] (lanes 0-7 and 8-15), in the same order. */
 #define BN_V8D_LANES_SUM(lo, hi)                                                                        \
     ((((lo)[0] + (hi)[0]) + ((lo)[4] + (hi)[4])) + (((lo)[1] + (hi)[1]) + ((lo)[5] + (hi)[5])) +        \
