@@ -22,6 +22,9 @@
 #define BN_V8F_CVT(p) ((bn_v8d)_mm512_cvtps_pd(_mm256_loadu_ps((const float *)(const void *)(p))))
 #undef BN_V8F_WIDEN
 #define BN_V8F_WIDEN(v) ((bn_v8d)_mm512_cvtps_pd((__m256)(v)))
+/* 8 doubles rounded to floats and stored at p (float *, any alignment); here only (GCC 12 crashed on a
+ * narrowing of these vectors in the AVX2 build), so the other builds keep their plain loops */
+#define BN_V8F_STORE(p, v) _mm256_storeu_ps((float *)(void *)(p), _mm512_cvtpd_ps((__m512d)(v)))
 #endif
 
 #define BN_T float
