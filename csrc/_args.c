@@ -479,18 +479,19 @@ PyArrayObject *bn_new_array(int nd, const npy_intp *shape, int typenum, int zero
 #else
     const int pooled = bytes >= (double)BN_BLOCK_MIN_BYTES && bytes <= (double)BN_BLOCK_MAX_BYTES;
 #endif
-    if (!pooled)
-        return (PyArrayObject *)(zeros ? PyArray_ZEROS(nd, (npy_intp *)shape, typenum, 0)
-                                       : PyArray_SimpleNew(nd, (npy_intp *)shape, typenum));
-    if (handler == NULL && !(handler = PyCapsule_New(&pool_handler, "mem_handler", NULL))) return NULL;
-    PyObject *old = PyDataMem_SetHandler(handler);
-    if (old == NULL) return NULL;
+    PyObject *old = NULL;
+    if (pooled) {
+        if (handler == NULL && !(handler = PyCapsule_New(&pool_handler, "mem_handler", NULL))) return NULL;
+        if (!(old = PyDataMem_SetHandler(handler))) return NULL;
+    }
     PyArrayObject *a = (PyArrayObject *)(zeros ? PyArray_ZEROS(nd, (npy_intp *)shape, typenum, 0)
                                                : PyArray_SimpleNew(nd, (npy_intp *)shape, typenum));
-    PyObject *back = PyDataMem_SetHandler(old);
-    Py_DECREF(old);
-    if (back == NULL) { Py_XDECREF(a); return NULL; }
-    Py_DECREF(back);
+    if (pooled) {
+        PyObject *back = PyDataMem_SetHandler(old);
+        Py_DECREF(old);
+        if (back == NULL) { Py_XDECREF(a); return NULL; }
+        Py_DECREF(back);
+    }
     return a;
 }
 

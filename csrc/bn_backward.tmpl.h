@@ -317,10 +317,13 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_run)(const BN_T *dr, const BN_T *xr, c
      * expression lane by lane, so the same bits */
     if (sizeof(BN_T) == sizeof(float) && training && fold && gm == BN_GM_NONE) {
         const bn_v8d av = {a, a, a, a, a, a, a, a}, ev = {e, e, e, e, e, e, e, e}, bv = {b, b, b, b, b, b, b, b};
-        ptrdiff_t s = 0;
-        for (; s + 8 <= S; s += 8) BN_V8F_STORE(out + s, av * BN_V8D_LOAD(dr + s) + (BN_V8D_LOAD(xr + s) * ev + bv));
-        for (; s < S; s++) out[s] = (BN_T)(a * (double)dr[s] + ((double)xr[s] * e + b));
-        return;
+        const ptrdiff_t body = S - S % 8;
+        for (ptrdiff_t s = 0; s < body; s += 8)
+            BN_V8F_STORE(out + s, av * BN_V8D_LOAD(dr + s) + (BN_V8D_LOAD(xr + s) * ev + bv));
+        dr += body; /* the tail by the loop below (aux is not read without a mask) */
+        xr += body;
+        out += body;
+        S -= body;
     }
 #endif
     if (!training)

@@ -126,6 +126,13 @@ static size_t scratch_capacity(const void *p)
     return h.cap;
 }
 
+/* The block pool's fit: a block serves, or keeps through a resize, requests of more than half its size
+ * (an array may outlive the call and should not hold much more than it uses). */
+static int snug_fit(size_t cap, size_t bytes)
+{
+    return cap >= bytes && cap / 2 < bytes;
+}
+
 #if BN_SCRATCH_KEEPS
 #include <stdatomic.h>
 
@@ -151,7 +158,7 @@ static int pool_fits(const bn_pool *pool, size_t cap, size_t bytes)
     (void)pool;
     return cap == bytes;
 #else
-    return cap >= bytes && (!pool->snug || cap / 2 < bytes);
+    return pool->snug ? snug_fit(cap, bytes) : cap >= bytes;
 #endif
 }
 
@@ -209,7 +216,7 @@ void *bn_block_resize(void *p, size_t bytes)
 {
     if (p == NULL) return bn_block_take(bytes);
     const size_t cap = scratch_capacity(p);
-    if (bytes <= cap && cap / 2 < bytes) return p;
+    if (snug_fit(cap, bytes)) return p;
     void *q = bn_block_take(bytes);
     if (q == NULL) return NULL;
     memcpy(q, p, cap < bytes ? cap : bytes);
