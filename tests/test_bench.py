@@ -570,3 +570,33 @@ def test_wide_step_script_runs_an_a_b():
     assert [row.split(")")[0] + ")" for row in rows] == ["(2, 64)", "(3, 500)"]
     for row in rows:
         assert len(row.split(")")[1].split()) == 5  # new us, new faults, base us, base faults, ratio
+
+
+def test_phase_ab_script_runs_an_a_b():
+    """phase_ab.py as a user runs it, this build against itself loaded as the base: exit 0, a row per
+    shape and op, and every op of the two builds reported as the same bits."""
+    import batchnorm._core as core
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(batchnorm.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
+    r = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "phase_ab.py"), "--shapes", "5x700,2x3x4x9",
+                        "-r", "1", "-n", "1", "--dtype", "float64", "--base", core.__file__],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=BENCH_DIR)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from phase_ab import OPS
+    rows = [line.split() for line in r.stdout.splitlines() if line[:1].isdigit()]
+    assert [(row[0], row[1]) for row in rows] == [(s, op) for s in ("5x700", "2x3x4x9") for op in OPS]
+    for row in rows:
+        if row[1] == "copy":
+            assert len(row) == 3
+        else:
+            assert len(row) == 6 and row[-1] == "same", row  # new ms, base ms, ratio, bits
+
+
+def test_phase_ab_bits_tell_outputs_apart():
+    """The A/B's "bits" column compares what each call returned and what it wrote to out=."""
+    from phase_ab import make_data, result_bits
+    d = make_data((3, 5), np.dtype(np.float64))
+    x = d["x"]
+    assert result_bits(lambda: np.copyto(d["y"], x), d) == result_bits(lambda: np.copyto(d["y"], x), d)
+    assert result_bits(lambda: np.copyto(d["y"], x), d) != result_bits(lambda: np.copyto(d["y"], -x), d)
+    assert result_bits(lambda: (x.sum(0), None), d) != result_bits(lambda: (x.sum(0) + 1, None), d)

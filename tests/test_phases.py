@@ -1222,6 +1222,43 @@ def test_phases_bit_identical_for_1_and_2_threads(rng, shape, axis, dtype):
         assert_bits(b, a, f"{name}: 2 threads vs 1")
 
 
+# Column mode's vector loops (8 positions a step, rows in sweeps of 2 or 4, and the backward's dx for two
+# rows half an item apart where the coefficients are wide) against the one-row, one-position loops: a
+# column's results do not depend on its neighbours or on the rows beside it. Widths around 8 and 682 and
+# 1024 put positions in the vector body and the scalar tail, row counts leave sweeps part-filled.
+@pytest.mark.parametrize("N", [1, 2, 3, 5, 9, 34])
+@pytest.mark.parametrize("C", [7, 9, 683, 1027])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_column_mode_columns_and_rows_alone_have_the_bits_of_the_whole(rng, N, C, dtype):
+    x = (rng.standard_normal((N, C)) * 3 + 2).astype(dtype)
+    dy = rng.standard_normal((N, C)).astype(dtype)
+    gamma = rng.random(C) + 0.5
+    count, mean, m2 = bn.batch_stats(x)
+    invstd = 1 / np.sqrt(m2 / count + 1e-5)
+    s1, s2 = bn.backward_reduce(dy, x, mean)
+    dx = bn.backward_apply(dy, x, mean, invstd, gamma, s1, s2, N)
+    dxb, dg, db = bn.backward(dy, x, mean, invstd, gamma)
+    for c in sorted({0, 1, C // 2, C - 8, C - 1}):
+        col = slice(c, c + 1)
+        _, m_c, m2_c = bn.batch_stats(x[:, col])
+        assert_bits(m_c, mean[col], f"mean of column {c}")
+        assert_bits(m2_c, m2[col], f"m2 of column {c}")
+        a_c, b_c = bn.backward_reduce(dy[:, col], x[:, col], mean[col])
+        assert_bits(a_c, s1[col], f"sum_dy of column {c}")
+        assert_bits(b_c, s2[col], f"sum_dy_xmu of column {c}")
+        ab = (dy[:, col], x[:, col], mean[col], invstd[col], gamma[col])
+        assert_bits(bn.backward_apply(*ab, s1[col], s2[col], N), dx[:, col], f"dx of column {c}")
+        dx_c, dg_c, db_c = bn.backward(*ab)
+        assert_bits(dx_c, dxb[:, col], f"backward's dx of column {c}")
+        assert_bits(dg_c, dg[col], f"dgamma of column {c}")
+        assert_bits(db_c, db[col], f"dbeta of column {c}")
+    for i in range(N):
+        row = slice(i, i + 1)
+        got = bn.backward_apply(dy[row], x[row], mean, invstd, gamma, s1, s2, N)
+        assert_bits(got, dx[row], f"dx of row {i}")
+    assert_bits(dxb, dx, "backward vs backward_apply")
+
+
 # --------------------------------------------------------------------------------------------------
 # regressions found by fuzzing the binding
 # --------------------------------------------------------------------------------------------------
