@@ -288,7 +288,43 @@ static BN_ALWAYS_INLINE void BN_NAME(apply_cols_epi)(const BN_T *x, const BN_T *
                                                       const double *BN_RESTRICT ea, const double *BN_RESTRICT eb,
                                                       const int epi)
 {
-    for (ptrdiff_t n = n0; n < n1; n++) {
+    ptrdiff_t n = n0;
+#ifdef BN_V8F_STORE
+    if (sizeof(BN_T) == sizeof(float) && folded && !(epi & BN_EPI_ADD)) {
+        const ptrdiff_t body = wb - wb % 8, h = wb > 1024 ? (n1 - n0) / 2 : 0, W = h * p->W;
+        for (; n < n0 + h; n++) {
+            const ptrdiff_t off = n * p->W + first;
+            const BN_T *xr = x + off;
+            BN_T *yr = y + off;
+            for (ptrdiff_t q = 0; q < body; q += 8) {
+                const bn_v8d a = BN_V8D_LOAD(ea + q), b = BN_V8D_LOAD(eb + q);
+                bn_v8d v = BN_V8D_LOAD(xr + q) * a + b, w = BN_V8D_LOAD(xr + W + q) * a + b;
+                if (epi & BN_EPI_RELU) {
+                    v = BN_V8D_RELU(v);
+                    w = BN_V8D_RELU(w);
+                }
+                BN_V8F_STORE(yr + q, v);
+                BN_V8F_STORE(yr + W + q, w);
+            }
+            for (ptrdiff_t q = body; q < wb; q++) {
+                yr[q] = BN_NAME(epilogue)((double)xr[q] * ea[q] + eb[q], NULL, q, epi);
+                yr[W + q] = BN_NAME(epilogue)((double)xr[W + q] * ea[q] + eb[q], NULL, q, epi);
+            }
+        }
+        for (n += h; n < n1; n++) {
+            const ptrdiff_t off = n * p->W + first;
+            const BN_T *xr = x + off;
+            BN_T *yr = y + off;
+            for (ptrdiff_t q = 0; q < body; q += 8) {
+                bn_v8d v = BN_V8D_LOAD(xr + q) * BN_V8D_LOAD(ea + q) + BN_V8D_LOAD(eb + q);
+                if (epi & BN_EPI_RELU) v = BN_V8D_RELU(v);
+                BN_V8F_STORE(yr + q, v);
+            }
+            for (ptrdiff_t q = body; q < wb; q++) yr[q] = BN_NAME(epilogue)((double)xr[q] * ea[q] + eb[q], NULL, q, epi);
+        }
+    }
+#endif
+    for (; n < n1; n++) {
         ptrdiff_t off = n * p->W + first;
         const BN_T *xr = x + off, *rr = (epi & BN_EPI_ADD) ? res + off : NULL;
         BN_T *yr = y + off;

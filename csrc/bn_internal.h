@@ -389,6 +389,10 @@ typedef float bn_v8f_mem __attribute__((vector_size(32), aligned(4), may_alias))
 typedef float bn_v8f __attribute__((vector_size(32)));
 typedef int bn_v8i __attribute__((vector_size(32)));
 #define BN_V8F_WIDEN(v) __builtin_convertvector((v), bn_v8d)
+/* The fused ReLU of 8 doubles as the scalar v < 0 ? 0 : v: +0.0 where v < 0, v elsewhere (NaN and -0.0
+ * stay), by a mask (C has no vector ?:). */
+typedef long long bn_v8l __attribute__((vector_size(64)));
+#define BN_V8D_RELU(v) ((bn_v8d)((bn_v8l)(v) & ~(bn_v8l)((v) < (bn_v8d){0, 0, 0, 0, 0, 0, 0, 0})))
 /* bn_lanes_sum of the 16 lanes lo[0..7], hi[0..7] (lanes 0-7 and 8-15), in the same order. */
 #define BN_V8D_LANES_SUM(lo, hi)                                                                        \
     ((((lo)[0] + (hi)[0]) + ((lo)[4] + (hi)[4])) + (((lo)[1] + (hi)[1]) + ((lo)[5] + (hi)[5])) +        \
