@@ -25,7 +25,7 @@ import batchnorm._core as new_core
 from small_ab import load_core
 
 SHAPES = [(32768, 256), (8192, 1024), (2048, 4096), (64, 28, 28, 256)]
-OPS = ["copy", "stats", "train", "infer", "reduce", "apply", "bwd", "bwd_relu_beta"]
+OPS = ["copy", "stats", "train", "infer", "reduce", "apply", "bwd", "bwd_relu_beta", "bwd_relu_y"]
 
 
 def make_data(shape, dtype, seed=0):
@@ -37,6 +37,7 @@ def make_data(shape, dtype, seed=0):
     _, d["mean"], m2 = new_core.batch_stats(x, axis=d["ax"])
     d["invstd"] = 1 / np.sqrt(m2 / d["count"] + 1e-5)
     d["sum_dy"], d["sum_dy_xmu"] = new_core.backward_reduce(d["dy"], x, d["mean"], axis=d["ax"])
+    d["y_relu"] = new_core.forward_train(x, d["g"], d["b"], axis=d["ax"], activation="relu")[0]
     return d
 
 
@@ -54,6 +55,8 @@ def call(core, op, d):
                                              axis=ax, out=y),
         "bwd": lambda: core.backward(dy, x, mean, invstd, g, axis=ax, out=y),
         "bwd_relu_beta": lambda: core.backward(dy, x, mean, invstd, g, axis=ax, out=y, activation="relu", beta=b),
+        "bwd_relu_y": lambda: core.backward(dy, x, mean, invstd, g, axis=ax, out=y, activation="relu",
+                                            y=d["y_relu"]),
     }[op]
 
 

@@ -270,29 +270,51 @@ static bn_sums BN_NAME(runs_sums_any)(const BN_T *dy, const BN_T *x, const BN_T 
 /* Column mode: rows [n0, n1) of an item (wb positions from offset `first`) summed per position into sa, sb,
  * with g masked (fc, fa, fo: the forward's coefficients per position) and written to dres when `write`. */
 #if BN_HAVE_VEXT
-/* Column mode, g = dy: the sums of rows [n, n + R), 8 positions a step, each position adding its rows in
- * order as the one-row loop does (the same bits), its running sums loaded and stored once per R rows. */
-static BN_ALWAYS_INLINE void BN_NAME(cols_sums_sweep)(const BN_T *dr, const BN_T *xr, ptrdiff_t W, ptrdiff_t wb,
-                                                      const double *BN_RESTRICT em, double *BN_RESTRICT sa,
-                                                      double *BN_RESTRICT sb, const int R)
+/* Column mode: the sums of rows [n, n + R), 8 positions a step, each position adding its rows in order as
+ * the one-row loop does (the same bits), its running sums loaded and stored once per R rows. g is dy, or
+ * for float32 with g kept (write) the masked dy selected among the floats as runs_sums_gm does (mask from
+ * y, or from x's range: tlo, thi), stored to gr and summed widened. */
+static BN_ALWAYS_INLINE void BN_NAME(cols_sums_sweep)(const BN_T *dr, const BN_T *xr, const BN_T *ar, BN_T *gr,
+                                                      ptrdiff_t W, ptrdiff_t wb, const double *BN_RESTRICT em,
+                                                      const BN_T *tlo, const BN_T *thi, double *BN_RESTRICT sa,
+                                                      double *BN_RESTRICT sb, const int R, const int gm)
 {
     const ptrdiff_t body = wb - wb % 8;
+    const bn_v8f zero = {0};
+#define BN_F8(p) (*(const bn_v8f_mem *)(const void *)(p))
     for (ptrdiff_t q = 0; q < body; q += 8) {
         bn_v8d va = BN_V8D_LOAD(sa + q), vb = BN_V8D_LOAD(sb + q);
         const bn_v8d vm = BN_V8D_LOAD(em + q);
         for (int j = 0; j < R; j++) {
-            const bn_v8d g = BN_V8D_LOAD(dr + j * W + q);
+            const ptrdiff_t o = j * W + q;
+            bn_v8d g, xv;
+            if (gm == BN_GM_NONE) {
+                g = BN_V8D_LOAD(dr + o);
+                xv = BN_V8D_LOAD(xr + o);
+            } else {
+                const bn_v8f xf = BN_F8(xr + o);
+                const bn_v8i k = gm == BN_GM_Y ? BN_F8(ar + o) > zero : (xf >= BN_F8(tlo + q)) & (xf <= BN_F8(thi + q));
+                const bn_v8f sf = (bn_v8f)((bn_v8i)BN_F8(dr + o) & k);
+                *(bn_v8f_mem *)(void *)(gr + o) = sf;
+                g = BN_V8F_WIDEN(sf);
+                xv = BN_V8F_WIDEN(xf);
+            }
             va += g;
-            vb += g * (BN_V8D_LOAD(xr + j * W + q) - vm);
+            vb += g * (xv - vm);
         }
         *(bn_v8d_mem *)(void *)(sa + q) = va;
         *(bn_v8d_mem *)(void *)(sb + q) = vb;
     }
+#undef BN_F8
     for (ptrdiff_t q = body; q < wb; q++)
         for (int j = 0; j < R; j++) {
-            const double g = (double)dr[j * W + q];
+            const ptrdiff_t o = j * W + q;
+            const double g = gm == BN_GM_NONE ? (double)dr[o]
+                             : gm == BN_GM_Y  ? (ar[o] > 0 ? (double)dr[o] : 0.0)
+                                              : (((xr[o] >= tlo[q]) & (xr[o] <= thi[q])) ? (double)dr[o] : 0.0);
+            if (gm != BN_GM_NONE) gr[o] = (BN_T)g;
             sa[q] += g;
-            sb[q] += g * ((double)xr[j * W + q] - em[q]);
+            sb[q] += g * ((double)xr[o] - em[q]);
         }
 }
 #endif
@@ -310,16 +332,25 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x
                *BN_RESTRICT thi = gm == BN_GM_XT ? (const BN_T *)(const void *)fa : NULL;
     ptrdiff_t n = n0;
 #if BN_HAVE_VEXT
-    /* Four rows a sweep where a row is 2 KiB or more, two below: at (32768, 256) float32 four rows of 1 KiB
-     * ran 12% slower than one, two 10% faster; at (8192, 1024) four were 20% faster, two 3%. */
-    if (gm == BN_GM_NONE) {
+    /* g = dy: four rows a sweep where a row is 2 KiB or more, two below: at (32768, 256) float32 four rows
+     * of 1 KiB ran 12% slower than one, two 10% faster; at (8192, 1024) four were 20% faster, two 3%.
+     * A masked g kept: one row a sweep, rows of at most 2 KiB (backward(relu, beta=) 0.61-0.83 of the plain
+     * loop's time at (32768, 256), (16384, 512), (65536, 128) and channels-last (64, 28, 28, 256); at
+     * (4096, 768) 0.99, at (8192, 1024) and (2048, 4096) 5-16% slower, in sweeps of one row or four). */
+    if ((gm == BN_GM_NONE && !write) || (sizeof(BN_T) == sizeof(float) && write && (gm == BN_GM_Y || gm == BN_GM_XT))) {
         const ptrdiff_t W = p->W;
-        if (wb * (ptrdiff_t)sizeof(BN_T) >= 2048)
-            for (; n + 4 <= n1; n += 4)
-                BN_NAME(cols_sums_sweep)(dy + n * W + first, x + n * W + first, W, wb, em, sa, sb, 4);
+#define BN_SWEEP_ARGS(n)                                                                                  \
+    dy + (n) * W + first, x + (n) * W + first, gm == BN_GM_Y ? aux + (n) * W + first : NULL,              \
+        write ? dres + (n) * W + first : NULL, W, wb, em, tlo, thi, sa, sb
+        if (gm != BN_GM_NONE) {
+            if (wb * (ptrdiff_t)sizeof(BN_T) <= 2048)
+                for (; n < n1; n++) BN_NAME(cols_sums_sweep)(BN_SWEEP_ARGS(n), 1, gm);
+        }
+        else if (wb * (ptrdiff_t)sizeof(BN_T) >= 2048)
+            for (; n + 4 <= n1; n += 4) BN_NAME(cols_sums_sweep)(BN_SWEEP_ARGS(n), 4, gm);
         else
-            for (; n + 2 <= n1; n += 2)
-                BN_NAME(cols_sums_sweep)(dy + n * W + first, x + n * W + first, W, wb, em, sa, sb, 2);
+            for (; n + 2 <= n1; n += 2) BN_NAME(cols_sums_sweep)(BN_SWEEP_ARGS(n), 2, gm);
+#undef BN_SWEEP_ARGS
     }
 #endif
     for (; n < n1; n++) {

@@ -1238,6 +1238,13 @@ def test_column_mode_columns_and_rows_alone_have_the_bits_of_the_whole(rng, N, C
     s1, s2 = bn.backward_reduce(dy, x, mean)
     dx = bn.backward_apply(dy, x, mean, invstd, gamma, s1, s2, N)
     dxb, dg, db = bn.backward(dy, x, mean, invstd, gamma)
+    # the ReLU backward, its mask from y and from x (beta), g kept in dx between the two passes
+    beta = rng.uniform(-1, 1, C)
+    y = bn.normalize(x, mean, invstd, gamma, beta, activation="relu")
+    masked = [("y=", dict(y=y), lambda col: dict(y=y[:, col])),
+              ("beta=", dict(beta=beta), lambda col: dict(beta=beta[col]))]
+    relu_grads = {kind: bn.backward(dy, x, mean, invstd, gamma, activation="relu", **kw) for kind, kw, _ in masked}
+    assert_bits(relu_grads["beta="][0], relu_grads["y="][0], "backward(relu): dx, mask from beta vs from y")
     for c in sorted({0, 1, C // 2, C - 8, C - 1}):
         col = slice(c, c + 1)
         _, m_c, m2_c = bn.batch_stats(x[:, col])
@@ -1252,6 +1259,10 @@ def test_column_mode_columns_and_rows_alone_have_the_bits_of_the_whole(rng, N, C
         assert_bits(dx_c, dxb[:, col], f"backward's dx of column {c}")
         assert_bits(dg_c, dg[col], f"dgamma of column {c}")
         assert_bits(db_c, db[col], f"dbeta of column {c}")
+        for kind, kw, kw_c in masked:
+            for name, a, b in zip(("dx", "dgamma", "dbeta"), bn.backward(*ab, activation="relu", **kw_c(col)),
+                                  relu_grads[kind]):
+                assert_bits(a, b[:, col] if name == "dx" else b[col], f"backward(relu, {kind})'s {name} of column {c}")
     for i in range(N):
         row = slice(i, i + 1)
         got = bn.backward_apply(dy[row], x[row], mean, invstd, gamma, s1, s2, N)
