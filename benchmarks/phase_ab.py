@@ -25,7 +25,8 @@ import batchnorm._core as new_core
 from small_ab import load_core
 
 SHAPES = [(32768, 256), (8192, 1024), (2048, 4096), (64, 28, 28, 256)]
-OPS = ["copy", "stats", "train", "infer", "reduce", "apply", "bwd", "bwd_relu_beta", "bwd_relu_y"]
+OPS = ["copy", "stats", "train", "infer", "reduce", "apply", "bwd", "bwd_relu_beta", "bwd_relu_y",
+       "train_add_relu", "infer_add_relu"]
 
 
 def make_data(shape, dtype, seed=0):
@@ -55,6 +56,9 @@ def call(core, op, d):
                                              axis=ax, out=y),
         "bwd": lambda: core.backward(dy, x, mean, invstd, g, axis=ax, out=y),
         "bwd_relu_beta": lambda: core.backward(dy, x, mean, invstd, g, axis=ax, out=y, activation="relu", beta=b),
+        "train_add_relu": lambda: core.forward_train(x, g, b, axis=ax, out=y, activation="relu", residual=dy),
+        "infer_add_relu": lambda: core.forward_infer(x, mean, invstd, g, b, axis=ax, out=y, activation="relu",
+                                                     residual=dy),
         "bwd_relu_y": lambda: core.backward(dy, x, mean, invstd, g, axis=ax, out=y, activation="relu",
                                             y=d["y_relu"]),
     }[op]

@@ -291,19 +291,23 @@ static BN_ALWAYS_INLINE void BN_NAME(apply_cols_epi)(const BN_T *x, const BN_T *
 {
     ptrdiff_t n = n0;
 #ifdef BN_V8F_STORE
-    /* float32, folded, no residual: 8 positions a step with one conversion each way, where rows are 512
+    /* float32, folded: 8 positions a step with one conversion each way, where rows are 512
      * positions or more (at 256, channels-last (64, 28, 28, 256) and (32768, 256), inference ran 4-10%
      * slower than GCC's loop below; at 512 9% faster); where the two coefficient arrays exceed half of L1
      * (wb > 1024) each load of them serves two rows half an item apart, as in the backward's grad_cols. */
-    if (sizeof(BN_T) == sizeof(float) && folded && !(epi & BN_EPI_ADD) && wb >= 512) {
+    if (sizeof(BN_T) == sizeof(float) && folded && wb >= 512) {
         const ptrdiff_t body = wb - wb % 8, h = wb > 1024 ? (n1 - n0) / 2 : 0, W = h * p->W;
         for (; n < n0 + h; n++) {
             const ptrdiff_t off = n * p->W + first;
-            const BN_T *xr = x + off;
+            const BN_T *xr = x + off, *rr = (epi & BN_EPI_ADD) ? res + off : NULL;
             BN_T *yr = y + off;
             for (ptrdiff_t q = 0; q < body; q += 8) {
                 const bn_v8d a = BN_V8D_LOAD(ea + q), b = BN_V8D_LOAD(eb + q);
                 bn_v8d v = BN_V8D_LOAD(xr + q) * a + b, w = BN_V8D_LOAD(xr + W + q) * a + b;
+                if (epi & BN_EPI_ADD) {
+                    v += BN_V8D_LOAD(rr + q);
+                    w += BN_V8D_LOAD(rr + W + q);
+                }
                 if (epi & BN_EPI_RELU) {
                     v = BN_V8D_RELU(v);
                     w = BN_V8D_RELU(w);
@@ -312,20 +316,21 @@ static BN_ALWAYS_INLINE void BN_NAME(apply_cols_epi)(const BN_T *x, const BN_T *
                 BN_V8F_STORE(yr + W + q, w);
             }
             for (ptrdiff_t q = body; q < wb; q++) {
-                yr[q] = BN_NAME(epilogue)((double)xr[q] * ea[q] + eb[q], NULL, q, epi);
-                yr[W + q] = BN_NAME(epilogue)((double)xr[W + q] * ea[q] + eb[q], NULL, q, epi);
+                yr[q] = BN_NAME(epilogue)((double)xr[q] * ea[q] + eb[q], rr, q, epi);
+                yr[W + q] = BN_NAME(epilogue)((double)xr[W + q] * ea[q] + eb[q], rr ? rr + W : NULL, q, epi);
             }
         }
         for (n += h; n < n1; n++) {
             const ptrdiff_t off = n * p->W + first;
-            const BN_T *xr = x + off;
+            const BN_T *xr = x + off, *rr = (epi & BN_EPI_ADD) ? res + off : NULL;
             BN_T *yr = y + off;
             for (ptrdiff_t q = 0; q < body; q += 8) {
                 bn_v8d v = BN_V8D_LOAD(xr + q) * BN_V8D_LOAD(ea + q) + BN_V8D_LOAD(eb + q);
+                if (epi & BN_EPI_ADD) v += BN_V8D_LOAD(rr + q);
                 if (epi & BN_EPI_RELU) v = BN_V8D_RELU(v);
                 BN_V8F_STORE(yr + q, v);
             }
-            for (ptrdiff_t q = body; q < wb; q++) yr[q] = BN_NAME(epilogue)((double)xr[q] * ea[q] + eb[q], NULL, q, epi);
+            for (ptrdiff_t q = body; q < wb; q++) yr[q] = BN_NAME(epilogue)((double)xr[q] * ea[q] + eb[q], rr, q, epi);
         }
     }
 #endif

@@ -1274,7 +1274,9 @@ def test_column_mode_columns_and_rows_alone_have_the_bits_of_the_whole(rng, N, C
 @pytest.mark.parametrize("C", [9, 1027, 2051])
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("activation", [None, "relu"])
-def test_column_mode_normalize_columns_and_rows_alone_have_the_bits_of_the_whole(rng, N, C, dtype, activation):
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_column_mode_normalize_columns_and_rows_alone_have_the_bits_of_the_whole(rng, N, C, dtype, activation,
+                                                                                  with_residual):
     """The forward's vector loops (8 positions a step; two rows half an item apart for wide items) against
     the one-position, one-row loops, with y of exactly +-0 (beta 0, x at the mean), NaN and inf in x."""
     x = (rng.standard_normal((N, C)) * 3 + 2).astype(dtype)
@@ -1287,18 +1289,25 @@ def test_column_mode_normalize_columns_and_rows_alone_have_the_bits_of_the_whole
     x[-1, 1::5] = np.nan
     x[-1, 2::7] = np.inf
     mean[4::11], beta[4::11], x[0, 4::11] = 0.0, -0.0, -0.0  # y = -0.0 * alpha + -0.0: -0.0, which ReLU keeps
-    kw = dict(activation=activation)
-    y = bn.normalize(x, mean, invstd, gamma, beta, **kw)
-    y_inf = bn.forward_infer(x, mean, (1 / invstd) ** 2 - 1e-5, gamma, beta, **kw)
+    r = rng.standard_normal((N, C)).astype(dtype) if with_residual else None
+    if with_residual:
+        r[0, 4::11] = -0.0  # keeps the -0.0 below: -0.0 + -0.0
+
+    def kw(part=np.s_[:, :]):
+        return dict(activation=activation, residual=None if r is None else r[part])
+
+    y = bn.normalize(x, mean, invstd, gamma, beta, **kw())
+    y_inf = bn.forward_infer(x, mean, (1 / invstd) ** 2 - 1e-5, gamma, beta, **kw())
     for c in sorted({0, 1, 2, 3, C // 2, C - 8, C - 1}):
         col = slice(c, c + 1)
-        assert_bits(bn.normalize(x[:, col], mean[col], invstd[col], gamma[col], beta[col], **kw), y[:, col],
-                    f"y of column {c}")
+        assert_bits(bn.normalize(x[:, col], mean[col], invstd[col], gamma[col], beta[col], **kw(np.s_[:, col])),
+                    y[:, col], f"y of column {c}")
         assert_bits(bn.forward_infer(x[:, col], mean[col], (1 / invstd[col]) ** 2 - 1e-5, gamma[col], beta[col],
-                                     **kw), y_inf[:, col], f"forward_infer's y of column {c}")
+                                     **kw(np.s_[:, col])), y_inf[:, col], f"forward_infer's y of column {c}")
     for i in range(N):
         row = slice(i, i + 1)
-        assert_bits(bn.normalize(x[row], mean, invstd, gamma, beta, **kw), y[row], f"y of row {i}")
+        assert_bits(bn.normalize(x[row], mean, invstd, gamma, beta, **kw(np.s_[row])), y[row], f"y of row {i}")
+    assert_close(y, ref.normalize(x, mean, invstd, gamma, beta, **kw()), TOL[dtype], "y against the reference")
     assert np.signbit(y[0, 4::11][gamma[4::11] > 0]).all()
     if activation:
         assert not np.any(y < 0) and np.isnan(y[np.isnan(x)]).all()
