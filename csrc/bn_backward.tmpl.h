@@ -412,6 +412,30 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_run)(const BN_T *dr, const BN_T *xr, c
             out[s] = (BN_T)(a * ((BN_NAME(grad_in)(dr, xr, ar, s, fc, fa, fo, gm) - b) - ((double)xr[s] - m) * e));
 }
 
+#ifdef BN_V8F_STORE
+/* grad_cols' float32 folded training dx of the row at `off`, and with `two` also of the row W2 further,
+ * each coefficient loaded once for both. */
+static BN_ALWAYS_INLINE void BN_NAME(dx_cols_v8)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdiff_t off, ptrdiff_t W2,
+                                                 ptrdiff_t wb, const double *BN_RESTRICT ea,
+                                                 const double *BN_RESTRICT eb, const double *BN_RESTRICT ee,
+                                                 const int two)
+{
+    const BN_T *dr = dy + off, *xr = x + off;
+    BN_T *out = dx + off;
+    const ptrdiff_t body = wb - wb % 8;
+    for (ptrdiff_t q = 0; q < body; q += 8) {
+        const bn_v8d av = BN_V8D_LOAD(ea + q), ev = BN_V8D_LOAD(ee + q), bv = BN_V8D_LOAD(eb + q);
+        BN_V8F_STORE(out + q, av * BN_V8D_LOAD(dr + q) + (BN_V8D_LOAD(xr + q) * ev + bv));
+        if (two) BN_V8F_STORE(out + W2 + q, av * BN_V8D_LOAD(dr + W2 + q) + (BN_V8D_LOAD(xr + W2 + q) * ev + bv));
+    }
+    for (int j = 0; j <= two; j++)
+        for (ptrdiff_t q = body; q < wb; q++) {
+            const ptrdiff_t o = j * W2 + q;
+            out[o] = (BN_T)(ea[q] * (double)dr[o] + ((double)xr[o] * ee[q] + eb[q]));
+        }
+}
+#endif
+
 /* Column mode: dx over rows [n0, n1) of an item, per-position coefficients (em unused when folded; fc, fa,
  * fo only for a recomputed mask). */
 static BN_ALWAYS_INLINE void BN_NAME(grad_cols)(const BN_T *dy, const BN_T *x, const BN_T *aux, BN_T *dx,
@@ -432,32 +456,9 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_cols)(const BN_T *dy, const BN_T *x, c
      * half-item apart: adjacent rows in one 4 KiB page ran 2.2x slower at (32768, 256), as if the page's
      * prefetcher lost the two streams). Each dx is the same expression: the same bits. */
     if (sizeof(BN_T) == sizeof(float) && training && folded && gm == BN_GM_NONE) {
-        const ptrdiff_t body = wb - wb % 8, h = wb > 682 ? (n1 - n0) / 2 : 0, W = h * p->W;
-        for (; n < n0 + h; n++) {
-            const ptrdiff_t off = n * p->W + first;
-            const BN_T *dr = dy + off, *xr = x + off;
-            BN_T *out = dx + off;
-            for (ptrdiff_t q = 0; q < body; q += 8) {
-                const bn_v8d av = BN_V8D_LOAD(ea + q), ev = BN_V8D_LOAD(ee + q), bv = BN_V8D_LOAD(eb + q);
-                BN_V8F_STORE(out + q, av * BN_V8D_LOAD(dr + q) + (BN_V8D_LOAD(xr + q) * ev + bv));
-                BN_V8F_STORE(out + W + q, av * BN_V8D_LOAD(dr + W + q) + (BN_V8D_LOAD(xr + W + q) * ev + bv));
-            }
-            for (ptrdiff_t q = body; q < wb; q++) {
-                out[q] = (BN_T)(ea[q] * (double)dr[q] + ((double)xr[q] * ee[q] + eb[q]));
-                out[W + q] = (BN_T)(ea[q] * (double)dr[W + q] + ((double)xr[W + q] * ee[q] + eb[q]));
-            }
-        }
-        for (n += h; n < n1; n++) {
-            const ptrdiff_t off = n * p->W + first;
-            const BN_T *dr = dy + off, *xr = x + off;
-            BN_T *out = dx + off;
-            for (ptrdiff_t q = 0; q < body; q += 8) {
-                const bn_v8d av = BN_V8D_LOAD(ea + q), ev = BN_V8D_LOAD(ee + q), bv = BN_V8D_LOAD(eb + q);
-                BN_V8F_STORE(out + q, av * BN_V8D_LOAD(dr + q) + (BN_V8D_LOAD(xr + q) * ev + bv));
-            }
-            for (ptrdiff_t q = body; q < wb; q++)
-                out[q] = (BN_T)(ea[q] * (double)dr[q] + ((double)xr[q] * ee[q] + eb[q]));
-        }
+        const ptrdiff_t h = wb > 682 ? (n1 - n0) / 2 : 0;
+        for (; n < n0 + h; n++) BN_NAME(dx_cols_v8)(dy, x, dx, n * p->W + first, h * p->W, wb, ea, eb, ee, 1);
+        for (n += h; n < n1; n++) BN_NAME(dx_cols_v8)(dy, x, dx, n * p->W + first, 0, wb, ea, eb, ee, 0);
     }
 #endif
     for (; n < n1; n++) {

@@ -281,6 +281,32 @@ static inline void BN_NAME(apply_run)(const BN_T *xr, const BN_T *rr, BN_T *yr, 
     }
 }
 
+#ifdef BN_V8F_STORE
+/* apply_cols_epi's float32 folded y of the row at `off`, and with `two` also of the row W2 further, each
+ * coefficient loaded once for both; then the epilogue (residual added widened, ReLU by BN_V8D_RELU). */
+static BN_ALWAYS_INLINE void BN_NAME(y_cols_v8)(const BN_T *x, const BN_T *res, BN_T *y, ptrdiff_t off, ptrdiff_t W2,
+                                                ptrdiff_t wb, const double *BN_RESTRICT ea,
+                                                const double *BN_RESTRICT eb, const int epi, const int two)
+{
+    const BN_T *xr = x + off, *rr = (epi & BN_EPI_ADD) ? res + off : NULL;
+    BN_T *yr = y + off;
+    const ptrdiff_t body = wb - wb % 8;
+    for (ptrdiff_t q = 0; q < body; q += 8) {
+        const bn_v8d a = BN_V8D_LOAD(ea + q), b = BN_V8D_LOAD(eb + q);
+        for (int j = 0; j <= two; j++) {
+            const ptrdiff_t o = j * W2 + q;
+            bn_v8d v = BN_V8D_LOAD(xr + o) * a + b;
+            if (epi & BN_EPI_ADD) v += BN_V8D_LOAD(rr + o);
+            if (epi & BN_EPI_RELU) v = BN_V8D_RELU(v);
+            BN_V8F_STORE(yr + o, v);
+        }
+    }
+    for (int j = 0; j <= two; j++)
+        for (ptrdiff_t q = body; q < wb; q++)
+            yr[j * W2 + q] = BN_NAME(epilogue)((double)xr[j * W2 + q] * ea[q] + eb[q], rr ? rr + j * W2 : NULL, q, epi);
+}
+#endif
+
 /* Column mode: rows [n0, n1) of an item, wb positions from offset `first` of each row, with per-position
  * coefficients (em unused when folded). */
 static BN_ALWAYS_INLINE void BN_NAME(apply_cols_epi)(const BN_T *x, const BN_T *res, BN_T *y, const bn_plan *p,
@@ -296,42 +322,9 @@ static BN_ALWAYS_INLINE void BN_NAME(apply_cols_epi)(const BN_T *x, const BN_T *
      * slower than GCC's loop below; at 512 9% faster); where the two coefficient arrays exceed half of L1
      * (wb > 1024) each load of them serves two rows half an item apart, as in the backward's grad_cols. */
     if (sizeof(BN_T) == sizeof(float) && folded && wb >= 512) {
-        const ptrdiff_t body = wb - wb % 8, h = wb > 1024 ? (n1 - n0) / 2 : 0, W = h * p->W;
-        for (; n < n0 + h; n++) {
-            const ptrdiff_t off = n * p->W + first;
-            const BN_T *xr = x + off, *rr = (epi & BN_EPI_ADD) ? res + off : NULL;
-            BN_T *yr = y + off;
-            for (ptrdiff_t q = 0; q < body; q += 8) {
-                const bn_v8d a = BN_V8D_LOAD(ea + q), b = BN_V8D_LOAD(eb + q);
-                bn_v8d v = BN_V8D_LOAD(xr + q) * a + b, w = BN_V8D_LOAD(xr + W + q) * a + b;
-                if (epi & BN_EPI_ADD) {
-                    v += BN_V8D_LOAD(rr + q);
-                    w += BN_V8D_LOAD(rr + W + q);
-                }
-                if (epi & BN_EPI_RELU) {
-                    v = BN_V8D_RELU(v);
-                    w = BN_V8D_RELU(w);
-                }
-                BN_V8F_STORE(yr + q, v);
-                BN_V8F_STORE(yr + W + q, w);
-            }
-            for (ptrdiff_t q = body; q < wb; q++) {
-                yr[q] = BN_NAME(epilogue)((double)xr[q] * ea[q] + eb[q], rr, q, epi);
-                yr[W + q] = BN_NAME(epilogue)((double)xr[W + q] * ea[q] + eb[q], rr ? rr + W : NULL, q, epi);
-            }
-        }
-        for (n += h; n < n1; n++) {
-            const ptrdiff_t off = n * p->W + first;
-            const BN_T *xr = x + off, *rr = (epi & BN_EPI_ADD) ? res + off : NULL;
-            BN_T *yr = y + off;
-            for (ptrdiff_t q = 0; q < body; q += 8) {
-                bn_v8d v = BN_V8D_LOAD(xr + q) * BN_V8D_LOAD(ea + q) + BN_V8D_LOAD(eb + q);
-                if (epi & BN_EPI_ADD) v += BN_V8D_LOAD(rr + q);
-                if (epi & BN_EPI_RELU) v = BN_V8D_RELU(v);
-                BN_V8F_STORE(yr + q, v);
-            }
-            for (ptrdiff_t q = body; q < wb; q++) yr[q] = BN_NAME(epilogue)((double)xr[q] * ea[q] + eb[q], rr, q, epi);
-        }
+        const ptrdiff_t h = wb > 1024 ? (n1 - n0) / 2 : 0;
+        for (; n < n0 + h; n++) BN_NAME(y_cols_v8)(x, res, y, n * p->W + first, h * p->W, wb, ea, eb, epi, 1);
+        for (n += h; n < n1; n++) BN_NAME(y_cols_v8)(x, res, y, n * p->W + first, 0, wb, ea, eb, epi, 0);
     }
 #endif
     for (; n < n1; n++) {
