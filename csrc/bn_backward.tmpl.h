@@ -267,8 +267,6 @@ static bn_sums BN_NAME(runs_sums_any)(const BN_T *dy, const BN_T *x, const BN_T 
 #undef BN_CASE
 }
 
-/* Column mode: rows [n0, n1) of an item (wb positions from offset `first`) summed per position into sa, sb,
- * with g masked (fc, fa, fo: the forward's coefficients per position) and written to dres when `write`. */
 #if BN_HAVE_VEXT
 /* Column mode: the sums of rows [n, n + R), 8 positions a step, each position adding its rows in order as
  * the one-row loop does (the same bits), its running sums loaded and stored once per R rows. g is dy, or
@@ -319,6 +317,8 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_sweep)(const BN_T *dr, const BN_T
 }
 #endif
 
+/* Column mode: rows [n0, n1) of an item (wb positions from offset `first`) summed per position into sa, sb,
+ * with g masked (fc, fa, fo: the forward's coefficients per position) and written to dres when `write`. */
 static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x, const BN_T *aux,
                                                    BN_T *BN_RESTRICT dres, const bn_plan *p, ptrdiff_t first,
                                                    ptrdiff_t wb, ptrdiff_t n0, ptrdiff_t n1,
