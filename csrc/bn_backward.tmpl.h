@@ -182,16 +182,15 @@ static BN_ALWAYS_INLINE bn_sums BN_NAME(runs_sums_gm)(const BN_T *dy, const BN_T
         const bn_v8d mv = {m, m, m, m, m, m, m, m};
         const float lo = (float)fc, hi = (float)fa; /* XT: the range's ends, float values */
         const bn_v8f zero = {0}, vlo = {lo, lo, lo, lo, lo, lo, lo, lo}, vhi = {hi, hi, hi, hi, hi, hi, hi, hi};
-#define BN_F8(p) (*(const bn_v8f_mem *)(const void *)(p))
         for (ptrdiff_t r = 0; r < runs; r++) {
             const ptrdiff_t o = r * stride;
             const BN_T *g = dy + o, *v = x + o, *w = gm == BN_GM_Y ? aux + o : NULL;
             BN_T *dr = dres + o;
             for (ptrdiff_t i = 0; i < body; i += BN_LANES) {
-                const bn_v8f x0 = BN_F8(v + i), x1 = BN_F8(v + i + 8);
-                const bn_v8i k0 = gm == BN_GM_Y ? BN_F8(w + i) > zero : (x0 >= vlo) & (x0 <= vhi),
-                             k1 = gm == BN_GM_Y ? BN_F8(w + i + 8) > zero : (x1 >= vlo) & (x1 <= vhi);
-                const bn_v8f s0 = (bn_v8f)((bn_v8i)BN_F8(g + i) & k0), s1 = (bn_v8f)((bn_v8i)BN_F8(g + i + 8) & k1);
+                const bn_v8f x0 = BN_V8F_LOAD(v + i), x1 = BN_V8F_LOAD(v + i + 8);
+                const bn_v8i k0 = gm == BN_GM_Y ? BN_V8F_LOAD(w + i) > zero : (x0 >= vlo) & (x0 <= vhi),
+                             k1 = gm == BN_GM_Y ? BN_V8F_LOAD(w + i + 8) > zero : (x1 >= vlo) & (x1 <= vhi);
+                const bn_v8f s0 = (bn_v8f)((bn_v8i)BN_V8F_LOAD(g + i) & k0), s1 = (bn_v8f)((bn_v8i)BN_V8F_LOAD(g + i + 8) & k1);
                 *(bn_v8f_mem *)(void *)(dr + i) = s0;
                 *(bn_v8f_mem *)(void *)(dr + i + 8) = s1;
                 const bn_v8d g0 = BN_V8F_WIDEN(s0), g1 = BN_V8F_WIDEN(s1);
@@ -200,7 +199,6 @@ static BN_ALWAYS_INLINE bn_sums BN_NAME(runs_sums_gm)(const BN_T *dy, const BN_T
                 b0 += g0 * (BN_V8F_WIDEN(x0) - mv);
                 b1 += g1 * (BN_V8F_WIDEN(x1) - mv);
             }
-#undef BN_F8
             for (ptrdiff_t i = body; i < len; i++) {
                 const double gv = BN_NAME(grad_in)(g, v, w, i, fc, fa, fo, gm);
                 dr[i] = (BN_T)gv;
@@ -267,6 +265,17 @@ static bn_sums BN_NAME(runs_sums_any)(const BN_T *dy, const BN_T *x, const BN_T 
 #undef BN_CASE
 }
 
+/* Column mode's g at element o of a row, position q: grad_in with the per-position coefficients, or for
+ * BN_GM_XT the range's ends tlo[q], thi[q] (BN_T values, item_sums puts them in fc's and fa's room). */
+static BN_ALWAYS_INLINE double BN_NAME(col_g)(const BN_T *dr, const BN_T *xr, const BN_T *ar, ptrdiff_t o,
+                                              ptrdiff_t q, const BN_T *tlo, const BN_T *thi, const double *fc,
+                                              const double *fa, const double *fo, const int gm)
+{
+    if (gm == BN_GM_XT) return ((xr[o] >= tlo[q]) & (xr[o] <= thi[q])) ? (double)dr[o] : 0.0;
+    const int rc = bn_gm_from_x(gm);
+    return BN_NAME(grad_in)(dr, xr, ar, o, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0, rc ? fo[q] : 0.0, gm);
+}
+
 #if BN_HAVE_VEXT
 /* Column mode: the sums of rows [n, n + R), 8 positions a step, each position adding its rows in order as
  * the one-row loop does (the same bits), its running sums loaded and stored once per R rows. g is dy, or
@@ -279,7 +288,6 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_sweep)(const BN_T *dr, const BN_T
 {
     const ptrdiff_t body = wb - wb % 8;
     const bn_v8f zero = {0};
-#define BN_F8(p) (*(const bn_v8f_mem *)(const void *)(p))
     for (ptrdiff_t q = 0; q < body; q += 8) {
         bn_v8d va = BN_V8D_LOAD(sa + q), vb = BN_V8D_LOAD(sb + q);
         const bn_v8d vm = BN_V8D_LOAD(em + q);
@@ -290,9 +298,9 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_sweep)(const BN_T *dr, const BN_T
                 g = BN_V8D_LOAD(dr + o);
                 xv = BN_V8D_LOAD(xr + o);
             } else {
-                const bn_v8f xf = BN_F8(xr + o);
-                const bn_v8i k = gm == BN_GM_Y ? BN_F8(ar + o) > zero : (xf >= BN_F8(tlo + q)) & (xf <= BN_F8(thi + q));
-                const bn_v8f sf = (bn_v8f)((bn_v8i)BN_F8(dr + o) & k);
+                const bn_v8f xf = BN_V8F_LOAD(xr + o);
+                const bn_v8i k = gm == BN_GM_Y ? BN_V8F_LOAD(ar + o) > zero : (xf >= BN_V8F_LOAD(tlo + q)) & (xf <= BN_V8F_LOAD(thi + q));
+                const bn_v8f sf = (bn_v8f)((bn_v8i)BN_V8F_LOAD(dr + o) & k);
                 *(bn_v8f_mem *)(void *)(gr + o) = sf;
                 g = BN_V8F_WIDEN(sf);
                 xv = BN_V8F_WIDEN(xf);
@@ -303,13 +311,10 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_sweep)(const BN_T *dr, const BN_T
         *(bn_v8d_mem *)(void *)(sa + q) = va;
         *(bn_v8d_mem *)(void *)(sb + q) = vb;
     }
-#undef BN_F8
     for (ptrdiff_t q = body; q < wb; q++)
         for (int j = 0; j < R; j++) {
             const ptrdiff_t o = j * W + q;
-            const double g = gm == BN_GM_NONE ? (double)dr[o]
-                             : gm == BN_GM_Y  ? (ar[o] > 0 ? (double)dr[o] : 0.0)
-                                              : (((xr[o] >= tlo[q]) & (xr[o] <= thi[q])) ? (double)dr[o] : 0.0);
+            const double g = BN_NAME(col_g)(dr, xr, ar, o, q, tlo, thi, NULL, NULL, NULL, gm);
             if (gm != BN_GM_NONE) gr[o] = (BN_T)g;
             sa[q] += g;
             sb[q] += g * ((double)xr[o] - em[q]);
@@ -327,7 +332,6 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x
                                                    double *BN_RESTRICT sa, double *BN_RESTRICT sb, const int gm,
                                                    const int write)
 {
-    const int rc = bn_gm_from_x(gm);
     const BN_T *BN_RESTRICT tlo = gm == BN_GM_XT ? (const BN_T *)(const void *)fc : NULL,
                *BN_RESTRICT thi = gm == BN_GM_XT ? (const BN_T *)(const void *)fa : NULL;
     ptrdiff_t n = n0;
@@ -359,10 +363,7 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x
         BN_T *BN_RESTRICT gr = write ? dres + off : NULL;
         for (ptrdiff_t q = 0; q < wb; q++) {
             const double xq = (double)xr[q];
-            /* XT: fc and fa hold the range's ends as BN_T values (item_sums) */
-            const double g = gm == BN_GM_XT ? (((xr[q] >= tlo[q]) & (xr[q] <= thi[q])) ? (double)dr[q] : 0.0)
-                                            : BN_NAME(grad_in)(dr, xr, ar, q, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0,
-                                                               rc ? fo[q] : 0.0, gm);
+            const double g = BN_NAME(col_g)(dr, xr, ar, q, q, tlo, thi, fc, fa, fo, gm);
             if (write) gr[q] = (BN_T)g;
             sa[q] += g;
             sb[q] += g * (xq - em[q]);
