@@ -477,7 +477,8 @@ PyArrayObject *bn_new_array(int nd, const npy_intp *shape, int typenum, int zero
 #ifdef Py_GIL_DISABLED
     const int pooled = 0; /* the handler capsule is made lazily under the GIL */
 #else
-    const int pooled = bytes >= (double)BN_BLOCK_MIN_BYTES && bytes <= (double)BN_BLOCK_MAX_BYTES;
+    /* large zeroed arrays keep calloc's fresh zero pages: a kept block would be zeroed by hand */
+    const int pooled = bytes >= (double)BN_BLOCK_MIN_BYTES && (!zeros || bytes <= (double)BN_BLOCK_MAX_BYTES);
 #endif
     PyObject *old = NULL;
     if (pooled) {

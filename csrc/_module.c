@@ -1576,6 +1576,86 @@ static PyObject *py_get_num_threads(PyObject *self, PyObject *unused)
     return PyLong_FromLong(bn_get_num_threads());
 }
 
+PyDoc_STRVAR(empty_cache_doc,
+"empty_cache()\n"
+"--\n\n"
+"Hand back to the C library all the memory batchnorm keeps between calls.\n\n"
+"batchnorm keeps freed memory for the next calls of the same sizes, process-wide: the kernels'\n"
+"scratch, and the memory of the arrays it returns (NumPy frees them through batchnorm's allocator,\n"
+"which keeps the block): up to 16 MiB of arrays of 32 KiB to 1 MiB, and up to the limit of\n"
+":func:`set_cache_limit` (256 MiB by default) of larger ones. A training loop then reuses its\n"
+"outputs' pages instead of faulting in fresh ones at every step. Like ``torch.cuda.empty_cache``,\n"
+"this releases only memory no array uses.\n\n"
+"Returns\n"
+"-------\n"
+"int\n"
+"    The bytes handed back.\n\n"
+"Examples\n"
+"--------\n"
+">>> import numpy as np, batchnorm as bn\n"
+">>> x = np.ones((1024, 1024), np.float32)\n"
+">>> y, mean, invstd = bn.forward_train(x)\n"
+">>> del y\n"
+">>> bn.empty_cache() >= x.nbytes\n"
+"True\n"
+">>> bn.empty_cache()\n"
+"0\n");
+
+static PyObject *py_empty_cache(PyObject *self, PyObject *unused)
+{
+    (void)self; (void)unused;
+    return PyLong_FromSize_t(bn_cache_release());
+}
+
+PyDoc_STRVAR(set_cache_limit_doc,
+"set_cache_limit(max_bytes)\n"
+"--\n\n"
+"Set how many bytes of freed large arrays (over 1 MiB) batchnorm keeps for reuse.\n\n"
+"Parameters\n"
+"----------\n"
+"max_bytes : int\n"
+"    At most this many bytes in all, in at most 8 blocks; 0 keeps none (each large array's memory\n"
+"    goes back to the C library when the array is freed, as NumPy's own arrays do). Below what is kept\n"
+"    now, the kept large blocks are handed back at once. The default is 256 MiB.\n\n"
+"Returns\n"
+"-------\n"
+"int\n"
+"    The previous limit.\n\n"
+"See Also\n"
+"--------\n"
+"empty_cache\n\n"
+"Examples\n"
+"--------\n"
+">>> import batchnorm as bn\n"
+">>> old = bn.set_cache_limit(0)\n"
+">>> bn.set_cache_limit(old)\n"
+"0\n");
+
+static PyObject *py_set_cache_limit(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"max_bytes", NULL};
+    PyObject *arg;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:set_cache_limit", kwlist, &arg)) return NULL;
+    if (PyBool_Check(arg) || !PyIndex_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "max_bytes must be an integer, got %.200s", Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    PyObject *n = PyNumber_Index(arg);
+    if (n == NULL) return NULL;
+    int overflow;
+    const long long v = PyLong_AsLongLongAndOverflow(n, &overflow);
+    Py_DECREF(n);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    if (overflow < 0 || (overflow == 0 && v < 0)) {
+        PyErr_Format(PyExc_ValueError, "max_bytes must be >= 0, got %R", arg);
+        return NULL;
+    }
+    /* more than the address space (or than long long): no limit */
+    const size_t bytes = overflow > 0 || (unsigned long long)v > (size_t)-1 ? (size_t)-1 : (size_t)v;
+    return PyLong_FromSize_t(bn_cache_set_limit(bytes));
+}
+
 PyDoc_STRVAR(build_info_doc,
 "_build_info()\n"
 "--\n\n"
@@ -1614,6 +1694,8 @@ static PyMethodDef methods[] = {
     METHOD(update_running_stats, update_running_stats_doc),
     METHOD(set_num_threads, set_num_threads_doc),
     {"get_num_threads", py_get_num_threads, METH_NOARGS, get_num_threads_doc},
+    {"empty_cache", py_empty_cache, METH_NOARGS, empty_cache_doc},
+    METHOD(set_cache_limit, set_cache_limit_doc),
     {"_build_info", py_build_info, METH_NOARGS, build_info_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -466,6 +466,8 @@ static void scratch_case(void)
     bn_scratch_give(big);
 }
 
+static void large_case(void);
+
 /* The binding's array blocks: 64-byte aligned; a block serves requests of more than half its size only;
  * bn_block_resize keeps the contents; a full pool lets the newest block displace a kept one, so a size
  * used now is kept whatever sizes filled the pool before. */
@@ -499,10 +501,35 @@ static void block_case(void)
     unsigned char *again = bn_block_take(70000);
     if (BN_SCRATCH_KEEPS) CHECK(again == fresh, "block: a full pool did not keep the newest block");
     bn_block_give(again);
-    unsigned char *big = bn_block_take(BN_BLOCK_MAX_BYTES + 1); /* freed, not kept, when given back */
-    CHECK(big != NULL, "block: a large block");
-    if (big) big[BN_BLOCK_MAX_BYTES] = 1;
+    large_case();
+}
+
+/* Blocks over BN_BLOCK_MAX_BYTES: kept up to the limit (bn_cache_set_limit) and reused, all handed back
+ * by bn_cache_release, which counts their bytes. */
+static void large_case(void)
+{
+    const size_t n = (size_t)3 << 20;
+    bn_cache_release();
+    unsigned char *big = bn_block_take(n);
+    CHECK(big != NULL && (uintptr_t)big % 64 == 0, "large: take failed or not 64-byte aligned");
+    if (big == NULL) return;
+    big[n - 1] = 1;
     bn_block_give(big);
+    unsigned char *again = bn_block_take(n);
+    if (BN_SCRATCH_KEEPS) CHECK(again == big, "large: the block given back was not reused");
+    unsigned char *other = bn_block_take(n);
+    CHECK(other != NULL && other != again, "large: two live blocks are one");
+    const size_t old = bn_cache_set_limit(n + n / 2); /* room for one of the two */
+    CHECK(old == BN_LARGE_LIMIT_DEFAULT, "large: the default limit");
+    bn_block_give(again);
+    bn_block_give(other);
+    size_t got = bn_cache_release();
+    if (BN_SCRATCH_KEEPS) CHECK(got >= n && got < 2 * n, "large: the limit did not hold (one block kept)");
+    CHECK(bn_cache_release() == 0, "large: a second release found blocks");
+    bn_cache_set_limit(0); /* none kept */
+    bn_block_give(bn_block_take(n));
+    CHECK(bn_cache_release() == 0, "large: a block was kept under a limit of 0");
+    bn_cache_set_limit(old);
 }
 
 int main(void)

@@ -221,7 +221,7 @@ def _handler_name(arr=None):
 
 
 @pytest.mark.parametrize("shape, axis", [((2, 16384), 1), ((4, 8, 8, 256), -1), ((64, 512), 1),
-                                         ((3, 7, 2000), 1)])
+                                         ((3, 7, 2000), 1), ((300, 1200), 1), ((2, 16, 16, 1100), -1)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_mid_sized_outputs_are_ordinary_arrays(rng, shape, axis, dtype):
     """Outputs whose memory comes from the block pool behave as any NumPy array: they own it (or their
@@ -253,7 +253,7 @@ def test_mid_sized_outputs_are_ordinary_arrays(rng, shape, axis, dtype):
     np.testing.assert_array_equal(y, y2)
     # growing and shrinking a pooled array in place keeps its values (NumPy resizes through the pool)
     pooled = [a for a in outs if _handler_name(a if a.base is None else a.base) != "default_allocator"]
-    assert pooled or max(a.nbytes for a in outs) < 32 << 10  # the pool takes 32 KiB to 1 MiB
+    assert pooled or max(a.nbytes for a in outs) < 32 << 10  # the pools take 32 KiB and more
     flat = dg
     want = flat.copy()
     flat.resize(3 * flat.size, refcheck=False)
@@ -288,6 +288,94 @@ def test_pooled_arrays_from_many_threads(rng):
             errors.append(repr(e))
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+
+
+# ---- large outputs (over 1 MiB): kept for reuse up to set_cache_limit, handed back by empty_cache --------
+
+@pytest.fixture
+def cache_limit():
+    """Restores the default limit and leaves nothing kept, whatever the test did."""
+    old = bn.set_cache_limit(256 << 20)
+    bn.empty_cache()
+    yield
+    bn.set_cache_limit(old)
+    bn.empty_cache()
+
+
+_LARGE = (600, 1024)  # float32: 2.3 MiB
+
+
+def test_a_large_outputs_memory_is_reused_and_handed_back(rng, cache_limit):
+    x = rng.standard_normal(_LARGE).astype(np.float32)
+    y, mean, invstd = bn.forward_train(x)
+    assert _handler_name(y) == "batchnorm_block_pool"
+    want, at = y.copy(), y.ctypes.data
+    del y
+    y2 = bn.forward_train(x)[0]
+    assert y2.ctypes.data == at  # the freed block, not fresh pages
+    np.testing.assert_array_equal(y2, want)
+    live = bn.forward_infer(x, mean, 1 / invstd**2, eps=0.0)  # while y2 lives: another block
+    assert not np.shares_memory(live, y2)
+    del y2, live
+    released = bn.empty_cache()
+    assert released >= 2 * x.nbytes
+    assert bn.empty_cache() == 0
+    # a zero-filled or small result is not affected; NumPy's own arrays keep NumPy's allocator
+    assert _handler_name(np.empty(_LARGE, np.float32)) == "default_allocator"
+
+
+def test_the_cache_limit_bounds_what_is_kept(rng, cache_limit):
+    x = rng.standard_normal(_LARGE).astype(np.float32)
+    ys = [bn.forward_train(x)[0] for _ in range(3)]
+    assert bn.set_cache_limit(x.nbytes * 3 // 2) == 256 << 20  # room for one of the three
+    del ys
+    released = bn.empty_cache()
+    assert x.nbytes <= released < 2 * x.nbytes
+    ys = [bn.forward_train(x)[0] for _ in range(2)]
+    del ys
+    assert bn.set_cache_limit(0) == x.nbytes * 3 // 2  # a lower limit hands back what it no longer allows
+    assert bn.empty_cache() < x.nbytes
+    y = bn.forward_train(x)[0]
+    del y
+    assert bn.empty_cache() < x.nbytes  # a limit of 0 keeps none
+    assert bn.set_cache_limit(2**80) == 0  # beyond the address space: no limit
+
+
+@pytest.mark.parametrize("bad, err", [(-1, ValueError), (-2**70, ValueError), (1.5, TypeError),
+                                      (True, TypeError), ("1", TypeError), (None, TypeError)])
+def test_set_cache_limit_rejects_what_is_not_a_size(bad, err, cache_limit):
+    with pytest.raises(err, match="max_bytes"):
+        bn.set_cache_limit(bad)
+    assert bn.set_cache_limit(256 << 20) == 256 << 20  # unchanged
+
+
+def test_large_outputs_from_many_threads(rng, cache_limit):
+    """Python threads allocating and freeing large results at once (freed in whichever thread drops them),
+    with a limit that keeps fewer blocks than are live, get the results of a single thread."""
+    import threading
+
+    xs = [rng.standard_normal((300 + 40 * k, 1024)).astype(np.float32) for k in range(4)]
+    want = [bn.forward_train(x)[0] for x in xs]
+    bn.set_cache_limit(5 << 20)
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(25):
+                y, mean, invstd = bn.forward_train(xs[k])
+                dx = bn.backward(y, xs[k], mean, invstd)[0]
+                if not np.array_equal(y, want[k]) or dx.shape != xs[k].shape:
+                    errors.append(k)
+                    return
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:

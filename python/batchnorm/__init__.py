@@ -16,7 +16,8 @@ Exact population statistics
     :class:`Moments` (streaming per-channel mean and variance), :func:`precise_stats` (recompute the
     running statistics of BN layers exactly over many batches).
 Helpers
-    :func:`fold_into` (fold BN into the preceding layer), :func:`show_config`.
+    :func:`fold_into` (fold BN into the preceding layer), :func:`show_config`, :func:`empty_cache` and
+    :func:`set_cache_limit` (the freed memory kept for the next calls).
 
 The plain-NumPy twin of every kernel lives in :mod:`batchnorm.reference`.
 
@@ -35,11 +36,13 @@ from ._core import (
     backward_apply,
     backward_reduce,
     batch_stats,
+    empty_cache,
     forward_infer,
     forward_train,
     get_num_threads,
     merge_stats,
     normalize,
+    set_cache_limit,
     set_num_threads,
     update_running_stats,
 )
@@ -66,6 +69,8 @@ __all__ = [
     "update_running_stats",
     "set_num_threads",
     "get_num_threads",
+    "empty_cache",
+    "set_cache_limit",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",

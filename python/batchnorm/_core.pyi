@@ -142,6 +142,14 @@ def get_num_threads() -> int:
     """The number of threads the kernels use for large inputs."""
     ...
 
+def empty_cache() -> int:
+    """Hand back all the freed memory batchnorm keeps for the next calls; returns its bytes."""
+    ...
+
+def set_cache_limit(max_bytes: int) -> int:
+    """Bytes of freed large arrays (over 1 MiB) kept for reuse (0: none); returns the previous limit."""
+    ...
+
 def _build_info() -> _BuildInfo:
     """How the extension was built: OpenMP, its version, SIMD path, compiler, max threads."""
     ...
