@@ -437,6 +437,34 @@ static BN_ALWAYS_INLINE void BN_NAME(dx_cols_v8)(const BN_T *dy, const BN_T *x, 
 }
 #endif
 
+#if BN_HAVE_VEXT
+/* grad_cols' float64 training dx, k1 * ((g - k2) - (x - centre) * k3) with g = dy, of the row at `off` and
+ * the row W2 further, each of the four coefficients loaded once for both; the scalar loop's expression
+ * lane by lane. */
+static BN_ALWAYS_INLINE void BN_NAME(dx_cols_pair_f64)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdiff_t off,
+                                                       ptrdiff_t W2, ptrdiff_t wb, const double *BN_RESTRICT em,
+                                                       const double *BN_RESTRICT ea, const double *BN_RESTRICT eb,
+                                                       const double *BN_RESTRICT ee)
+{
+    const BN_T *dr = dy + off, *xr = x + off;
+    BN_T *out = dx + off;
+    const ptrdiff_t body = wb - wb % 8;
+    for (ptrdiff_t q = 0; q < body; q += 8) {
+        const bn_v8d mv = BN_V8D_LOAD(em + q), av = BN_V8D_LOAD(ea + q), bv = BN_V8D_LOAD(eb + q),
+                     ev = BN_V8D_LOAD(ee + q);
+        for (int j = 0; j < 2; j++) {
+            const ptrdiff_t o = j * W2 + q;
+            BN_V8D_STORE(out + o, av * ((BN_V8D_LOAD(dr + o) - bv) - (BN_V8D_LOAD(xr + o) - mv) * ev));
+        }
+    }
+    for (int j = 0; j < 2; j++)
+        for (ptrdiff_t q = body; q < wb; q++) {
+            const ptrdiff_t o = j * W2 + q;
+            out[o] = (BN_T)(ea[q] * (((double)dr[o] - eb[q]) - ((double)xr[o] - em[q]) * ee[q]));
+        }
+}
+#endif
+
 /* Column mode: dx over rows [n0, n1) of an item, per-position coefficients (em unused when folded; fc, fa,
  * fo only for a recomputed mask). */
 static BN_ALWAYS_INLINE void BN_NAME(grad_cols)(const BN_T *dy, const BN_T *x, const BN_T *aux, BN_T *dx,
@@ -460,6 +488,17 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_cols)(const BN_T *dy, const BN_T *x, c
         const ptrdiff_t h = wb > 682 ? (n1 - n0) / 2 : 0;
         for (; n < n0 + h; n++) BN_NAME(dx_cols_v8)(dy, x, dx, n * p->W + first, h * p->W, wb, ea, eb, ee, 1);
         for (n += h; n < n1; n++) BN_NAME(dx_cols_v8)(dy, x, dx, n * p->W + first, 0, wb, ea, eb, ee, 0);
+    }
+#endif
+#if BN_HAVE_VEXT
+    /* float64, training, g given: the four coefficient arrays fill L1 from 1024 positions on; pairs of
+     * rows half an item apart share each load (as above and as apply_cols_epi's float64 pairs). An odd
+     * last row goes to the loop below. */
+    if (sizeof(BN_T) == sizeof(double) && training && gm == BN_GM_NONE && wb >= 1024) {
+        const ptrdiff_t h = (n1 - n0) / 2;
+        for (; n < n0 + h; n++)
+            BN_NAME(dx_cols_pair_f64)(dy, x, dx, n * p->W + first, h * p->W, wb, em, ea, eb, ee);
+        n += h;
     }
 #endif
     for (; n < n1; n++) {

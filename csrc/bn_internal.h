@@ -390,6 +390,7 @@ typedef float bn_v8f __attribute__((vector_size(32)));
 typedef int bn_v8i __attribute__((vector_size(32)));
 #define BN_V8F_WIDEN(v) __builtin_convertvector((v), bn_v8d)
 #define BN_V8F_LOAD(p) (*(const bn_v8f_mem *)(const void *)(p)) /* 8 floats from p, any alignment */
+#define BN_V8D_STORE(p, v) (*(bn_v8d_mem *)(void *)(p) = (v)) /* 8 doubles to p (double *), any alignment */
 /* The fused ReLU of 8 doubles as the scalar v < 0 ? 0 : v: +0.0 where v < 0, v elsewhere (NaN and -0.0
  * stay), by a mask (C has no vector ?:). */
 typedef long long bn_v8l __attribute__((vector_size(64)));
