@@ -14,6 +14,10 @@
 #pragma GCC target("avx2")
 #endif
 
+/* float64 column mode's masked sums keep GCC's loop here: the vector sweep that is 0.52-0.62 of its time
+ * with AVX-512 and 0.39-0.85 in the baseline build ran 1.2-1.26x slower with AVX2 at 256 positions
+ * (phase_ab.py --dtype float64, backward(relu), BATCHNORM_SIMD=avx2) */
+#define BN_F64_MASKED_SWEEP 0
 #define BN_T float
 #define BN_NAME(f) f##_f32_avx2
 #include "bn_forward.tmpl.h"

@@ -279,8 +279,8 @@ static BN_ALWAYS_INLINE double BN_NAME(col_g)(const BN_T *dr, const BN_T *xr, co
 #if BN_HAVE_VEXT
 /* Column mode: the sums of rows [n, n + R), 8 positions a step, each position adding its rows in order as
  * the one-row loop does (the same bits), its running sums loaded and stored once per R rows. g is dy, or
- * for float32 with g kept (write) the masked dy selected among the floats as runs_sums_gm does (mask from
- * y, or from x's range: tlo, thi), stored to gr and summed widened. */
+ * with g kept (write) the masked dy selected among the element values as runs_sums_gm does (mask from y,
+ * or from x's range: tlo, thi; dy's bits or +0.0), stored to gr and summed widened. */
 static BN_ALWAYS_INLINE void BN_NAME(cols_sums_sweep)(const BN_T *dr, const BN_T *xr, const BN_T *ar, BN_T *gr,
                                                       ptrdiff_t W, ptrdiff_t wb, const double *BN_RESTRICT em,
                                                       const BN_T *tlo, const BN_T *thi, double *BN_RESTRICT sa,
@@ -288,6 +288,7 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_sweep)(const BN_T *dr, const BN_T
 {
     const ptrdiff_t body = wb - wb % 8;
     const bn_v8f zero = {0};
+    const bn_v8d zd = {0};
     for (ptrdiff_t q = 0; q < body; q += 8) {
         bn_v8d va = BN_V8D_LOAD(sa + q), vb = BN_V8D_LOAD(sb + q);
         const bn_v8d vm = BN_V8D_LOAD(em + q);
@@ -297,6 +298,13 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_sweep)(const BN_T *dr, const BN_T
             if (gm == BN_GM_NONE) {
                 g = BN_V8D_LOAD(dr + o);
                 xv = BN_V8D_LOAD(xr + o);
+            } else if (sizeof(BN_T) == sizeof(double)) {
+                const bn_v8d xd = BN_V8D_LOAD(xr + o);
+                const bn_v8l k = gm == BN_GM_Y ? BN_V8D_LOAD(ar + o) > zd
+                                               : (xd >= BN_V8D_LOAD(tlo + q)) & (xd <= BN_V8D_LOAD(thi + q));
+                g = (bn_v8d)((bn_v8l)BN_V8D_LOAD(dr + o) & k);
+                BN_V8D_STORE(gr + o, g);
+                xv = xd;
             } else {
                 const bn_v8f xf = BN_V8F_LOAD(xr + o);
                 const bn_v8i k = gm == BN_GM_Y ? BN_V8F_LOAD(ar + o) > zero : (xf >= BN_V8F_LOAD(tlo + q)) & (xf <= BN_V8F_LOAD(thi + q));
@@ -322,6 +330,9 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_sweep)(const BN_T *dr, const BN_T
 }
 #endif
 
+#ifndef BN_F64_MASKED_SWEEP
+#define BN_F64_MASKED_SWEEP 1 /* bn_avx2.c says 0 */
+#endif
 /* Column mode: rows [n0, n1) of an item (wb positions from offset `first`) summed per position into sa, sb,
  * with g masked (fc, fa, fo: the forward's coefficients per position) and written to dres when `write`. */
 static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x, const BN_T *aux,
@@ -340,8 +351,11 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x
      * of 1 KiB ran 12% slower than one, two 10% faster; at (8192, 1024) four were 20% faster, two 3%.
      * A masked g kept: one row a sweep, rows of at most 2 KiB (backward(relu, beta=) 0.61-0.83 of the plain
      * loop's time at (32768, 256), (16384, 512), (65536, 128) and channels-last (64, 28, 28, 256); at
-     * (4096, 768) 0.99, at (8192, 1024) and (2048, 4096) 5-16% slower, in sweeps of one row or four). */
-    if ((gm == BN_GM_NONE && !write) || (sizeof(BN_T) == sizeof(float) && write && (gm == BN_GM_Y || gm == BN_GM_XT))) {
+     * (4096, 768) 0.99, at (8192, 1024) and (2048, 4096) 5-16% slower, in sweeps of one row or four).
+     * float64 likewise (0.52-0.62 at (32768, 256), (16384, 128) and (32, 28, 28, 256) with AVX-512), except
+     * in the AVX2 build (BN_F64_MASKED_SWEEP). */
+    if ((gm == BN_GM_NONE && !write) ||
+        (write && (gm == BN_GM_Y || gm == BN_GM_XT) && (sizeof(BN_T) == sizeof(float) || BN_F64_MASKED_SWEEP))) {
         const ptrdiff_t W = p->W;
 #define BN_SWEEP_ARGS(n)                                                                                  \
     dy + (n) * W + first, x + (n) * W + first, gm == BN_GM_Y ? aux + (n) * W + first : NULL,              \

@@ -1226,8 +1226,8 @@ def test_phases_bit_identical_for_1_and_2_threads(rng, shape, axis, dtype):
 # rows half an item apart where the coefficients are wide) against the one-row, one-position loops: a
 # column's results do not depend on its neighbours or on the rows beside it. Widths around 8 and 682 and
 # 1024 put positions in the vector body and the scalar tail, row counts leave sweeps part-filled.
-@pytest.mark.parametrize("N", [1, 2, 3, 5, 9, 34])
-@pytest.mark.parametrize("C", [7, 9, 683, 1027])
+@pytest.mark.parametrize("N", [1, 2, 3, 5, 9, 34, 70])
+@pytest.mark.parametrize("C", [7, 9, 203, 683, 1027])
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_column_mode_columns_and_rows_alone_have_the_bits_of_the_whole(rng, N, C, dtype):
     x = (rng.standard_normal((N, C)) * 3 + 2).astype(dtype)
