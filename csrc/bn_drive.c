@@ -2,12 +2,6 @@
  * steps are described beside bn_job in bn_internal.h). Type-independent: the steps are the kernels'. */
 #include <string.h>
 #include "bn_internal.h"
-#if defined(__linux__)
-#include <sys/mman.h>
-#if defined(MADV_HUGEPAGE)
-#define BN_HAVE_MADV_HUGEPAGE 1
-#endif
-#endif
 
 /* The steps over the plan, as run by each thread of a team: the loops are OpenMP worksharing constructs
  * that also work orphaned, outside any parallel region, where the calling thread is a team of one. */
@@ -103,29 +97,12 @@ static bn_block_header *scratch_header(const void *p)
     return (bn_block_header *)((char *)(uintptr_t)p - sizeof(bn_block_header));
 }
 
-/* Fresh blocks of 4 MiB or more ask Linux for transparent huge pages, as NumPy's own allocator does for
- * its arrays (THP is often "madvise" only): a fresh 32 MiB output written with 4 KiB pages took about
- * 17 ms of page faults here against 4 ms with 2 MiB pages (a copy into kept memory: 2.3 ms). */
-static void advise_huge(char *raw, size_t bytes)
-{
-#if defined(BN_HAVE_MADV_HUGEPAGE)
-    if (bytes >= ((size_t)4 << 20)) {
-        const uintptr_t page = 4096, at = (uintptr_t)raw, start = (at + page - 1) / page * page;
-        if (start - at < bytes) madvise((void *)start, bytes - (start - at), MADV_HUGEPAGE);
-    }
-#else
-    (void)raw;
-    (void)bytes;
-#endif
-}
-
 static void *scratch_new(size_t bytes)
 {
     const size_t extra = sizeof(bn_block_header) + BN_SCRATCH_ALIGN;
     if (bytes > (size_t)-1 - extra) return NULL;
     char *raw = malloc(extra + bytes);
     if (raw == NULL) return NULL;
-    advise_huge(raw, extra + bytes);
     uintptr_t at = (uintptr_t)(raw + sizeof(bn_block_header));
     char *p = raw + sizeof(bn_block_header) + ((BN_SCRATCH_ALIGN - at % BN_SCRATCH_ALIGN) % BN_SCRATCH_ALIGN);
     bn_block_header h = {raw, bytes};
@@ -200,7 +177,8 @@ static void *pool_unkeep(const bn_pool *pool, void *p)
 
 /* A freed block goes to an empty slot or, when all are full, displaces the block of the next slot in
  * turn: blocks kept for sizes a program no longer uses (a model built before) would otherwise keep the
- * sizes it now uses out for good. A block that would take a limited pool past its limit is freed. */
+ * sizes it now uses out for good. Likewise for a limited pool's bytes; a block larger than the limit is
+ * freed. */
 static void pool_give(const bn_pool *pool, void *p)
 {
     if (p == NULL) return;
@@ -210,8 +188,15 @@ static void pool_give(const bn_pool *pool, void *p)
         return;
     }
     if (pool->kept) {
+        /* over the limit, kept blocks go in turn, as from a full pool: blocks of sizes no longer used
+         * would otherwise keep out the sizes used now (a run of smaller tensors before). */
+        const size_t limit = atomic_load(pool->limit);
+        for (int i = 0; i < pool->n && cap <= limit && atomic_load(pool->kept) + cap > limit; i++) {
+            const unsigned turn = atomic_fetch_add_explicit(pool->turn, 1u, memory_order_relaxed);
+            scratch_free(pool_unkeep(pool, atomic_exchange(&pool->slots[turn % (unsigned)pool->n], NULL)));
+        }
         const size_t before = atomic_fetch_add(pool->kept, cap);
-        if (before + cap < before || before + cap > atomic_load(pool->limit)) {
+        if (before + cap < before || before + cap > limit) {
             atomic_fetch_sub(pool->kept, cap);
             scratch_free(p);
             return;

@@ -346,6 +346,25 @@ def test_the_cache_limit_bounds_what_is_kept(rng, cache_limit):
     assert bn.set_cache_limit(2**80) == 0  # beyond the address space: no limit
 
 
+def test_blocks_of_sizes_no_longer_used_make_room_for_the_new_one(rng, cache_limit):
+    """Over the limit, kept blocks go in turn: a run of smaller tensors before must not keep the size a
+    program uses now out of the pool (it made every plain call of the next large case fault in fresh
+    pages)."""
+    small = rng.standard_normal(_LARGE).astype(np.float32)
+    big = rng.standard_normal((_LARGE[0] * 2, _LARGE[1])).astype(np.float32)  # not served by small's blocks
+    bn.set_cache_limit(small.nbytes * 2 + big.nbytes // 2)
+    ys = [bn.forward_train(small)[0] for _ in range(2)]
+    del ys  # the pool is full of small blocks
+    y = bn.forward_train(big)[0]
+    at = y.ctypes.data
+    del y  # kept, in place of a small block
+    y = bn.forward_train(big)[0]
+    assert y.ctypes.data == at
+    del y
+    released = bn.empty_cache()  # big and one small block (and the kernels' scratch, well under 1 MiB)
+    assert big.nbytes + small.nbytes <= released < big.nbytes + small.nbytes + (1 << 20)
+
+
 @pytest.mark.parametrize("bad, err", [(-1, ValueError), (-2**70, ValueError), (1.5, TypeError),
                                       (True, TypeError), ("1", TypeError), (None, TypeError)])
 def test_set_cache_limit_rejects_what_is_not_a_size(bad, err, cache_limit):
