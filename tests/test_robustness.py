@@ -267,18 +267,17 @@ def test_mid_sized_outputs_are_ordinary_arrays(rng, shape, axis, dtype):
     np.testing.assert_array_equal(y3, y2)
 
 
-def test_pooled_arrays_from_many_threads(rng):
-    """Python threads calling at once (the kernels run without the GIL; arrays are freed in whichever
-    thread drops them) get the results of a single thread."""
+def _same_results_from_many_threads(xs, calls):
+    """Each of len(xs) Python threads calls forward_train and backward on its own x `calls` times; every
+    y must be the one a single thread got, and no thread may hang."""
     import threading
 
-    xs = [rng.standard_normal((2, 8192 + 512 * k)).astype(np.float32) for k in range(6)]
     want = [bn.forward_train(x)[0] for x in xs]
     errors = []
 
     def work(k):
         try:
-            for _ in range(200):
+            for _ in range(calls):
                 y, mean, invstd = bn.forward_train(xs[k])
                 dx = bn.backward(y, xs[k], mean, invstd)[0]
                 if not np.array_equal(y, want[k]) or dx.shape != xs[k].shape:
@@ -287,12 +286,19 @@ def test_pooled_arrays_from_many_threads(rng):
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(repr(e))
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(xs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     assert not any(t.is_alive() for t in threads) and not errors, errors
+
+
+def test_pooled_arrays_from_many_threads(rng):
+    """Python threads calling at once (the kernels run without the GIL; arrays are freed in whichever
+    thread drops them) get the results of a single thread."""
+    _same_results_from_many_threads([rng.standard_normal((2, 8192 + 512 * k)).astype(np.float32)
+                                     for k in range(6)], 200)
 
 
 # ---- large outputs (over 1 MiB): kept for reuse up to set_cache_limit, handed back by empty_cache --------
@@ -376,30 +382,9 @@ def test_set_cache_limit_rejects_what_is_not_a_size(bad, err, cache_limit):
 def test_large_outputs_from_many_threads(rng, cache_limit):
     """Python threads allocating and freeing large results at once (freed in whichever thread drops them),
     with a limit that keeps fewer blocks than are live, get the results of a single thread."""
-    import threading
-
     xs = [rng.standard_normal((300 + 40 * k, 1024)).astype(np.float32) for k in range(4)]
-    want = [bn.forward_train(x)[0] for x in xs]
     bn.set_cache_limit(5 << 20)
-    errors = []
-
-    def work(k):
-        try:
-            for _ in range(25):
-                y, mean, invstd = bn.forward_train(xs[k])
-                dx = bn.backward(y, xs[k], mean, invstd)[0]
-                if not np.array_equal(y, want[k]) or dx.shape != xs[k].shape:
-                    errors.append(k)
-                    return
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads) and not errors, errors
+    _same_results_from_many_threads(xs, 25)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="minor faults as Linux counts them")
