@@ -316,8 +316,8 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_sweep)(const BN_T *dr, const BN_T
             va += g;
             vb += g * (xv - vm);
         }
-        *(bn_v8d_mem *)(void *)(sa + q) = va;
-        *(bn_v8d_mem *)(void *)(sb + q) = vb;
+        BN_V8D_STORE(sa + q, va);
+        BN_V8D_STORE(sb + q, vb);
     }
     for (ptrdiff_t q = body; q < wb; q++)
         for (int j = 0; j < R; j++) {

@@ -175,6 +175,13 @@ static void *pool_unkeep(const bn_pool *pool, void *p)
     return p;
 }
 
+/* The slot next in turn takes p (NULL: is emptied), and the block it held is freed. */
+static void pool_displace(const bn_pool *pool, void *p)
+{
+    const unsigned turn = atomic_fetch_add_explicit(pool->turn, 1u, memory_order_relaxed);
+    scratch_free(pool_unkeep(pool, atomic_exchange(&pool->slots[turn % (unsigned)pool->n], p)));
+}
+
 /* A freed block goes to an empty slot or, when all are full, displaces the block of the next slot in
  * turn: blocks kept for sizes a program no longer uses (a model built before) would otherwise keep the
  * sizes it now uses out for good. Likewise for a limited pool's bytes; a block larger than the limit is
@@ -191,10 +198,8 @@ static void pool_give(const bn_pool *pool, void *p)
         /* over the limit, kept blocks go in turn, as from a full pool: blocks of sizes no longer used
          * would otherwise keep out the sizes used now (a run of smaller tensors before). */
         const size_t limit = atomic_load(pool->limit);
-        for (int i = 0; i < pool->n && cap <= limit && atomic_load(pool->kept) + cap > limit; i++) {
-            const unsigned turn = atomic_fetch_add_explicit(pool->turn, 1u, memory_order_relaxed);
-            scratch_free(pool_unkeep(pool, atomic_exchange(&pool->slots[turn % (unsigned)pool->n], NULL)));
-        }
+        for (int i = 0; i < pool->n && cap <= limit && atomic_load(pool->kept) + cap > limit; i++)
+            pool_displace(pool, NULL);
         const size_t before = atomic_fetch_add(pool->kept, cap);
         if (before + cap < before || before + cap > limit) {
             atomic_fetch_sub(pool->kept, cap);
@@ -206,8 +211,7 @@ static void pool_give(const bn_pool *pool, void *p)
         void *expected = NULL;
         if (atomic_compare_exchange_strong(&pool->slots[i], &expected, p)) return;
     }
-    const unsigned turn = atomic_fetch_add_explicit(pool->turn, 1u, memory_order_relaxed);
-    scratch_free(pool_unkeep(pool, atomic_exchange(&pool->slots[turn % (unsigned)pool->n], p)));
+    pool_displace(pool, p);
 }
 
 /* All kept blocks are taken out at once, the smallest that serves is used and the others go back: a call

@@ -131,7 +131,7 @@ static BN_ALWAYS_INLINE ptrdiff_t BN_NAME(col_sweep4)(const BN_T *ra, ptrdiff_t 
                 a += BN_RAW_SUMS ? v : v - r;
             }
         }
-        *(bn_v8d_mem *)(void *)(acc + q) = a;
+        BN_V8D_STORE(acc + q, a);
     }
 #endif
     return q;
