@@ -38,6 +38,7 @@
  */
 #define BN_ROW_MIN_S 32
 #define BN_SEG 4096              /* row mode: longest contiguous run reduced as one two-pass chunk */
+#define BN_STREAM_BYTES (16.0 * 1024 * 1024) /* a tensor this large is read from memory, not L3 */
 #define BN_COL_ROWS 32           /* column mode: rows reduced as one two-pass chunk */
 #define BN_COL_MAX_W 4096        /* column mode: most positions in one item (bounds per-thread scratch) */
 #define BN_COL_GROUP_ELEMS 262144 /* column mode: elements per item when rows are split into groups */

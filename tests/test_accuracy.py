@@ -238,6 +238,9 @@ LARGE_MEAN_LAYOUTS = [
     pytest.param((2, 3, 130, 130), 1, id="NCHW-long"),
     pytest.param((16, 8, 8, 5), -1, id="NHWC"),
     pytest.param((40, 8, 8, 48), -1, id="NHWC-groups"),
+    # 16 MiB and more, rows under 1024 positions: column mode's first pass goes one row at a time
+    pytest.param((16411, 257), 1, id="NC-streamed"),
+    pytest.param((8200, 129, 4), 1, id="NCL-streamed"),
 ]
 
 
