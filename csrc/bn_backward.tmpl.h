@@ -353,7 +353,12 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x
      * loop's time at (32768, 256), (16384, 512), (65536, 128) and channels-last (64, 28, 28, 256); at
      * (4096, 768) 0.99, at (8192, 1024) and (2048, 4096) 5-16% slower, in sweeps of one row or four).
      * float64 likewise (0.52-0.62 at (32768, 256), (16384, 128) and (32, 28, 28, 256) with AVX-512), except
-     * in the AVX2 build (BN_F64_MASKED_SWEEP). */
+     * in the AVX2 build (BN_F64_MASKED_SWEEP).
+     * g = dy on tensors of 16 MiB and more (read from memory) with rows of at most 3 KiB: one row a sweep,
+     * as the statistics' first pass does (the prefetcher and several streams per page): backward_reduce
+     * 0.49-0.53 (float32) and 0.49-0.57 (float64) at 128-256 positions, (64, 28, 28, 256) included,
+     * 0.87-0.88 (float32) and 0.65-0.69 (float64) at 2.5-3 KiB rows; at 3.5 KiB float32 was 4% slower
+     * (float64 0.69), at 4 KiB float32 54% slower and float64 0.95, at 6-7 KiB float64 17-32% slower. */
     if ((gm == BN_GM_NONE && !write) ||
         (write && (gm == BN_GM_Y || gm == BN_GM_XT) && (sizeof(BN_T) == sizeof(float) || BN_F64_MASKED_SWEEP))) {
         const ptrdiff_t W = p->W;
@@ -364,6 +369,8 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x
             if (wb * (ptrdiff_t)sizeof(BN_T) <= 2048)
                 for (; n < n1; n++) BN_NAME(cols_sums_sweep)(BN_SWEEP_ARGS(n), 1, gm);
         }
+        else if ((double)p->N * (double)p->W * sizeof(BN_T) >= BN_STREAM_BYTES && wb * (ptrdiff_t)sizeof(BN_T) <= 3072)
+            for (; n < n1; n++) BN_NAME(cols_sums_sweep)(BN_SWEEP_ARGS(n), 1, gm);
         else if (wb * (ptrdiff_t)sizeof(BN_T) >= 2048)
             for (; n + 4 <= n1; n += 4) BN_NAME(cols_sums_sweep)(BN_SWEEP_ARGS(n), 4, gm);
         else

@@ -270,7 +270,11 @@ def test_large_mean_statistics_exact_in_every_layout(rng, shape, axis, dtype, lo
 @pytest.mark.parametrize("shape,dtype,axis", [pytest.param((20000, 37), np.float32, 1, id="20000x37-f32"),
                                               pytest.param((3, 2, 100000), np.float64, 1, id="3x2x100000-f64"),
                                               pytest.param((3, 2, 100000), np.float32, 1, id="3x2x100000-f32"),
-                                              pytest.param((37, 20000), np.float32, 0, id="37x20000-ax0")])
+                                              pytest.param((37, 20000), np.float32, 0, id="37x20000-ax0"),
+                                              # 16 MiB and more: column mode's sums one row at a time
+                                              pytest.param((16411, 257), np.float32, 1, id="16411x257-f32"),
+                                              pytest.param((8200, 257), np.float64, 1, id="8200x257-f64"),
+                                              pytest.param((5600, 95, 8), np.float32, 1, id="5600x95x8-f32")])
 def test_long_channels_all_ops(rng, shape, dtype, axis):
     x = make_data(rng, shape, dtype, axis, loc=3.0)
     dy = make_data(rng, shape, dtype, axis, loc=0.5)
