@@ -18,6 +18,11 @@
  * with AVX-512 and 0.39-0.85 in the baseline build ran 1.2-1.26x slower with AVX2 at 256 positions
  * (phase_ab.py --dtype float64, backward(relu), BATCHNORM_SIMD=avx2) */
 #define BN_F64_MASKED_SWEEP 0
+/* float32 column mode's backward sums keep two rows a sweep here on streamed tensors too: one row, 0.49-0.53
+ * of the time with AVX-512, ran at 8.7-9.4 ms at every width with AVX2 (as the baseline build's), 0.77-0.93
+ * of two rows' time at 256-512 positions but 1.37-1.63x at 64, 128 and 768 (phase_ab.py, backward_reduce,
+ * BATCHNORM_SIMD=avx2) */
+#define BN_F32_ROWWISE_SUMS 0
 #define BN_T float
 #define BN_NAME(f) f##_f32_avx2
 #include "bn_forward.tmpl.h"

@@ -330,6 +330,9 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_sweep)(const BN_T *dr, const BN_T
 }
 #endif
 
+#ifndef BN_F32_ROWWISE_SUMS
+#define BN_F32_ROWWISE_SUMS 1 /* bn_avx2.c says 0 */
+#endif
 #ifndef BN_F64_MASKED_SWEEP
 #define BN_F64_MASKED_SWEEP 1 /* bn_avx2.c says 0 */
 #endif
@@ -358,7 +361,8 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x
      * as the statistics' first pass does (the prefetcher and several streams per page): backward_reduce
      * 0.49-0.53 (float32) and 0.49-0.57 (float64) at 128-256 positions, (64, 28, 28, 256) included,
      * 0.87-0.88 (float32) and 0.65-0.69 (float64) at 2.5-3 KiB rows; at 3.5 KiB float32 was 4% slower
-     * (float64 0.69), at 4 KiB float32 54% slower and float64 0.95, at 6-7 KiB float64 17-32% slower. */
+     * (float64 0.69), at 4 KiB float32 54% slower and float64 0.95, at 6-7 KiB float64 17-32% slower.
+     * Not float32 in the AVX2 build (BN_F32_ROWWISE_SUMS). */
     if ((gm == BN_GM_NONE && !write) ||
         (write && (gm == BN_GM_Y || gm == BN_GM_XT) && (sizeof(BN_T) == sizeof(float) || BN_F64_MASKED_SWEEP))) {
         const ptrdiff_t W = p->W;
@@ -369,7 +373,8 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x
             if (wb * (ptrdiff_t)sizeof(BN_T) <= 2048)
                 for (; n < n1; n++) BN_NAME(cols_sums_sweep)(BN_SWEEP_ARGS(n), 1, gm);
         }
-        else if ((double)p->N * (double)p->W * sizeof(BN_T) >= BN_STREAM_BYTES && wb * (ptrdiff_t)sizeof(BN_T) <= 3072)
+        else if ((sizeof(BN_T) == sizeof(double) || BN_F32_ROWWISE_SUMS) &&
+                 (double)p->N * (double)p->W * sizeof(BN_T) >= BN_STREAM_BYTES && wb * (ptrdiff_t)sizeof(BN_T) <= 3072)
             for (; n < n1; n++) BN_NAME(cols_sums_sweep)(BN_SWEEP_ARGS(n), 1, gm);
         else if (wb * (ptrdiff_t)sizeof(BN_T) >= 2048)
             for (; n + 4 <= n1; n += 4) BN_NAME(cols_sums_sweep)(BN_SWEEP_ARGS(n), 4, gm);
