@@ -573,14 +573,16 @@ def test_layer_with_flags_and_ghost_keeps_the_epilogue(rng):
         np.testing.assert_array_equal(dx, plain.backward(g))
 
 
-def test_renorm_refuses_the_epilogue(rng):
-    with pytest.raises(ValueError, match="renorm"):
-        bn.BatchNorm1d(3, renorm=True, activation="relu")
-    layer = bn.BatchNorm1d(3, renorm=True)
+def test_renorm_layer_with_a_bad_residual_changes_nothing(rng):
+    layer = bn.BatchNorm1d(3, renorm=True, activation="relu")
+    layer.running_var[:] = 2.0
     x = make_data(rng, (6, 3), F32)
-    with pytest.raises(ValueError, match="renorm"):
-        layer(x, residual=x)
+    before = layer.state_dict()
+    with pytest.raises(ValueError, match="residual"):
+        layer(x, residual=x[:5])
     assert layer.num_batches_tracked == 0
+    for k, v in before.items():
+        np.testing.assert_array_equal(layer.state_dict()[k], v)
 
 
 def test_precise_stats_with_a_fused_layer(rng):

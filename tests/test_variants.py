@@ -349,6 +349,101 @@ def test_renorm_matches_reference(rng, shape, dtype):
         assert_close(g, w, tol, what)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", ["3d", "4d-odd", "chlast"])
+@pytest.mark.parametrize("epi", ["relu", "add", "add_relu"])
+def test_renorm_fused_epilogue_matches_reference_and_masks_as_the_forward(rng, shape, dtype, epi):
+    shape, axis = RENORM_SHAPES[shape]
+    activation = "relu" if "relu" in epi else None
+    x = make_data(rng, shape, dtype, axis=axis)
+    dy = make_data(rng, shape, dtype, axis=axis)
+    gamma, beta = rng.uniform(0.5, 2, C), rng.normal(0, 1, C)
+    rm, rv = renorm_running(rng, C)
+    kw = dict(rmax=2.0, dmax=1.5, eps=1e-3, axis=axis, update=False)
+    plain = bn.forward_train_renorm(x, rm, rv, gamma, beta, **kw)
+    # the residual cancels the plain output at some positions: ties at exactly 0 for the ReLU
+    residual = None
+    if "add" in epi:
+        residual = np.array(make_data(rng, shape, dtype, axis=axis), order="C")
+        residual.reshape(-1)[::3] = -plain[0].reshape(-1)[::3]
+    got = bn.forward_train_renorm(x, rm, rv, gamma, beta, activation=activation, residual=residual, **kw)
+    want = ref.forward_train_renorm(x, rm.copy(), rv.copy(), gamma, beta, activation=activation, residual=residual,
+                                    **kw)
+    tol = TOL[np.dtype(dtype)]
+    y = got[0]
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, want[0], tol, "y")
+    for g, p_ in zip(got[1:], plain[1:]):  # the statistics, r and d do not depend on the epilogue
+        np.testing.assert_array_equal(g, p_)
+    unfused = plain[0].astype(np.float64) + (0 if residual is None else residual)
+    if activation:
+        unfused = np.maximum(unfused, 0)
+        assert np.any(y == 0) and np.any(y > 0)
+    assert_close(y, unfused, tol, "y against the unfused composition")
+    _, mean, invstd, r, d = got
+    res_arg = residual if activation else (True if residual is not None else None)
+    from_y = bn.backward_renorm(dy, x, mean, invstd, r, d, gamma, axis=axis, activation=activation,
+                                residual=res_arg, y=y if activation else None)
+    from_beta = bn.backward_renorm(dy, x, mean, invstd, r, d, gamma, axis=axis, activation=activation,
+                                   residual=res_arg, beta=beta if activation else None)
+    bwant = ref.backward_renorm(dy, x, mean, invstd, r, d, gamma, axis=axis, activation=activation,
+                                residual=res_arg, y=y if activation else None)
+    assert len(from_y) == len(bwant) == (4 if residual is not None else 3)
+    g = np.where(y > 0, dy, 0).astype(dtype) if activation else dy
+    plain_b = bn.backward_renorm(g, x, mean, invstd, r, d, gamma, axis=axis)
+    for i, what in enumerate(("dx", "dgamma", "dbeta", "d_residual")[:len(from_y)]):
+        np.testing.assert_array_equal(from_beta[i], from_y[i], err_msg=f"{what}: mask from beta= and from y=")
+        assert_close(from_y[i], bwant[i], tol, what)
+        np.testing.assert_array_equal(from_y[i], g if i == 3 else plain_b[i], err_msg=f"{what} vs unfused")
+
+
+def test_renorm_relu_mask_from_beta_is_the_forwards_at_exact_ties(rng):
+    """A residual of minus the plain output makes the fused forward's pre-activation exactly 0 (float64:
+    the same arithmetic); the backward's mask recomputed with beta= must say "not > 0" there too, which
+    needs the forward's own coefficients to the last bit (r and d inside their bounds, so rounded)."""
+    C_ = 16
+    x = rng.normal(0.5, 2.0, (64, C_))
+    dy = rng.normal(size=x.shape)
+    gamma, beta = rng.uniform(0.5, 2, C_), rng.normal(0, 1, C_)
+    rm, rv = rng.normal(0, 0.3, C_), rng.uniform(2, 6, C_)
+    kw = dict(rmax=10.0, dmax=10.0, update=False)
+    plain = bn.forward_train_renorm(x, rm, rv, gamma, beta, **kw)
+    y, mean, invstd, r, d = bn.forward_train_renorm(x, rm, rv, gamma, beta, activation="relu", residual=-plain[0],
+                                                    **kw)
+    assert np.all(y == 0)
+    from_y = bn.backward_renorm(dy, x, mean, invstd, r, d, gamma, activation="relu", residual=-plain[0], y=y)
+    from_beta = bn.backward_renorm(dy, x, mean, invstd, r, d, gamma, activation="relu", residual=-plain[0],
+                                   beta=beta)
+    np.testing.assert_array_equal(from_y[3], np.zeros_like(dy))
+    for a, b, what in zip(from_beta, from_y, ("dx", "dgamma", "dbeta", "d_residual")):
+        np.testing.assert_array_equal(a, b, err_msg=what)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_renorm_layer_with_activation_and_residual(rng, dtype):
+    x = make_data(rng, (8, C, 5), dtype)
+    res = make_data(rng, (8, C, 5), dtype)
+    dy = make_data(rng, (8, C, 5), dtype)
+    fused = bn.BatchNorm1d(C, renorm=True, rmax=2.0, dmax=1.5, activation="relu", dtype=dtype)
+    plain = bn.BatchNorm1d(C, renorm=True, rmax=2.0, dmax=1.5, dtype=dtype)
+    for layer in (fused, plain):
+        layer.running_mean[:], layer.running_var[:] = renorm_running(rng, C)
+        layer.weight[:] = np.linspace(0.5, 2, C)
+        layer.bias[:] = np.linspace(-1, 1, C)
+    y = fused(x, residual=res)
+    y_plain = plain(x)
+    np.testing.assert_array_equal(fused.running_mean, plain.running_mean)
+    np.testing.assert_array_equal(fused.running_var, plain.running_var)
+    assert_close(y, np.maximum(y_plain.astype(np.float64) + res, 0), TOL[np.dtype(dtype)], "y")
+    dx, dres = fused.backward(dy)
+    g = np.where(y > 0, dy, 0).astype(dtype)
+    np.testing.assert_array_equal(dres, g)
+    np.testing.assert_array_equal(dx, plain.backward(g))
+    np.testing.assert_array_equal(fused.grad_weight, plain.grad_weight)
+    np.testing.assert_array_equal(fused.grad_bias, plain.grad_bias)
+    assert "renorm=True" in repr(fused) and "relu" in repr(fused)
+
+
 def test_renorm_gradient_matches_finite_differences_with_r_d_constant(rng):
     x = make_data(rng, (4, C, 3))
     w = rng.standard_normal(x.shape)

@@ -238,8 +238,6 @@ class BatchNorm:
         self._use_batch_stats = self._update_running_stats = None
         self.use_batch_stats = use_batch_stats
         self.update_running_stats = update_running_stats
-        if renorm and activation is not None:
-            raise ValueError("renorm=True has no fused activation yet: apply the activation after the layer")
         if renorm and not self.track_running_stats:
             raise ValueError("renorm=True needs running statistics to renormalize against, and "
                              "track_running_stats=False keeps none")
@@ -572,11 +570,9 @@ class BatchNorm:
         """Batch Renormalization: batch statistics corrected by r and d towards the running ones."""
         if self._ghost_batch_size is not None:  # both set as attributes after construction
             raise ValueError("ghost_batch_size is not supported together with renorm=True")
-        if epilogue["activation"] is not None or epilogue["residual"] is not None:
-            raise ValueError("renorm=True has no fused activation or residual yet: apply them after the layer")
         y, mean, invstd, r, d = _forward_train_renorm(
             x, self.running_mean, self.running_var, self.weight, self.bias, rmax=self.rmax, dmax=self.dmax,
-            momentum=self._momentum_now(), eps=self.eps, axis=self.axis, update=update)
+            momentum=self._momentum_now(), eps=self.eps, axis=self.axis, update=update, **epilogue)
         return y, mean, invstd, ("renorm", r, d)
 
     def _forward_precise(self, x, epilogue, mask=None):
@@ -640,7 +636,8 @@ class BatchNorm:
         dy, x, mean, invstd, batch_stats, weight, _ = self._cached(dy)
         extra = self._cache_extra
         if extra is not None and extra[0] == "renorm":
-            grads = _backward_renorm(dy, x, mean, invstd, extra[1], extra[2], weight, axis=self.axis)
+            grads = _backward_renorm(dy, x, mean, invstd, extra[1], extra[2], weight, axis=self.axis,
+                                     **self._epilogue_kwargs())
         else:
             kw = {"ghost_batch_size": extra[1]} if extra is not None and extra[0] == "ghost" else {}
             if extra is not None and extra[0] == "mask":

@@ -367,7 +367,7 @@ def update_running_stats(running_mean, running_var, mean, m2, count, *, momentum
 
 
 def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *, rmax=3.0, dmax=5.0,
-                         momentum=0.1, eps=1e-5, axis=1, out=None, update=True):
+                         momentum=0.1, eps=1e-5, axis=1, out=None, update=True, activation=None, residual=None):
     """Batch Renormalization (Ioffe, 2017), training forward; returns (y, mean, invstd, r, d).
 
     ::
@@ -376,12 +376,14 @@ def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *,
         r = clip(sigma_B / sigma, 1/rmax, rmax),  d = clip((mean - running_mean) / sigma, -dmax, dmax)
         y = gamma * (xhat * r + d) + beta
 
-    then the running statistics are updated as forward_train updates them (when ``update``).
+    then the running statistics are updated as forward_train updates them (when ``update``). With
+    ``activation="relu"`` and/or ``residual``: y = max(renorm(x) + residual, 0).
     """
     flat, moved_shape, axis = _layout(x, axis)
     M, C = flat.shape
     if M == 0:
-        return _finish(flat, moved_shape, axis, x, out), np.zeros(C), np.zeros(C), np.ones(C), np.zeros(C)
+        y = _epilogue(flat + _param(beta, C, 0.0), residual, activation, axis)
+        return _finish(y, moved_shape, axis, x, out), np.zeros(C), np.zeros(C), np.ones(C), np.zeros(C)
     mean = flat.mean(axis=0)
     var = ((flat - mean) ** 2).mean(axis=0)
     sigma_b = np.sqrt(var + eps)
@@ -389,29 +391,34 @@ def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *,
     r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
     d = np.clip((mean - np.asarray(running_mean, np.float64)) / sigma, -dmax, dmax)
     xhat = (flat - mean) / sigma_b
-    y = _param(gamma, C, 1.0) * (xhat * r + d) + _param(beta, C, 0.0)
+    y = _epilogue(_param(gamma, C, 1.0) * (xhat * r + d) + _param(beta, C, 0.0), residual, activation, axis)
     if update:
         running_mean[...] = (1 - momentum) * running_mean + momentum * mean
         running_var[...] = (1 - momentum) * running_var + momentum * var * M / (M - 1)
     return _finish(y, moved_shape, axis, x, out), mean, 1.0 / sigma_b, r, d
 
 
-def backward_renorm(dy, x, mean, invstd, r, d, gamma=None, *, axis=1, out=None):
+def backward_renorm(dy, x, mean, invstd, r, d, gamma=None, *, axis=1, out=None, activation=None, residual=None,
+                    y=None, beta=None):
     """Gradients of Batch Renormalization with r and d constants; returns (dx, dgamma, dbeta).
 
     With g = dL/dxhat = dy * gamma * r, the batch-statistics chain rule of xhat gives ::
 
         dx = invstd * (g - mean(g) - xhat * mean(g * xhat)),
 
-    and dgamma = sum(dy * (xhat * r + d)), dbeta = sum(dy).
+    and dgamma = sum(dy * (xhat * r + d)), dbeta = sum(dy). With ``activation="relu"`` dy is first masked
+    where the forward's output (``y``, or recomputed with ``beta``) was not > 0; with ``residual`` the
+    masked dy is returned fourth, as d_residual.
     """
     flat, moved_shape, axis = _layout(x, axis)
-    dflat, _, _ = _layout(dy, axis)
     M, C = flat.shape
     mean = np.asarray(mean, np.float64).reshape(C)
     invstd = np.asarray(invstd, np.float64).reshape(C)
     r = np.asarray(r, np.float64).reshape(C)
     d = np.asarray(d, np.float64).reshape(C)
+    gr = _param(gamma, C, 1.0) * r  # the forward is BN with gamma * r and gamma * d + beta
+    dflat = _grad_at_bn(dy, x, mean, invstd, gr, axis, activation, residual, y,
+                        _param(gamma, C, 1.0) * d + _param(beta, C, 0.0))
     xhat = (flat - mean) * invstd
     g = dflat * _param(gamma, C, 1.0) * r
     M = max(M, 1)
@@ -420,4 +427,7 @@ def backward_renorm(dy, x, mean, invstd, r, d, gamma=None, *, axis=1, out=None):
     dbeta = dflat.sum(axis=0)
     dt = _result_dtype(x)
     gdt = np.dtype(np.float32) if dt == np.float16 else dt
-    return _finish(dx, moved_shape, axis, x, out), dgamma.astype(gdt), dbeta.astype(gdt)
+    result = (_finish(dx, moved_shape, axis, x, out), dgamma.astype(gdt), dbeta.astype(gdt))
+    if residual is not None and residual is not False:
+        result += (_finish(dflat, moved_shape, axis, x, None),)
+    return result

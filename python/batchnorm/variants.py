@@ -15,10 +15,12 @@ r and d are constants for the gradient (the paper's choice), so the gradient is 
 ``gamma * r`` for gamma; only dgamma changes: ``dgamma = sum(dy * (xhat * r + d)) = r * sum(dy * xhat) +
 d * sum(dy)``. With r = 1 and d = 0 (rmax = 1, dmax = 0) it is plain training-mode BN.
 
-The forward is :func:`batchnorm.batch_stats` then :func:`batchnorm.normalize` with
-``invstd_B * r`` and the shift ``gamma * d + beta`` (the memory traffic of :func:`batchnorm.forward_train`:
+The forward is :func:`batchnorm.batch_stats` then :func:`batchnorm.normalize` with the scale
+``gamma * r`` and the shift ``gamma * d + beta`` (the memory traffic of :func:`batchnorm.forward_train`:
 one read for the statistics, one read and one write to normalize), and the backward is
-:func:`batchnorm.backward`. The layers use these when built with ``renorm=True``.
+:func:`batchnorm.backward` with the same two, so the fused epilogues (``activation``, ``residual``) and
+the backward's ReLU mask recomputed from ``beta=`` work as for plain BN. The layers use these when built
+with ``renorm=True``.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def _vector(v, name, C, default):
 
 
 def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *, rmax=3.0, dmax=5.0,
-                         momentum=0.1, eps=1e-5, axis=1, out=None, update=True):
+                         momentum=0.1, eps=1e-5, axis=1, out=None, update=True, activation=None, residual=None):
     """Batch Renormalization forward pass in training mode.
 
     ``y = gamma * (xhat * r + d) + beta`` with the batch's ``xhat`` and the corrections r and d towards
@@ -98,6 +100,12 @@ def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *,
         Where to write y, as in :func:`batchnorm.normalize`.
     update : bool, default True
         Update the running statistics.
+    activation : None or "relu", optional
+        Fused epilogue, as in :func:`batchnorm.forward_train`: ``y = relu(renorm(x) + residual)`` in the
+        pass that writes y. For the backward, pass the same ``activation`` (and ``residual``) to
+        :func:`backward_renorm` with ``y=`` or ``beta=``.
+    residual : array_like, optional
+        Added before the activation; x's shape.
 
     Returns
     -------
@@ -134,7 +142,7 @@ def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *,
                          f"{np.shape(x)} with channel axis {axis}")
     if count == 0:
         zeros = np.zeros(C)
-        y = normalize(x, zeros, zeros, g, b, axis=axis, out=out)
+        y = normalize(x, zeros, zeros, g, b, axis=axis, out=out, activation=activation, residual=residual)
         return y, zeros, zeros.copy(), np.ones(C), np.zeros(C)
     with np.errstate(divide="ignore", invalid="ignore"):  # eps = 0 with a constant channel: inf, as BN
         invstd = 1.0 / np.sqrt(m2 / count + eps)
@@ -144,14 +152,19 @@ def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *,
     if update:  # into copies first: update_running_stats checks momentum and count before anything changes
         new_mean, new_var = rm.copy(), rv.copy()
         update_running_stats(new_mean, new_var, mean, m2, count, momentum=momentum)
-    y = normalize(x, mean, invstd * r, g, g * d + b, axis=axis, out=out)
+    # y = (x - mean) * invstd * (g * r) + (g * d + b): BN with gamma' = g * r and beta' = g * d + b, the
+    # coefficients backward_renorm hands to backward, whose ReLU mask from beta= then repeats this
+    # forward's arithmetic bit for bit
+    y = normalize(x, mean, invstd, g * r, g * d + b, axis=axis, out=out, activation=activation,
+                  residual=residual)
     if update:  # last: every check above passed
         np.copyto(running_mean, new_mean, casting="unsafe")
         np.copyto(running_var, new_var, casting="unsafe")
     return y, mean, invstd, r, d
 
 
-def backward_renorm(dy, x, mean, invstd, r, d, gamma=None, *, axis=1, out=None):
+def backward_renorm(dy, x, mean, invstd, r, d, gamma=None, *, axis=1, out=None, activation=None, residual=None,
+                    y=None, beta=None):
     """Batch Renormalization backward pass, with r and d constants (the paper's gradient).
 
     ``dx`` is training-mode BN's gradient with ``gamma * r`` for gamma;
@@ -171,6 +184,11 @@ def backward_renorm(dy, x, mean, invstd, r, d, gamma=None, *, axis=1, out=None):
         The channel axis.
     out : ndarray, optional
         Where to write dx, as in :func:`batchnorm.backward`.
+    activation, residual, y, beta : optional
+        The fused epilogue of the forward, as in :func:`batchnorm.backward`: with ``activation="relu"``
+        dy passes only where the forward's output was > 0, known from ``y=`` (that output) or recomputed
+        from x with ``beta=`` (the forward's beta; the mask is then the forward's, bit for bit). With
+        ``residual`` (the array, or True without an activation) d_residual is returned fourth.
 
     Returns
     -------
@@ -178,6 +196,8 @@ def backward_renorm(dy, x, mean, invstd, r, d, gamma=None, *, axis=1, out=None):
         x's shape and dtype.
     dgamma, dbeta : ndarray of shape (C,)
         In the dtype :func:`batchnorm.backward` gives them.
+    d_residual : ndarray
+        Only with ``residual``: the gradient at the residual (dy, masked by the ReLU).
 
     Raises
     ------
@@ -190,8 +210,12 @@ def backward_renorm(dy, x, mean, invstd, r, d, gamma=None, *, axis=1, out=None):
     r = _vector(r, "r", C, 1.0)
     d = _vector(d, "d", C, 0.0)
     g = _vector(gamma, "gamma", C, 1.0)
-    dx, sum_dy_xhat, sum_dy = backward(dy, x, mean, invstd, g * r, training=True, axis=axis, out=out)
+    # beta' = g * d + beta, as forward_train_renorm normalized with (the same float64 expression)
+    b = None if beta is None else g * d + _vector(beta, "beta", C, 0.0)
+    res = backward(dy, x, mean, invstd, g * r, training=True, axis=axis, out=out, activation=activation,
+                   residual=residual, y=y, beta=b)
+    dx, sum_dy_xhat, sum_dy = res[:3]
     # y = gamma * (r * xhat + d) + beta: dL/dgamma = r * sum(dy * xhat) + d * sum(dy), in float64 and then
-    # in backward's dtype
+    # in backward's dtype (dy masked by the ReLU, when there is one)
     dgamma = (r * sum_dy_xhat.astype(np.float64) + d * sum_dy.astype(np.float64)).astype(sum_dy.dtype)
-    return dx, dgamma, sum_dy
+    return (dx, dgamma, sum_dy) + tuple(res[3:])
