@@ -138,6 +138,53 @@ def scenario_fused(comm=WORLD):
                     check(rel_err(dr, dr_ref[lo:hi]) <= tol, f"{what}: d_residual")
 
 
+def scenario_renorm(comm=WORLD):
+    """renorm=True (alone, and with the fused ReLU and a residual): y, dx, d_residual, running statistics
+    and summed parameter gradients equal single-process BatchNorm(renorm=True) on the whole batch (tight
+    bounds, so that r and d are clipped in some channels); from_layer and to_layer keep the option."""
+    P, rank = comm.Get_size(), comm.Get_rank()
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 2e-5)):
+        for name, act in (("3d", None), ("nhwc", "relu"), ("2d", "relu")):
+            shape, axis, make = LAYOUTS[name]
+            for kind in ("even", "uneven", "empty"):
+                rng = np.random.default_rng(zlib.crc32(f"renorm/{name}/{kind}".encode()))
+                C, N = shape[axis], shape[0]
+                sizes = split_sizes(N, P, kind)
+                lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+                ref = bn.BatchNorm(C, axis=axis, dtype=np.float64, momentum=0.3, renorm=True, rmax=1.5, dmax=0.5,
+                                   activation=act)
+                ref.weight[...] = rng.normal(1, 0.3, C)
+                ref.bias[...] = rng.normal(0, 0.5, C)
+                ref.running_mean[...] = rng.normal(0, 1, C)
+                ref.running_var[...] = rng.uniform(0.2, 8, C)
+                sync = SyncBatchNorm.from_layer(ref, comm=comm)
+                check(sync.renorm and (sync.rmax, sync.dmax) == (1.5, 0.5), "from_layer dropped renorm")
+                for step in range(3):
+                    xg = make(rng.normal(1.0, 2.0, shape).astype(dtype))
+                    rg = make(rng.normal(0, 1, shape).astype(dtype)) if act else None
+                    dyg = make(rng.normal(0, 1, shape).astype(dtype))
+                    y_ref = ref(xg, residual=rg)
+                    got_ref = ref.backward(dyg)
+                    y = sync(xg[lo:hi], residual=None if rg is None else rg[lo:hi])
+                    got = sync.backward(dyg[lo:hi])
+                    what = f"renorm {name}/{act}/{kind}/{np.dtype(dtype).name}/step {step}"
+                    dx, dx_ref = (got[0], got_ref[0]) if act else (got, got_ref)
+                    check(rel_err(y, y_ref[lo:hi]) <= tol, f"{what}: y off by {rel_err(y, y_ref[lo:hi])}")
+                    check(rel_err(dx, dx_ref[lo:hi]) <= tol, f"{what}: dx off by {rel_err(dx, dx_ref[lo:hi])}")
+                    if act:
+                        check(np.array_equal(got[1], np.where(y > 0, dyg[lo:hi], 0)),
+                              f"{what}: d_residual is not dy masked by the forward's y > 0")
+                    for stat in ("running_mean", "running_var"):
+                        same_on_all(comm, getattr(sync, stat), f"{what}: {stat}")
+                        e = rel_err(getattr(sync, stat), getattr(ref, stat))
+                        check(e <= tol, f"{what}: {stat} off by {e}")
+                    gw = comm.allreduce(sync.grad_weight.copy())
+                    gb = comm.allreduce(sync.grad_bias.copy())
+                    check(rel_err(gw, ref.grad_weight) <= tol * 10, f"{what}: summed grad_weight")
+                    check(rel_err(gb, ref.grad_bias) <= tol * 10, f"{what}: summed grad_bias")
+                check(sync.to_layer().renorm, "to_layer dropped renorm")
+
+
 def scenario_deterministic():
     """Two runs of the same steps give the same bits, and the statistics are the same on every rank."""
     P, rank = WORLD.Get_size(), WORLD.Get_rank()

@@ -81,6 +81,12 @@ def test_fused_relu_residual_matches_single_process_bn(nprocs):
 
 
 @needs_mpi
+@pytest.mark.parametrize("nprocs", [1, 3])
+def test_renorm_matches_single_process_renorm(nprocs):
+    run_mpi(nprocs, "renorm")
+
+
+@needs_mpi
 def test_one_process_gives_batchnorm_bits():
     run_mpi(1, "world1")
 

@@ -574,8 +574,15 @@ def test_renorm_options_are_checked():
     assert (layer.rmax, layer.dmax) == (2.0, 0.5) and type(layer.rmax) is float
     assert "renorm=True, rmax=2.0, dmax=0.5" in repr(layer)
     from batchnorm.distributed import SyncBatchNorm
-    with pytest.raises(ValueError, match="Renormalization"):
-        SyncBatchNorm.from_layer(layer)
+    sync = SyncBatchNorm.from_layer(layer)
+    assert sync.renorm and (sync.rmax, sync.dmax) == (2.0, 0.5) and "renorm=True" in repr(sync)
+    back = sync.to_layer()
+    assert type(back) is bn.BatchNorm1d and back.renorm and (back.rmax, back.dmax) == (2.0, 0.5)
+    with pytest.raises(ValueError, match="rmax"):
+        SyncBatchNorm(C, renorm=True, rmax=0.5)
+    ghost = bn.BatchNorm1d(C, ghost_batch_size=2)
+    with pytest.raises(ValueError, match="ghost_batch_size"):
+        SyncBatchNorm.from_layer(ghost)
 
 
 def test_renorm_functional_errors_change_nothing(rng):

@@ -42,6 +42,7 @@ from ._core import (
 )
 from .layers import BatchNorm
 from .reference import _result_dtype
+from .variants import _corrections
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormError", "world"]
 
@@ -98,9 +99,11 @@ class SyncBatchNorm(BatchNorm):
     comm : mpi4py communicator, optional
         The processes that share statistics (any intracommunicator, e.g. one from ``comm.Split``).
         None means ``MPI.COMM_WORLD``, looked up when first needed.
-    eps, momentum, affine, track_running_stats, axis, dtype, bias, activation
+    eps, momentum, affine, track_running_stats, axis, dtype, bias, activation, renorm, rmax, dmax
         As :class:`batchnorm.BatchNorm`. With ``activation="relu"`` the forward is fused as BatchNorm's;
         the backward masks dy in a NumPy pass of its own before the phases (they have no fused form).
+        With ``renorm=True`` r and d come from the whole batch's statistics (Batch Renormalization of
+        the union of the processes' batches). Ghost BN (``ghost_batch_size``) is not supported.
 
     Attributes
     ----------
@@ -131,10 +134,11 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features, *, comm=None, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype=np.float32, bias=True, activation=None):
+                 track_running_stats=True, axis=1, dtype=np.float32, bias=True, activation=None, renorm=False,
+                 rmax=3.0, dmax=5.0):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, axis=axis, dtype=dtype, bias=bias,
-                         activation=activation)
+                         activation=activation, renorm=renorm, rmax=rmax, dmax=dmax)
         self.comm = None if comm is None else _check_comm(comm)
         self._layer_class = BatchNorm
 
@@ -145,13 +149,12 @@ class SyncBatchNorm(BatchNorm):
         """A SyncBatchNorm with ``layer``'s options, parameters, running statistics and mode (copies)."""
         if not isinstance(layer, BatchNorm):
             raise TypeError(f"layer must be a batchnorm.BatchNorm, got {type(layer).__name__}")
-        if layer.renorm:
-            raise ValueError("SyncBatchNorm does not support Batch Renormalization (renorm=True)")
         if layer.ghost_batch_size is not None:
             raise ValueError("SyncBatchNorm does not support Ghost BN (ghost_batch_size)")
         new = cls(layer.num_features, comm=comm, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
                   track_running_stats=layer.track_running_stats, axis=layer.axis, dtype=layer.dtype,
-                  bias=layer.has_bias, activation=layer.activation)
+                  bias=layer.has_bias, activation=layer.activation, renorm=layer.renorm, rmax=layer.rmax,
+                  dmax=layer.dmax)
         _copy_state(layer, new)
         new._layer_class = layer._layer_class if isinstance(layer, SyncBatchNorm) else type(layer)
         return new
@@ -174,7 +177,8 @@ class SyncBatchNorm(BatchNorm):
         cls = self._layer_class
         new = cls(self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
                   track_running_stats=self.track_running_stats, axis=self.axis, dtype=self.dtype,
-                  bias=self.has_bias, activation=self.activation)
+                  bias=self.has_bias, activation=self.activation, renorm=self.renorm, rmax=self.rmax,
+                  dmax=self.dmax)
         _copy_state(self, new)
         return new
 
@@ -231,8 +235,8 @@ class SyncBatchNorm(BatchNorm):
         if mask is not None:  # before any communication, so that no process waits for one that raised
             raise ValueError("SyncBatchNorm does not support mask= with batch statistics yet (training mode or "
                              "use_batch_stats=True); BatchNorm(mask=) does it on one process")
-        if self.renorm or self.ghost_batch_size is not None:  # attributes set after construction
-            raise ValueError("SyncBatchNorm does not support renorm or ghost_batch_size")
+        if self.ghost_batch_size is not None:  # an attribute, set after construction
+            raise ValueError("SyncBatchNorm does not support ghost_batch_size")
         comm = self._communicator()
         if comm.Get_size() == 1:
             # Nothing to share: the fused kernels give the phases' bits (running statistics included)
@@ -258,7 +262,18 @@ class SyncBatchNorm(BatchNorm):
         invstd = 1.0 / np.sqrt(m2 / count + self.eps) if count else np.zeros(C)
         if residual is not None:
             residual = np.asarray(residual)
-        y = normalize(x, mean, invstd, self.weight, self.bias, axis=self.axis, activation=self.activation,
+        extra, weight, bias = None, self.weight, self.bias
+        if self.renorm and not precise:
+            # Batch Renormalization with the whole batch's statistics, as forward_train_renorm: BN with
+            # gamma * r and gamma * d + beta (r and d from the running statistics before this update)
+            if count:
+                r, d = _corrections(mean, invstd, self.running_mean, self.running_var, self.eps, self.rmax,
+                                    self.dmax)
+            else:
+                r, d = np.ones(C), np.zeros(C)
+            extra = ("renorm", r, d)
+            weight, bias = self._renorm_coefs(self.weight, self.bias, r, d)
+        y = normalize(x, mean, invstd, weight, bias, axis=self.axis, activation=self.activation,
                       residual=residual)
         if precise:  # inside batchnorm.precise_stats: the whole batch's statistics, the same on every process
             self._precise._add(count, mean, m2)
@@ -266,10 +281,16 @@ class SyncBatchNorm(BatchNorm):
             update_running_stats(self.running_mean, self.running_var, mean, m2, count,
                                  momentum=self._momentum_now())
             self.num_batches_tracked += 1
-        self._remember(x, mean, invstd, True, count, residual=residual)
+        self._remember(x, mean, invstd, True, count, extra=extra, residual=residual)
         return y
 
     __call__ = forward
+
+    def _renorm_coefs(self, weight, bias, r, d):
+        """gamma * r and gamma * d + beta in float64, the same expressions as forward_train_renorm's."""
+        g = np.ones(self.num_features) if weight is None else np.asarray(weight, np.float64)
+        b = np.zeros(self.num_features) if bias is None else np.asarray(bias, np.float64)
+        return g * r, g * d + b
 
     def backward(self, dy):
         """dx for this process's rows; ``grad_weight``/``grad_bias`` get this process's contributions.
@@ -282,7 +303,11 @@ class SyncBatchNorm(BatchNorm):
         error = None
         try:
             dy, x, mean, invstd, _, weight, count = self._cached(dy)
-            dy = self._grad_at_bn(dy, x, mean, invstd, weight)
+            extra = self._cache_extra
+            beta = None if self._cache_epilogue is None else self._cache_epilogue[1]
+            if extra is not None and extra[0] == "renorm":
+                weight, beta = self._renorm_coefs(weight, beta, extra[1], extra[2])
+            dy = self._grad_at_bn(dy, x, mean, invstd, weight, beta)
             sum_dy, sum_dy_xmu = backward_reduce(dy, x, mean, axis=self.axis)
             local[:C], local[C:] = sum_dy, sum_dy_xmu
         except Exception as exc:
@@ -293,18 +318,21 @@ class SyncBatchNorm(BatchNorm):
             total += table[r]
         # count 0 (every batch empty): x is empty too, and 1 only keeps the divisor legal
         dx = backward_apply(dy, x, mean, invstd, weight, total[:C], total[C:], max(count, 1), axis=self.axis)
-        self._set_gradients(invstd * sum_dy_xmu, sum_dy)
+        dgamma = invstd * sum_dy_xmu
+        if extra is not None and extra[0] == "renorm":  # backward_renorm's dgamma = r * sum(dy xhat) + d * sum(dy)
+            dgamma = extra[1] * dgamma + extra[2] * sum_dy
+        self._set_gradients(dgamma, sum_dy)
         if self._cache_epilogue is not None and self._cache_epilogue[0] is not None:
             return dx, dy.astype(_result_dtype(x), copy=False)
         return dx
 
-    def _grad_at_bn(self, dy, x, mean, invstd, weight):
+    def _grad_at_bn(self, dy, x, mean, invstd, weight, beta):
         """dy masked by the fused ReLU, if any: where the forward's output (recomputed by the same normalize
         with the residual, which gives its bits) was > 0. The phases have no fused backward: these are
         NumPy passes of their own."""
         if self.activation is None or self._cache_epilogue is None:
             return dy
-        residual, beta = self._cache_epilogue
+        residual = self._cache_epilogue[0]
         pre = normalize(x, mean, invstd, weight, beta, axis=self.axis, residual=residual)
         return np.where(pre > 0, dy, np.zeros((), dy.dtype))
 

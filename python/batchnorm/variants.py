@@ -68,6 +68,16 @@ def _vector(v, name, C, default):
     return value.astype(np.float64)
 
 
+def _corrections(mean, invstd, running_mean, running_var, eps, rmax, dmax):
+    """r and d (float64) of the batch's mean and invstd against the running statistics (also used by
+    SyncBatchNorm, with the whole batch's statistics)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = np.sqrt(np.asarray(running_var, np.float64) + eps)
+        r = np.clip(1.0 / (invstd * sigma), 1.0 / rmax, rmax)
+        d = np.clip((mean - np.asarray(running_mean, np.float64)) / sigma, -dmax, dmax)
+    return r, d
+
+
 def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *, rmax=3.0, dmax=5.0,
                          momentum=0.1, eps=1e-5, axis=1, out=None, update=True, activation=None, residual=None):
     """Batch Renormalization forward pass in training mode.
@@ -146,9 +156,7 @@ def forward_train_renorm(x, running_mean, running_var, gamma=None, beta=None, *,
         return y, zeros, zeros.copy(), np.ones(C), np.zeros(C)
     with np.errstate(divide="ignore", invalid="ignore"):  # eps = 0 with a constant channel: inf, as BN
         invstd = 1.0 / np.sqrt(m2 / count + eps)
-        sigma = np.sqrt(rv + eps)
-        r = np.clip(1.0 / (invstd * sigma), 1.0 / rmax, rmax)
-        d = np.clip((mean - rm) / sigma, -dmax, dmax)
+    r, d = _corrections(mean, invstd, rm, rv, eps, rmax, dmax)
     if update:  # into copies first: update_running_stats checks momentum and count before anything changes
         new_mean, new_var = rm.copy(), rv.copy()
         update_running_stats(new_mean, new_var, mean, m2, count, momentum=momentum)
