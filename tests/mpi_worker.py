@@ -185,6 +185,67 @@ def scenario_renorm(comm=WORLD):
                 check(sync.to_layer().renorm, "to_layer dropped renorm")
 
 
+def scenario_masked(comm=WORLD):
+    """mask= with batch statistics: y, dx, running statistics and summed parameter gradients equal
+    single-process BatchNorm(mask=) on the whole batch; NaN in the padding stays out; a process whose
+    part is all padding, or empty, or without a mask, takes part; a whole batch with < 2 real positions
+    raises on every process."""
+    P, rank = comm.Get_size(), comm.Get_rank()
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 2e-5)):
+        for name in ("3d", "nhwc"):
+            shape, axis, make = LAYOUTS[name]
+            for kind in ("even", "uneven", "empty"):
+                rng = np.random.default_rng(zlib.crc32(f"masked/{name}/{kind}".encode()))
+                C, N = shape[axis], shape[0]
+                sizes = split_sizes(N, P, kind)
+                lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+                mshape = tuple(n for i, n in enumerate(shape) if i != axis % len(shape))
+                ref = bn.BatchNorm(C, axis=axis, dtype=np.float64, momentum=0.3)
+                sync = SyncBatchNorm(C, comm=comm, axis=axis, dtype=np.float64, momentum=0.3)
+                ref.weight[...] = sync.weight[...] = rng.normal(1, 0.3, C)
+                ref.bias[...] = sync.bias[...] = rng.normal(0, 0.5, C)
+                for step in range(3):
+                    mask = rng.random(mshape) < 0.6
+                    if step == 1 and P > 1:
+                        mask[:sizes[0]] = False  # rank 0's part all padding
+                    if step == 2:
+                        mask[:] = True  # ranks may also pass no mask: rank 0 passes None below
+                    xg = rng.normal(1.0, 2.0, shape)
+                    xg = np.where(np.expand_dims(mask, axis), xg, np.nan)  # broadcast along the channel axis
+                    xg = make(xg.astype(dtype))
+                    dyg = make(rng.normal(0, 1, shape).astype(dtype))
+                    y_ref = ref(xg, mask=mask)
+                    dx_ref = ref.backward(dyg)
+                    own = None if (step == 2 and rank == 0) else mask[lo:hi]
+                    y = sync(xg[lo:hi], mask=own)
+                    dx = sync.backward(dyg[lo:hi])
+                    what = f"masked {name}/{kind}/{np.dtype(dtype).name}/step {step}"
+                    check(not np.isnan(y).any() and not np.isnan(dx).any(), f"{what}: NaN from the padding")
+                    check(rel_err(y, y_ref[lo:hi]) <= tol, f"{what}: y off by {rel_err(y, y_ref[lo:hi])}")
+                    check(rel_err(dx, dx_ref[lo:hi]) <= tol, f"{what}: dx off by {rel_err(dx, dx_ref[lo:hi])}")
+                    for stat in ("running_mean", "running_var"):
+                        same_on_all(comm, getattr(sync, stat), f"{what}: {stat}")
+                        e = rel_err(getattr(sync, stat), getattr(ref, stat))
+                        check(e <= tol, f"{what}: {stat} off by {e}")
+                    gw = comm.allreduce(sync.grad_weight.copy())
+                    gb = comm.allreduce(sync.grad_bias.copy())
+                    check(rel_err(gw, ref.grad_weight) <= tol * 10, f"{what}: summed grad_weight")
+                    check(rel_err(gb, ref.grad_bias) <= tol * 10, f"{what}: summed grad_bias")
+                # one real position in the whole batch: the usual error on every process, nothing updated
+                # and none at all
+                for real in (1, 0):
+                    mask = np.zeros(mshape, bool)
+                    mask[N - 1].flat[:real] = True
+                    before = sync.running_mean.copy()
+                    try:
+                        sync(make(rng.normal(size=shape).astype(dtype))[lo:hi], mask=mask[lo:hi])
+                    except ValueError as exc:
+                        check("more than 1 value" in str(exc), f"masked {name}/{kind}: message {exc}")
+                    else:
+                        check(False, f"masked {name}/{kind}: {real} real positions did not raise")
+                    check(np.array_equal(sync.running_mean, before), f"masked {name}/{kind}: state changed")
+
+
 def scenario_deterministic():
     """Two runs of the same steps give the same bits, and the statistics are the same on every rank."""
     P, rank = WORLD.Get_size(), WORLD.Get_rank()

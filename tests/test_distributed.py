@@ -87,6 +87,12 @@ def test_renorm_matches_single_process_renorm(nprocs):
 
 
 @needs_mpi
+@pytest.mark.parametrize("nprocs", [1, 3])
+def test_masked_matches_single_process_masked_bn(nprocs):
+    run_mpi(nprocs, "masked")
+
+
+@needs_mpi
 def test_one_process_gives_batchnorm_bits():
     run_mpi(1, "world1")
 

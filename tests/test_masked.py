@@ -527,7 +527,7 @@ def test_layer_errors_keep_state(rng):
         assert other.num_batches_tracked == 0 and np.all(other.running_mean == 0)
 
 
-def test_sync_batchnorm_refuses_mask_with_batch_statistics(rng):
+def test_sync_batchnorm_of_one_process_is_masked_batchnorm(rng):
     from batchnorm.distributed import SyncBatchNorm
 
     class OneRank:  # a communicator of one process that must never be used here
@@ -543,11 +543,14 @@ def test_sync_batchnorm_refuses_mask_with_batch_statistics(rng):
         allgather = Allgather
 
     layer = SyncBatchNorm(C, comm=OneRank())
+    plain = bn.BatchNorm1d(C)
     x = make_data(rng, (4, C, 5))
+    dy = make_data(rng, (4, C, 5))
     mask = make_mask(rng, (4, 5))
-    with pytest.raises(ValueError, match="SyncBatchNorm does not support mask"):
-        layer(x, mask=mask)
-    assert layer.num_batches_tracked == 0 and np.all(layer.running_mean == 0)
+    np.testing.assert_array_equal(layer(x, mask=mask), plain(x, mask=mask))
+    np.testing.assert_array_equal(layer.backward(dy), plain.backward(dy))
+    np.testing.assert_array_equal(layer.running_var, plain.running_var)
+    np.testing.assert_array_equal(layer.grad_weight, plain.grad_weight)
     layer.eval()  # local: the running statistics normalize, the padding is zeroed
     y = layer(x, mask=mask)
     assert np.all(at_real(y, mask, 1)[1] == 0)

@@ -189,14 +189,15 @@ class SyncBatchNorm(BatchNorm):
             self.comm = world()
         return self.comm
 
-    def _gather(self, comm, local, ok, error, what):
-        """Allgather one float64 row per process, flag in column 0; raise everywhere if any failed."""
+    def _gather(self, comm, local, ok, error, what, note=False):
+        """Allgather one float64 row per process, flag in column 0 (0: failed; 1 or, with ``note``, 2: ok);
+        raise everywhere if any failed. Returns the rows and the processes' notes (bool)."""
         row = np.empty(local.size + 1, np.float64)
-        row[0] = 1.0 if ok else 0.0
+        row[0] = (2.0 if note else 1.0) if ok else 0.0
         row[1:] = local
         table = np.empty((comm.Get_size(), row.size), np.float64)
         comm.Allgather(row, table)
-        failed = [r for r in range(table.shape[0]) if table[r, 0] != 1.0]
+        failed = [r for r in range(table.shape[0]) if table[r, 0] not in (1.0, 2.0)]
         if failed:
             # Every process saw the same flags, so every process joins this second collective.
             messages = comm.allgather(None if ok else f"{type(error).__name__}: {error}")
@@ -207,7 +208,7 @@ class SyncBatchNorm(BatchNorm):
                 f"SyncBatchNorm {what} failed on rank{'s' if len(failed) > 1 else ''} "
                 f"{', '.join(map(str, failed))} of {table.shape[0]} ({detail}); no state was changed",
                 failed, [messages[r] for r in failed])
-        return table[:, 1:]
+        return table[:, 1:], table[:, 0] == 2.0
 
     # -- forward / backward ----------------------------------------------------------------------
 
@@ -221,9 +222,10 @@ class SyncBatchNorm(BatchNorm):
         """Normalize x with the statistics of every process's batch (training mode, collective) or
         with the running statistics (eval mode, local); the ``use_batch_stats`` and
         ``update_running_stats`` flags act as on :class:`batchnorm.BatchNorm`. Returns y; ``residual`` and the
-        layer's ``activation`` as in :meth:`batchnorm.BatchNorm.forward`. ``mask`` (masked BN) is taken
-        only where the running statistics normalize (a local forward); with batch statistics it raises
-        ValueError, on every process alike: the synchronized masked forward is not implemented yet."""
+        layer's ``activation`` as in :meth:`batchnorm.BatchNorm.forward`. ``mask`` (masked BN, as
+        BatchNorm's: True at real positions, y 0 at the others) may differ from process to process (or be
+        absent on some); with batch statistics the statistics are those of every process's real positions,
+        and a whole batch with fewer than 2 of them raises on every process."""
         precise = self._precise is not None
         use = precise or self._uses_batch_stats()
         update = not precise and self._updates_running_stats(use)
@@ -232,36 +234,38 @@ class SyncBatchNorm(BatchNorm):
                 raise ValueError("SyncBatchNorm does not support update_running_stats=True with "
                                  "use_batch_stats=False")
             return super().forward(x, residual, mask=mask)
-        if mask is not None:  # before any communication, so that no process waits for one that raised
-            raise ValueError("SyncBatchNorm does not support mask= with batch statistics yet (training mode or "
-                             "use_batch_stats=True); BatchNorm(mask=) does it on one process")
         if self.ghost_batch_size is not None:  # an attribute, set after construction
             raise ValueError("SyncBatchNorm does not support ghost_batch_size")
         comm = self._communicator()
         if comm.Get_size() == 1:
             # Nothing to share: the fused kernels give the phases' bits (running statistics included)
             # and save a pass of glue; backward then takes BatchNorm's path too.
-            return super().forward(x, residual)
+            return super().forward(x, residual, mask=mask)
         C = self.num_features
         local = np.zeros(1 + 2 * C)
         error = None
         try:
             x = self._check_input(x)
             self._check_params()
-            count, mean, m2 = batch_stats(x, axis=self.axis)
+            if residual is not None:
+                residual = np.asarray(residual)
+            if mask is not None:  # refuses the options BatchNorm(mask=) refuses
+                mask = self._check_mask(x, mask, residual)
+            count, mean, m2 = batch_stats(x, axis=self.axis, mask=mask)
             local[0], local[1:C + 1], local[C + 1:] = count, mean, m2
         except Exception as exc:  # joins the collective as failed, re-raised there
             error = exc
-        table = self._gather(comm, local, error is None, error, "forward")
+        # the note: this process has values (so a global count of 0 means that masks left out all of them)
+        table, has_values = self._gather(comm, local, error is None, error, "forward",
+                                         note=error is None and x.size > 0)
         counts = table[:, 0].astype(np.int64)
         count, mean, m2 = merge_stats(counts, table[:, 1:C + 1], table[:, C + 1:])
-        if count == 1:
+        if count == 1 or (count == 0 and has_values.any()):
             raise ValueError(f"Expected more than 1 value per channel when training, got {count} over the "
-                             f"{len(counts)} processes of the communicator (input of shape {x.shape} here)")
+                             f"{len(counts)} processes of the communicator (input of shape {x.shape} here"
+                             f"{'' if mask is None else ', with a mask'})")
         # every process's batch empty: nothing to normalize or count, as BatchNorm (invstd 0, as there)
         invstd = 1.0 / np.sqrt(m2 / count + self.eps) if count else np.zeros(C)
-        if residual is not None:
-            residual = np.asarray(residual)
         extra, weight, bias = None, self.weight, self.bias
         if self.renorm and not precise:
             # Batch Renormalization with the whole batch's statistics, as forward_train_renorm: BN with
@@ -275,6 +279,9 @@ class SyncBatchNorm(BatchNorm):
             weight, bias = self._renorm_coefs(self.weight, self.bias, r, d)
         y = normalize(x, mean, invstd, weight, bias, axis=self.axis, activation=self.activation,
                       residual=residual)
+        if mask is not None:
+            y = self._zero_padding(y, mask)
+            extra = ("mask", mask)
         if precise:  # inside batchnorm.precise_stats: the whole batch's statistics, the same on every process
             self._precise._add(count, mean, m2)
         if update and count:
@@ -308,16 +315,39 @@ class SyncBatchNorm(BatchNorm):
             if extra is not None and extra[0] == "renorm":
                 weight, beta = self._renorm_coefs(weight, beta, extra[1], extra[2])
             dy = self._grad_at_bn(dy, x, mean, invstd, weight, beta)
+            real = None
+            if extra is not None and extra[0] == "mask":
+                # The padding drops out of the sums: dy 0 and x the mean there (0 * a NaN or inf in the
+                # padding would not be 0); dx is zeroed there below. NumPy passes of their own.
+                axis = self.axis % x.ndim
+                real = np.expand_dims(np.broadcast_to(extra[1], x.shape[:axis] + x.shape[axis + 1:]), axis)
+                at = [1] * x.ndim
+                at[axis] = C
+                dy = np.where(real, dy, np.zeros((), dy.dtype))
+                x = np.where(real, x, mean.reshape(at).astype(x.dtype))
             sum_dy, sum_dy_xmu = backward_reduce(dy, x, mean, axis=self.axis)
             local[:C], local[C:] = sum_dy, sum_dy_xmu
         except Exception as exc:
             error = exc
-        table = self._gather(comm, local, error is None, error, "backward")
+        table, _ = self._gather(comm, local, error is None, error, "backward")
         total = table[0].copy()
         for r in range(1, table.shape[0]):  # rank order, on every process alike
             total += table[r]
         # count 0 (every batch empty): x is empty too, and 1 only keeps the divisor legal
-        dx = backward_apply(dy, x, mean, invstd, weight, total[:C], total[C:], max(count, 1), axis=self.axis)
+        if real is None:
+            dx = backward_apply(dy, x, mean, invstd, weight, total[:C], total[C:], max(count, 1), axis=self.axis)
+        else:
+            # backward_apply's formula in NumPy (float64, rounded once): its count may not be below the
+            # part's own number of values, and here the padding makes the whole batch's count smaller
+            at = [1] * x.ndim
+            at[self.axis % x.ndim] = C
+            col = lambda v: np.asarray(v, np.float64).reshape(at)  # noqa: E731
+            g = np.ones(C) if weight is None else weight
+            n = max(count, 1)
+            xc = np.asarray(x, np.float64) - col(mean)
+            dx = col(np.asarray(g, np.float64) * invstd) * (
+                np.asarray(dy, np.float64) - col(total[:C] / n) - xc * col(invstd ** 2 * total[C:] / n))
+            dx = np.where(real, dx, 0.0).astype(_result_dtype(x))
         dgamma = invstd * sum_dy_xmu
         if extra is not None and extra[0] == "renorm":  # backward_renorm's dgamma = r * sum(dy xhat) + d * sum(dy)
             dgamma = extra[1] * dgamma + extra[2] * sum_dy
