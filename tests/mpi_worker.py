@@ -64,6 +64,21 @@ LAYOUTS = {
 }
 
 
+def check_step(comm, what, sync, ref, y, y_ref, dx, dx_ref, lo, hi, tol):
+    """One training step of sync against ref on the whole batch: y and dx (this rank's rows), the running
+    statistics (bit-identical on every rank) and the parameter gradients summed over the ranks."""
+    check(rel_err(y, y_ref[lo:hi]) <= tol, f"{what}: y off by {rel_err(y, y_ref[lo:hi])}")
+    check(rel_err(dx, dx_ref[lo:hi]) <= tol, f"{what}: dx off by {rel_err(dx, dx_ref[lo:hi])}")
+    for stat in ("running_mean", "running_var"):
+        same_on_all(comm, getattr(sync, stat), f"{what}: {stat}")
+        e = rel_err(getattr(sync, stat), getattr(ref, stat))
+        check(e <= tol, f"{what}: {stat} off by {e}")
+    gw = comm.allreduce(sync.grad_weight.copy())
+    gb = comm.allreduce(sync.grad_bias.copy())
+    check(rel_err(gw, ref.grad_weight) <= tol * 10, f"{what}: summed grad_weight")
+    check(rel_err(gb, ref.grad_bias) <= tol * 10, f"{what}: summed grad_bias")
+
+
 def scenario_parity(comm=WORLD):
     P, rank = comm.Get_size(), comm.Get_rank()
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 2e-5)):
@@ -91,17 +106,8 @@ def scenario_parity(comm=WORLD):
                     what = f"{name}/{kind}/{np.dtype(dtype).name}/step {step}"
                     check(y.shape == x.shape and y.dtype == x.dtype, f"{what}: y {y.shape} {y.dtype}")
                     check(dx.shape == x.shape and dx.dtype == x.dtype, f"{what}: dx {dx.shape} {dx.dtype}")
-                    check(rel_err(y, y_ref[lo:hi]) <= tol, f"{what}: y off by {rel_err(y, y_ref[lo:hi])}")
-                    check(rel_err(dx, dx_ref[lo:hi]) <= tol, f"{what}: dx off by {rel_err(dx, dx_ref[lo:hi])}")
-                    for stat in ("running_mean", "running_var"):
-                        same_on_all(comm, getattr(sync, stat), f"{what}: {stat}")
-                        e = rel_err(getattr(sync, stat), getattr(ref, stat))
-                        check(e <= tol, f"{what}: {stat} off by {e}")
+                    check_step(comm, what, sync, ref, y, y_ref, dx, dx_ref, lo, hi, tol)
                     check(sync.num_batches_tracked == step + 1, f"{what}: num_batches_tracked")
-                    gw = comm.allreduce(sync.grad_weight.copy())
-                    gb = comm.allreduce(sync.grad_bias.copy())
-                    check(rel_err(gw, ref.grad_weight) <= tol * 10, f"{what}: summed grad_weight")
-                    check(rel_err(gb, ref.grad_bias) <= tol * 10, f"{what}: summed grad_bias")
                 sync.eval(); ref.eval()
                 xg = make(rng.normal(3.0, 2.0, shape).astype(dtype))
                 check(rel_err(sync(xg[lo:hi]), ref(xg)[lo:hi]) <= tol, f"{name}/{kind}: eval y")
@@ -169,19 +175,10 @@ def scenario_renorm(comm=WORLD):
                     got = sync.backward(dyg[lo:hi])
                     what = f"renorm {name}/{act}/{kind}/{np.dtype(dtype).name}/step {step}"
                     dx, dx_ref = (got[0], got_ref[0]) if act else (got, got_ref)
-                    check(rel_err(y, y_ref[lo:hi]) <= tol, f"{what}: y off by {rel_err(y, y_ref[lo:hi])}")
-                    check(rel_err(dx, dx_ref[lo:hi]) <= tol, f"{what}: dx off by {rel_err(dx, dx_ref[lo:hi])}")
+                    check_step(comm, what, sync, ref, y, y_ref, dx, dx_ref, lo, hi, tol)
                     if act:
                         check(np.array_equal(got[1], np.where(y > 0, dyg[lo:hi], 0)),
                               f"{what}: d_residual is not dy masked by the forward's y > 0")
-                    for stat in ("running_mean", "running_var"):
-                        same_on_all(comm, getattr(sync, stat), f"{what}: {stat}")
-                        e = rel_err(getattr(sync, stat), getattr(ref, stat))
-                        check(e <= tol, f"{what}: {stat} off by {e}")
-                    gw = comm.allreduce(sync.grad_weight.copy())
-                    gb = comm.allreduce(sync.grad_bias.copy())
-                    check(rel_err(gw, ref.grad_weight) <= tol * 10, f"{what}: summed grad_weight")
-                    check(rel_err(gb, ref.grad_bias) <= tol * 10, f"{what}: summed grad_bias")
                 check(sync.to_layer().renorm, "to_layer dropped renorm")
 
 
@@ -221,16 +218,7 @@ def scenario_masked(comm=WORLD):
                     dx = sync.backward(dyg[lo:hi])
                     what = f"masked {name}/{kind}/{np.dtype(dtype).name}/step {step}"
                     check(not np.isnan(y).any() and not np.isnan(dx).any(), f"{what}: NaN from the padding")
-                    check(rel_err(y, y_ref[lo:hi]) <= tol, f"{what}: y off by {rel_err(y, y_ref[lo:hi])}")
-                    check(rel_err(dx, dx_ref[lo:hi]) <= tol, f"{what}: dx off by {rel_err(dx, dx_ref[lo:hi])}")
-                    for stat in ("running_mean", "running_var"):
-                        same_on_all(comm, getattr(sync, stat), f"{what}: {stat}")
-                        e = rel_err(getattr(sync, stat), getattr(ref, stat))
-                        check(e <= tol, f"{what}: {stat} off by {e}")
-                    gw = comm.allreduce(sync.grad_weight.copy())
-                    gb = comm.allreduce(sync.grad_bias.copy())
-                    check(rel_err(gw, ref.grad_weight) <= tol * 10, f"{what}: summed grad_weight")
-                    check(rel_err(gb, ref.grad_bias) <= tol * 10, f"{what}: summed grad_bias")
+                    check_step(comm, what, sync, ref, y, y_ref, dx, dx_ref, lo, hi, tol)
                 # one real position in the whole batch: the usual error on every process, nothing updated
                 # and none at all
                 for real in (1, 0):

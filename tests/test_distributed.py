@@ -75,21 +75,12 @@ def test_matches_single_process_bn(nprocs):
 
 
 @needs_mpi
+@pytest.mark.parametrize("scenario", ["fused", "renorm", "masked"])
 @pytest.mark.parametrize("nprocs", [1, 3])
-def test_fused_relu_residual_matches_single_process_bn(nprocs):
-    run_mpi(nprocs, "fused")
-
-
-@needs_mpi
-@pytest.mark.parametrize("nprocs", [1, 3])
-def test_renorm_matches_single_process_renorm(nprocs):
-    run_mpi(nprocs, "renorm")
-
-
-@needs_mpi
-@pytest.mark.parametrize("nprocs", [1, 3])
-def test_masked_matches_single_process_masked_bn(nprocs):
-    run_mpi(nprocs, "masked")
+def test_layer_options_match_the_single_process_layer(nprocs, scenario):
+    """The fused ReLU and residual, Batch Renormalization and masked BN: equal to the single-process layer
+    with the same option on the whole batch (see each scenario in mpi_worker.py)."""
+    run_mpi(nprocs, scenario)
 
 
 @needs_mpi
