@@ -373,8 +373,8 @@ static BN_ALWAYS_INLINE void BN_NAME(cols_sums_gm)(const BN_T *dy, const BN_T *x
             if (wb * (ptrdiff_t)sizeof(BN_T) <= 2048)
                 for (; n < n1; n++) BN_NAME(cols_sums_sweep)(BN_SWEEP_ARGS(n), 1, gm);
         }
-        else if ((sizeof(BN_T) == sizeof(double) || BN_F32_ROWWISE_SUMS) &&
-                 (double)p->N * (double)p->W * sizeof(BN_T) >= BN_STREAM_BYTES && wb * (ptrdiff_t)sizeof(BN_T) <= 3072)
+        else if ((sizeof(BN_T) == sizeof(double) || BN_F32_ROWWISE_SUMS) && bn_streamed(p, sizeof(BN_T)) &&
+                 wb * (ptrdiff_t)sizeof(BN_T) <= 3072)
             for (; n < n1; n++) BN_NAME(cols_sums_sweep)(BN_SWEEP_ARGS(n), 1, gm);
         else if (wb * (ptrdiff_t)sizeof(BN_T) >= 2048)
             for (; n + 4 <= n1; n += 4) BN_NAME(cols_sums_sweep)(BN_SWEEP_ARGS(n), 4, gm);

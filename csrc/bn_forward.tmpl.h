@@ -156,7 +156,7 @@ static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t
      * still 0.88 at 768 positions (a vector loop of one row, where four rows of float64 are GCC's). From
      * cache it cost 4-8% (float32) and 10-24% (float64), so tensors that L3 may hold keep four rows. No
      * effect on bits: each position adds its rows in the same order. */
-    const int rowwise = BN_HAVE_VEXT && wb < 1024 && (double)p->N * (double)p->W * sizeof(BN_T) >= BN_STREAM_BYTES;
+    const int rowwise = BN_HAVE_VEXT && wb < 1024 && bn_streamed(p, sizeof(BN_T));
     double an = 0;
     if (p->S == 1)
         for (ptrdiff_t q = 0; q < wb; q++) shift[q] = bn_stats_shift((double)base[q]);
@@ -173,13 +173,7 @@ static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t
          * but loads and stores its running sum (and, for float64, its shift) once per four values (the
          * float64 statistics at (64, 512) and (256, 512) ran 20-30% faster). */
         ptrdiff_t r = r0;
-        if (rowwise)
-            for (; r < r1; r++) {
-                const BN_T *row = base + r * W;
-                for (ptrdiff_t q = BN_NAME(col_sweep)(row, W, wb, mean, shift, 1, 1); q < wb; q++)
-                    mean[q] += BN_NAME(pass1_term)(row[q], shift[q]);
-            }
-        for (; r + 4 <= r1; r += 4) {
+        for (; !rowwise && r + 4 <= r1; r += 4) {
             const BN_T *ra = base + r * W, *rb = ra + W, *rc = rb + W, *rd = rc + W;
             for (ptrdiff_t q = BN_NAME(col_sweep)(ra, W, wb, mean, shift, 1, 4); q < wb; q++) {
                 const double sq = shift[q];
@@ -191,9 +185,10 @@ static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t
                 mean[q] = acc;
             }
         }
-        for (; r < r1; r++) {
+        for (; r < r1; r++) { /* the rows left, or every row (rowwise) */
             const BN_T *row = base + r * W;
-            for (ptrdiff_t q = 0; q < wb; q++) mean[q] += BN_NAME(pass1_term)(row[q], shift[q]);
+            for (ptrdiff_t q = BN_NAME(col_sweep)(row, W, wb, mean, shift, 1, 1); q < wb; q++)
+                mean[q] += BN_NAME(pass1_term)(row[q], shift[q]);
         }
         for (ptrdiff_t q = 0; q < wb; q++) {
             mean[q] = BN_NAME(pass1_mean)(mean[q], cnt, shift[q]);

@@ -56,6 +56,12 @@ typedef struct {
     int nthreads;
 } bn_plan;
 
+/* The plan's tensor, of elements of elsize bytes, is at least BN_STREAM_BYTES: its passes read memory. */
+static inline int bn_streamed(const bn_plan *p, size_t elsize)
+{
+    return (double)p->N * (double)p->W * (double)elsize >= BN_STREAM_BYTES;
+}
+
 /* min_elems: below N * C * S elements the plan runs on one thread (BN_PARALLEL_MIN_ELEMS*). */
 void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads, ptrdiff_t min_elems);
 
