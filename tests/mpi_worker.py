@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+from collections import namedtuple
 import traceback
 import zlib
 
@@ -64,6 +65,24 @@ LAYOUTS = {
 }
 
 
+Case = namedtuple("Case", "dtype tol name shape axis make kind rng N C sizes lo hi")
+
+
+def cases(comm, tag, names, kinds):
+    """Each dtype (with its tolerance) x layout of LAYOUTS x split of the batch over comm's ranks: the
+    layout, the split (sizes per rank; lo:hi this rank's rows) and a generator seeded by tag, layout and
+    split."""
+    P, rank = comm.Get_size(), comm.Get_rank()
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 2e-5)):
+        for name in names:
+            shape, axis, make = LAYOUTS[name]
+            for kind in kinds:
+                sizes = split_sizes(shape[0], P, kind)
+                yield Case(dtype, tol, name, shape, axis, make, kind,
+                           np.random.default_rng(zlib.crc32(f"{tag}{name}/{kind}".encode())), shape[0], shape[axis],
+                           sizes, sum(sizes[:rank]), sum(sizes[:rank + 1]))
+
+
 def check_step(comm, what, sync, ref, y, y_ref, dx, dx_ref, lo, hi, tol):
     """One training step of sync against ref on the whole batch: y and dx (this rank's rows), the running
     statistics (bit-identical on every rank) and the parameter gradients summed over the ranks."""
@@ -80,106 +99,87 @@ def check_step(comm, what, sync, ref, y, y_ref, dx, dx_ref, lo, hi, tol):
 
 
 def scenario_parity(comm=WORLD):
-    P, rank = comm.Get_size(), comm.Get_rank()
-    for dtype, tol in ((np.float64, 1e-12), (np.float32, 2e-5)):
-        for name, (shape, axis, make) in LAYOUTS.items():
-            for kind in ("even", "uneven", "empty"):
-                rng = np.random.default_rng(zlib.crc32(f"{name}/{kind}".encode()))
-                C = shape[axis]
-                N = shape[0]
-                sizes = split_sizes(N, P, kind)
-                lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-                ref = bn.BatchNorm(C, axis=axis, dtype=np.float64, momentum=0.3)
-                sync = SyncBatchNorm(C, comm=comm, axis=axis, dtype=np.float64, momentum=0.3)
-                w = rng.normal(1, 0.3, C)
-                b = rng.normal(0, 0.3, C)
-                ref.weight[...] = w; ref.bias[...] = b
-                sync.weight[...] = w; sync.bias[...] = b
-                for step in range(3):
-                    xg = make((rng.normal(3.0, 2.0, shape) + 50 * step).astype(dtype))
-                    dyg = make(rng.normal(0, 1, shape).astype(dtype))
-                    y_ref = ref(xg)
-                    dx_ref = ref.backward(dyg)
-                    x = xg[lo:hi]
-                    y = sync(x)
-                    dx = sync.backward(dyg[lo:hi])
-                    what = f"{name}/{kind}/{np.dtype(dtype).name}/step {step}"
-                    check(y.shape == x.shape and y.dtype == x.dtype, f"{what}: y {y.shape} {y.dtype}")
-                    check(dx.shape == x.shape and dx.dtype == x.dtype, f"{what}: dx {dx.shape} {dx.dtype}")
-                    check_step(comm, what, sync, ref, y, y_ref, dx, dx_ref, lo, hi, tol)
-                    check(sync.num_batches_tracked == step + 1, f"{what}: num_batches_tracked")
-                sync.eval(); ref.eval()
-                xg = make(rng.normal(3.0, 2.0, shape).astype(dtype))
-                check(rel_err(sync(xg[lo:hi]), ref(xg)[lo:hi]) <= tol, f"{name}/{kind}: eval y")
+    for dtype, tol, name, shape, axis, make, kind, rng, N, C, sizes, lo, hi in cases(
+            comm, "", LAYOUTS, ("even", "uneven", "empty")):
+        ref = bn.BatchNorm(C, axis=axis, dtype=np.float64, momentum=0.3)
+        sync = SyncBatchNorm(C, comm=comm, axis=axis, dtype=np.float64, momentum=0.3)
+        w = rng.normal(1, 0.3, C)
+        b = rng.normal(0, 0.3, C)
+        ref.weight[...] = w; ref.bias[...] = b
+        sync.weight[...] = w; sync.bias[...] = b
+        for step in range(3):
+            xg = make((rng.normal(3.0, 2.0, shape) + 50 * step).astype(dtype))
+            dyg = make(rng.normal(0, 1, shape).astype(dtype))
+            y_ref = ref(xg)
+            dx_ref = ref.backward(dyg)
+            x = xg[lo:hi]
+            y = sync(x)
+            dx = sync.backward(dyg[lo:hi])
+            what = f"{name}/{kind}/{np.dtype(dtype).name}/step {step}"
+            check(y.shape == x.shape and y.dtype == x.dtype, f"{what}: y {y.shape} {y.dtype}")
+            check(dx.shape == x.shape and dx.dtype == x.dtype, f"{what}: dx {dx.shape} {dx.dtype}")
+            check_step(comm, what, sync, ref, y, y_ref, dx, dx_ref, lo, hi, tol)
+            check(sync.num_batches_tracked == step + 1, f"{what}: num_batches_tracked")
+        sync.eval(); ref.eval()
+        xg = make(rng.normal(3.0, 2.0, shape).astype(dtype))
+        check(rel_err(sync(xg[lo:hi]), ref(xg)[lo:hi]) <= tol, f"{name}/{kind}: eval y")
 
 
 def scenario_fused(comm=WORLD):
     """activation='relu' and a residual: y, dx and d_residual equal single-process BatchNorm's on the whole
     batch; the ReLU mask is the fused forward's (d_residual is exactly dy where y > 0)."""
-    P, rank = comm.Get_size(), comm.Get_rank()
-    for dtype, tol in ((np.float64, 1e-12), (np.float32, 2e-5)):
-        for name in ("3d", "nhwc"):
-            shape, axis, make = LAYOUTS[name]
-            for kind in ("even", "empty"):
-                rng = np.random.default_rng(zlib.crc32(f"fused/{name}/{kind}".encode()))
-                C, N = shape[axis], shape[0]
-                sizes = split_sizes(N, P, kind)
-                lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-                ref = bn.BatchNorm(C, axis=axis, dtype=np.float64, activation="relu")
-                sync = SyncBatchNorm(C, comm=comm, axis=axis, dtype=np.float64, activation="relu")
-                ref.bias[...] = sync.bias[...] = rng.normal(0, 0.5, C)
-                for step in range(2):
-                    xg = make(rng.normal(1.0, 2.0, shape).astype(dtype))
-                    rg = make(rng.normal(0, 1, shape).astype(dtype))
-                    dyg = make(rng.normal(0, 1, shape).astype(dtype))
-                    y_ref = ref(xg, residual=rg)
-                    dx_ref, dr_ref = ref.backward(dyg)
-                    y = sync(xg[lo:hi], residual=rg[lo:hi])
-                    dx, dr = sync.backward(dyg[lo:hi])
-                    what = f"fused {name}/{kind}/{np.dtype(dtype).name}/step {step}"
-                    check(rel_err(y, y_ref[lo:hi]) <= tol, f"{what}: y off by {rel_err(y, y_ref[lo:hi])}")
-                    check(rel_err(dx, dx_ref[lo:hi]) <= tol, f"{what}: dx off by {rel_err(dx, dx_ref[lo:hi])}")
-                    check(dr.dtype == y.dtype and np.array_equal(dr, np.where(y > 0, dyg[lo:hi], 0)),
-                          f"{what}: d_residual is not dy masked by the forward's y > 0")
-                    check(rel_err(dr, dr_ref[lo:hi]) <= tol, f"{what}: d_residual")
+    for dtype, tol, name, shape, axis, make, kind, rng, N, C, sizes, lo, hi in cases(
+            comm, "fused/", ("3d", "nhwc"), ("even", "empty")):
+        ref = bn.BatchNorm(C, axis=axis, dtype=np.float64, activation="relu")
+        sync = SyncBatchNorm(C, comm=comm, axis=axis, dtype=np.float64, activation="relu")
+        ref.bias[...] = sync.bias[...] = rng.normal(0, 0.5, C)
+        for step in range(2):
+            xg = make(rng.normal(1.0, 2.0, shape).astype(dtype))
+            rg = make(rng.normal(0, 1, shape).astype(dtype))
+            dyg = make(rng.normal(0, 1, shape).astype(dtype))
+            y_ref = ref(xg, residual=rg)
+            dx_ref, dr_ref = ref.backward(dyg)
+            y = sync(xg[lo:hi], residual=rg[lo:hi])
+            dx, dr = sync.backward(dyg[lo:hi])
+            what = f"fused {name}/{kind}/{np.dtype(dtype).name}/step {step}"
+            check(rel_err(y, y_ref[lo:hi]) <= tol, f"{what}: y off by {rel_err(y, y_ref[lo:hi])}")
+            check(rel_err(dx, dx_ref[lo:hi]) <= tol, f"{what}: dx off by {rel_err(dx, dx_ref[lo:hi])}")
+            check(dr.dtype == y.dtype and np.array_equal(dr, np.where(y > 0, dyg[lo:hi], 0)),
+                  f"{what}: d_residual is not dy masked by the forward's y > 0")
+            check(rel_err(dr, dr_ref[lo:hi]) <= tol, f"{what}: d_residual")
 
 
 def scenario_renorm(comm=WORLD):
     """renorm=True (alone, and with the fused ReLU and a residual): y, dx, d_residual, running statistics
     and summed parameter gradients equal single-process BatchNorm(renorm=True) on the whole batch (tight
     bounds, so that r and d are clipped in some channels); from_layer and to_layer keep the option."""
-    P, rank = comm.Get_size(), comm.Get_rank()
-    for dtype, tol in ((np.float64, 1e-12), (np.float32, 2e-5)):
-        for name, act in (("3d", None), ("nhwc", "relu"), ("2d", "relu")):
-            shape, axis, make = LAYOUTS[name]
-            for kind in ("even", "uneven", "empty"):
-                rng = np.random.default_rng(zlib.crc32(f"renorm/{name}/{kind}".encode()))
-                C, N = shape[axis], shape[0]
-                sizes = split_sizes(N, P, kind)
-                lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-                ref = bn.BatchNorm(C, axis=axis, dtype=np.float64, momentum=0.3, renorm=True, rmax=1.5, dmax=0.5,
-                                   activation=act)
-                ref.weight[...] = rng.normal(1, 0.3, C)
-                ref.bias[...] = rng.normal(0, 0.5, C)
-                ref.running_mean[...] = rng.normal(0, 1, C)
-                ref.running_var[...] = rng.uniform(0.2, 8, C)
-                sync = SyncBatchNorm.from_layer(ref, comm=comm)
-                check(sync.renorm and (sync.rmax, sync.dmax) == (1.5, 0.5), "from_layer dropped renorm")
-                for step in range(3):
-                    xg = make(rng.normal(1.0, 2.0, shape).astype(dtype))
-                    rg = make(rng.normal(0, 1, shape).astype(dtype)) if act else None
-                    dyg = make(rng.normal(0, 1, shape).astype(dtype))
-                    y_ref = ref(xg, residual=rg)
-                    got_ref = ref.backward(dyg)
-                    y = sync(xg[lo:hi], residual=None if rg is None else rg[lo:hi])
-                    got = sync.backward(dyg[lo:hi])
-                    what = f"renorm {name}/{act}/{kind}/{np.dtype(dtype).name}/step {step}"
-                    dx, dx_ref = (got[0], got_ref[0]) if act else (got, got_ref)
-                    check_step(comm, what, sync, ref, y, y_ref, dx, dx_ref, lo, hi, tol)
-                    if act:
-                        check(np.array_equal(got[1], np.where(y > 0, dyg[lo:hi], 0)),
-                              f"{what}: d_residual is not dy masked by the forward's y > 0")
-                check(sync.to_layer().renorm, "to_layer dropped renorm")
+    activations = {"3d": None, "nhwc": "relu", "2d": "relu"}
+    for dtype, tol, name, shape, axis, make, kind, rng, N, C, sizes, lo, hi in cases(
+            comm, "renorm/", activations, ("even", "uneven", "empty")):
+        act = activations[name]
+        ref = bn.BatchNorm(C, axis=axis, dtype=np.float64, momentum=0.3, renorm=True, rmax=1.5, dmax=0.5,
+                           activation=act)
+        ref.weight[...] = rng.normal(1, 0.3, C)
+        ref.bias[...] = rng.normal(0, 0.5, C)
+        ref.running_mean[...] = rng.normal(0, 1, C)
+        ref.running_var[...] = rng.uniform(0.2, 8, C)
+        sync = SyncBatchNorm.from_layer(ref, comm=comm)
+        check(sync.renorm and (sync.rmax, sync.dmax) == (1.5, 0.5), "from_layer dropped renorm")
+        for step in range(3):
+            xg = make(rng.normal(1.0, 2.0, shape).astype(dtype))
+            rg = make(rng.normal(0, 1, shape).astype(dtype)) if act else None
+            dyg = make(rng.normal(0, 1, shape).astype(dtype))
+            y_ref = ref(xg, residual=rg)
+            got_ref = ref.backward(dyg)
+            y = sync(xg[lo:hi], residual=None if rg is None else rg[lo:hi])
+            got = sync.backward(dyg[lo:hi])
+            what = f"renorm {name}/{act}/{kind}/{np.dtype(dtype).name}/step {step}"
+            dx, dx_ref = (got[0], got_ref[0]) if act else (got, got_ref)
+            check_step(comm, what, sync, ref, y, y_ref, dx, dx_ref, lo, hi, tol)
+            if act:
+                check(np.array_equal(got[1], np.where(y > 0, dyg[lo:hi], 0)),
+                      f"{what}: d_residual is not dy masked by the forward's y > 0")
+        check(sync.to_layer().renorm, "to_layer dropped renorm")
 
 
 def scenario_masked(comm=WORLD):
@@ -188,50 +188,44 @@ def scenario_masked(comm=WORLD):
     part is all padding, or empty, or without a mask, takes part; a whole batch with < 2 real positions
     raises on every process."""
     P, rank = comm.Get_size(), comm.Get_rank()
-    for dtype, tol in ((np.float64, 1e-12), (np.float32, 2e-5)):
-        for name in ("3d", "nhwc"):
-            shape, axis, make = LAYOUTS[name]
-            for kind in ("even", "uneven", "empty"):
-                rng = np.random.default_rng(zlib.crc32(f"masked/{name}/{kind}".encode()))
-                C, N = shape[axis], shape[0]
-                sizes = split_sizes(N, P, kind)
-                lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-                mshape = tuple(n for i, n in enumerate(shape) if i != axis % len(shape))
-                ref = bn.BatchNorm(C, axis=axis, dtype=np.float64, momentum=0.3)
-                sync = SyncBatchNorm(C, comm=comm, axis=axis, dtype=np.float64, momentum=0.3)
-                ref.weight[...] = sync.weight[...] = rng.normal(1, 0.3, C)
-                ref.bias[...] = sync.bias[...] = rng.normal(0, 0.5, C)
-                for step in range(3):
-                    mask = rng.random(mshape) < 0.6
-                    if step == 1 and P > 1:
-                        mask[:sizes[0]] = False  # rank 0's part all padding
-                    if step == 2:
-                        mask[:] = True  # ranks may also pass no mask: rank 0 passes None below
-                    xg = rng.normal(1.0, 2.0, shape)
-                    xg = np.where(np.expand_dims(mask, axis), xg, np.nan)  # broadcast along the channel axis
-                    xg = make(xg.astype(dtype))
-                    dyg = make(rng.normal(0, 1, shape).astype(dtype))
-                    y_ref = ref(xg, mask=mask)
-                    dx_ref = ref.backward(dyg)
-                    own = None if (step == 2 and rank == 0) else mask[lo:hi]
-                    y = sync(xg[lo:hi], mask=own)
-                    dx = sync.backward(dyg[lo:hi])
-                    what = f"masked {name}/{kind}/{np.dtype(dtype).name}/step {step}"
-                    check(not np.isnan(y).any() and not np.isnan(dx).any(), f"{what}: NaN from the padding")
-                    check_step(comm, what, sync, ref, y, y_ref, dx, dx_ref, lo, hi, tol)
-                # one real position in the whole batch: the usual error on every process, nothing updated
-                # and none at all
-                for real in (1, 0):
-                    mask = np.zeros(mshape, bool)
-                    mask[N - 1].flat[:real] = True
-                    before = sync.running_mean.copy()
-                    try:
-                        sync(make(rng.normal(size=shape).astype(dtype))[lo:hi], mask=mask[lo:hi])
-                    except ValueError as exc:
-                        check("more than 1 value" in str(exc), f"masked {name}/{kind}: message {exc}")
-                    else:
-                        check(False, f"masked {name}/{kind}: {real} real positions did not raise")
-                    check(np.array_equal(sync.running_mean, before), f"masked {name}/{kind}: state changed")
+    for dtype, tol, name, shape, axis, make, kind, rng, N, C, sizes, lo, hi in cases(
+            comm, "masked/", ("3d", "nhwc"), ("even", "uneven", "empty")):
+        mshape = tuple(n for i, n in enumerate(shape) if i != axis % len(shape))
+        ref = bn.BatchNorm(C, axis=axis, dtype=np.float64, momentum=0.3)
+        sync = SyncBatchNorm(C, comm=comm, axis=axis, dtype=np.float64, momentum=0.3)
+        ref.weight[...] = sync.weight[...] = rng.normal(1, 0.3, C)
+        ref.bias[...] = sync.bias[...] = rng.normal(0, 0.5, C)
+        for step in range(3):
+            mask = rng.random(mshape) < 0.6
+            if step == 1 and P > 1:
+                mask[:sizes[0]] = False  # rank 0's part all padding
+            if step == 2:
+                mask[:] = True  # ranks may also pass no mask: rank 0 passes None below
+            xg = rng.normal(1.0, 2.0, shape)
+            xg = np.where(np.expand_dims(mask, axis), xg, np.nan)  # broadcast along the channel axis
+            xg = make(xg.astype(dtype))
+            dyg = make(rng.normal(0, 1, shape).astype(dtype))
+            y_ref = ref(xg, mask=mask)
+            dx_ref = ref.backward(dyg)
+            own = None if (step == 2 and rank == 0) else mask[lo:hi]
+            y = sync(xg[lo:hi], mask=own)
+            dx = sync.backward(dyg[lo:hi])
+            what = f"masked {name}/{kind}/{np.dtype(dtype).name}/step {step}"
+            check(not np.isnan(y).any() and not np.isnan(dx).any(), f"{what}: NaN from the padding")
+            check_step(comm, what, sync, ref, y, y_ref, dx, dx_ref, lo, hi, tol)
+        # one real position in the whole batch: the usual error on every process, nothing updated
+        # and none at all
+        for real in (1, 0):
+            mask = np.zeros(mshape, bool)
+            mask[N - 1].flat[:real] = True
+            before = sync.running_mean.copy()
+            try:
+                sync(make(rng.normal(size=shape).astype(dtype))[lo:hi], mask=mask[lo:hi])
+            except ValueError as exc:
+                check("more than 1 value" in str(exc), f"masked {name}/{kind}: message {exc}")
+            else:
+                check(False, f"masked {name}/{kind}: {real} real positions did not raise")
+            check(np.array_equal(sync.running_mean, before), f"masked {name}/{kind}: state changed")
 
 
 def scenario_deterministic():

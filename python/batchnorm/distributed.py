@@ -319,10 +319,9 @@ class SyncBatchNorm(BatchNorm):
             if extra is not None and extra[0] == "mask":
                 # The padding drops out of the sums: dy 0 and x the mean there (0 * a NaN or inf in the
                 # padding would not be 0); dx is zeroed there below. NumPy passes of their own.
-                axis = self.axis % x.ndim
-                real = np.expand_dims(np.broadcast_to(extra[1], x.shape[:axis] + x.shape[axis + 1:]), axis)
-                at = [1] * x.ndim
-                at[axis] = C
+                real = self._real_positions(x.shape, extra[1])
+                at = [1] * x.ndim  # the shape of a per-channel vector against x
+                at[self.axis % x.ndim] = C
                 dy = np.where(real, dy, np.zeros((), dy.dtype))
                 x = np.where(real, x, mean.reshape(at).astype(x.dtype))
             sum_dy, sum_dy_xmu = backward_reduce(dy, x, mean, axis=self.axis)
@@ -339,8 +338,6 @@ class SyncBatchNorm(BatchNorm):
         else:
             # backward_apply's formula in NumPy (float64, rounded once): its count may not be below the
             # part's own number of values, and here the padding makes the whole batch's count smaller
-            at = [1] * x.ndim
-            at[self.axis % x.ndim] = C
             col = lambda v: np.asarray(v, np.float64).reshape(at)  # noqa: E731
             g = np.ones(C) if weight is None else weight
             n = max(count, 1)

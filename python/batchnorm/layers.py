@@ -509,11 +509,14 @@ class BatchNorm:
                              f"x without its channel axis {self.axis})") from None
         return mask
 
+    def _real_positions(self, shape, mask):
+        """mask broadcast to an array of ``shape``, of size 1 along the channel axis (True: real data)."""
+        axis = self.axis % len(shape)
+        return np.expand_dims(np.broadcast_to(mask, shape[:axis] + shape[axis + 1:]), axis)
+
     def _zero_padding(self, y, mask):
         """y = 0 at the positions mask marks as padding (for the paths without a masked kernel)."""
-        axis = self.axis % y.ndim
-        full = np.expand_dims(np.broadcast_to(mask, y.shape[:axis] + y.shape[axis + 1:]), axis)
-        np.copyto(y, 0, where=~full)
+        np.copyto(y, 0, where=~self._real_positions(y.shape, mask))
         return y
 
     def _forward_batch(self, x, update, epilogue, mask=None):

@@ -416,11 +416,12 @@ def backward_renorm(dy, x, mean, invstd, r, d, gamma=None, *, axis=1, out=None, 
     invstd = np.asarray(invstd, np.float64).reshape(C)
     r = np.asarray(r, np.float64).reshape(C)
     d = np.asarray(d, np.float64).reshape(C)
-    gr = _param(gamma, C, 1.0) * r  # the forward is BN with gamma * r and gamma * d + beta
-    dflat = _grad_at_bn(dy, x, mean, invstd, gr, axis, activation, residual, y,
-                        _param(gamma, C, 1.0) * d + _param(beta, C, 0.0))
+    gamma = _param(gamma, C, 1.0)
+    # the forward is BN with gamma * r and gamma * d + beta
+    dflat = _grad_at_bn(dy, x, mean, invstd, gamma * r, axis, activation, residual, y,
+                        gamma * d + _param(beta, C, 0.0))
     xhat = (flat - mean) * invstd
-    g = dflat * _param(gamma, C, 1.0) * r
+    g = dflat * gamma * r
     M = max(M, 1)
     dx = invstd * (g - g.sum(axis=0) / M - xhat * ((g * xhat).sum(axis=0) / M))
     dgamma = (dflat * (xhat * r + d)).sum(axis=0)
