@@ -1,17 +1,19 @@
 /* bn_avx2.c - the kernels of bn_forward.tmpl.h and bn_backward.tmpl.h again, compiled for AVX2.
  *
  * Only the vector width changes: the code has no reassociation for the compiler to exploit and no
- * fused multiply-adds (-ffp-contract=off, which setup.py and the Makefile give every compiler: GCC's
- * ISO C mode implies it, clang's default would fuse), so every build gives the same bits, GCC's and
- * clang's alike (tools/bit_identity.py compares them). */
+ * fused multiply-adds but the explicit fmaf of the float32 form (bn_f32_norm; -ffp-contract=off, which
+ * setup.py and the Makefile give every compiler: GCC's ISO C mode implies it, clang's default would
+ * fuse), so every build gives the same bits, GCC's and clang's alike (tools/bit_identity.py compares
+ * them). The target has FMA (every AVX2 CPU but a few VIA ones; bn_dispatch.c checks) so that fmaf is
+ * one instruction, not a libm call. */
 #include "bn_internal.h"
 
 #if BN_HAVE_AVX2
 #if defined(__clang__)
 /* clang ignores #pragma GCC target; its attribute pragma gives every function below the target. */
-#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #else
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,fma")
 #endif
 
 /* float64 column mode's masked sums keep GCC's loop here: the vector sweep that is 0.52-0.62 of its time

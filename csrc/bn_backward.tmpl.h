@@ -77,6 +77,13 @@ static BN_ALWAYS_INLINE double BN_NAME(grad_in)(const BN_T *dy, const BN_T *x, c
     if (gm == BN_GM_XT) /* fc, fa: the range mask_bounds found, BN_T values (row mode: constants of the loop) */
         return ((x[i] >= (BN_T)fc) & (x[i] <= (BN_T)fa)) ? g : 0.0;
     if (gm == BN_GM_X || gm == BN_GM_XR) {
+        if (sizeof(BN_T) == sizeof(float) && bn_f32_arith(fc, fa, fo)) { /* the forward's float32 form */
+            float ah, al, bh, bl;
+            bn_f32_split(fa, fo, &ah, &al, &bh, &bl);
+            float v = bn_f32_norm((float)x[i], ah, al, bh, bl);
+            if (gm == BN_GM_XR) v += (float)aux[i];
+            return v > 0.0f ? g : 0.0;
+        }
         double v = ((double)x[i] - fc) * fa + fo; /* x - (+0.0) is x: the folded forward's value too */
         if (gm == BN_GM_XR) v += (double)aux[i];
         return (BN_T)v > 0 ? g : 0.0;
@@ -939,6 +946,11 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
         a.falpha = bn_padded_array(k, d.C, 5);
         a.foff = bn_padded_array(k, d.C, 6);
         BN_NAME(bn_coefs_range)(d.C, mean, invstd, gamma, ep->beta, a.falpha, a.fcen, a.foff);
+        /* Column mode's forward keeps the float64 form (f32_pairs in bn_forward.tmpl.h): its folded
+         * channels are centred here on -0.0, which fails bn_f32_arith and changes no mask (x - -0.0 is x
+         * but at x = -0.0, where y is +-0.0 or the offset either way) */
+        if (BN_FOLD && p.colmode)
+            for (ptrdiff_t c = 0; c < d.C; c++) a.fcen[c] = bn_is_plus_zero(a.fcen[c]) ? -0.0 : a.fcen[c];
         /* the mask as a range of x (mask_bounds), where the coefficients are finite (a NaN or inf statistic
          * keeps the forward's arithmetic): at (32, 64, 8, 8) float32 the recomputed mask cost the backward
          * more than reading y for it. Finding a range costs ~10 ns a channel, which channels of a few values

@@ -12,7 +12,8 @@ static int simd_level(void)
 #if BN_HAVE_AVX2
         const char *env = getenv("BATCHNORM_SIMD");
         __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2")) level = 1;
+        /* FMA with AVX2: the float32 form's fmaf is one instruction there (bn_avx2.c) */
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
 #if BN_HAVE_AVX512
         if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) level = 2;
 #endif

@@ -146,6 +146,13 @@ static inline double bn_stats_shift(double x0)
  * 3e14: beta - mean * alpha lost beta entirely) the channel is normalized centred, which costs a
  * subtraction and nothing in accuracy. The choice is made per channel from its statistics (NaN: centred).
  */
+/* A folded channel is centred on +0.0, which x - centre returns unchanged (bit for bit, -0.0 and NaN
+ * included), so the folded loops are an exact shortcut of the centred ones. */
+static inline int bn_is_plus_zero(double v)
+{
+    return v == 0.0 && !signbit(v);
+}
+
 #define BN_FOLD_MAX_RHO 65536.0
 static inline int bn_fold_exact(double mean, double invstd)
 {
@@ -164,6 +171,58 @@ static inline void bn_forward_coefs(int fold_type, const double *gamma, const do
     *alpha = a;
     *centre = fold ? 0.0 : mean;
     *offset = (beta ? beta[c] : 0.0) - (fold ? mean * a : 0.0);
+}
+
+/*
+ * float32 element arithmetic. A folded float32 channel (centre +0.0) whose alpha and offset are in range
+ * (bn_f32_arith) is normalized in float32, y = fmaf(x, ah, bh) + fmaf(x, al, bl), with alpha = ah + al
+ * and offset = bh + bl split into float32 pairs (bn_f32_split): in cache that is 0.45-0.6 of the float64
+ * loop's time (two float32 FMAs and an add against widening, a float64 FMA at half the lanes, and
+ * narrowing). Accuracy: the pairs hold alpha and offset to 2^-47 of themselves, which with rho <= 2^16 is
+ * within 2^-30 |gamma| (1/64 of a float32 ulp at gamma's scale) of x * alpha + offset; the first FMA
+ * rounds once (half an ulp of about y), the second's rounding is 2^-24 smaller, and the add rounds once
+ * more: y is within about one float32 ulp of the float64 result (tests/test_accuracy.py holds it to 1.5;
+ * benchmarks/arith_probe.c measures it, 1.00 at most), against half an ulp for the float64 form.
+ * ah is alpha truncated toward zero, so al is zero or of alpha's sign: both FMAs rise (or fall) with x,
+ * and so does y. That keeps the backward's recomputed ReLU mask a range of x (mask_bounds). An infinite
+ * first FMA is y itself: with al = 0 (alpha a float32, as gamma 1 and invstd 1 are) the second FMA of an
+ * infinite x is inf * 0 = NaN, where the float64 form gives inf. With al = 0 and offset a float32, y is
+ * rounded once: exact values (normalize(x, 0, 1), x at the mean) come out exact. The ranges keep both
+ * parts normal, and exclude channels whose products could overflow where float64 would not; other
+ * channels keep the float64 form. Every FMA is fmaf (exact by
+ * definition, whatever the build: an instruction where the target has FMA, a libm call in the baseline
+ * build), so all builds agree bit for bit. The choice is the channel's statistics' and parameters', made
+ * the same way by the forward and by the backward's recomputed mask.
+ */
+#define BN_F32_ALPHA_MIN 0x1p-60
+#define BN_F32_COEF_MAX 0x1p100
+static inline int bn_f32_arith(double centre, double alpha, double offset)
+{
+    /* & and |, not && and ||: loops of it (f32_pairs) vectorize; centre +0.0 as in bn_is_plus_zero */
+    const double aa = fabs(alpha);
+    return (centre == 0.0) & (copysign(1.0, centre) > 0.0) &
+           ((alpha == 0.0) | ((aa >= BN_F32_ALPHA_MIN) & (aa <= BN_F32_COEF_MAX))) & (fabs(offset) <= BN_F32_COEF_MAX);
+}
+
+/* The float32 pairs of a channel that passes bn_f32_arith. Every step is exact but the two roundings to
+ * float: alpha - ah is alpha's low bits, offset - bh likewise. */
+static inline void bn_f32_split(double alpha, double offset, float *ah, float *al, float *bh, float *bl)
+{
+    const float h = (float)alpha;
+    /* one float toward zero where rounding went away from it: h * (1 - 2^-24) is the next float below |h|
+     * (h is normal here), rounded once; a select, not a branch, so that loops of it vectorize */
+    *ah = fabs((double)h) > fabs(alpha) ? h * 0x1.fffffep-1f : h;
+    const float k = (float)(alpha - (double)*ah);
+    *al = k == 0.0f ? copysignf(0.0f, *ah) : k; /* signed zeros as the float64 form's x * alpha + offset */
+    *bh = (float)offset;
+    const float l = (float)(offset - (double)*bh);
+    *bl = l == 0.0f ? copysignf(0.0f, *bh) : l; /* offset -0.0: -0.0 - -0.0 is +0.0; y(-0.0) is -0.0 */
+}
+
+static inline float bn_f32_norm(float x, float ah, float al, float bh, float bl)
+{
+    const float t = fmaf(x, ah, bh), v = t + fmaf(x, al, bl);
+    return fabsf(t) == INFINITY ? t : v;
 }
 
 /* The fused epilogues as flags (see bn_epilogue in batchnorm.h): the loops that apply them take the
@@ -231,12 +290,6 @@ static inline double bn_from_order_key_f64(int64_t k)
 #define BN_ALWAYS_INLINE inline
 #endif
 
-/* A folded channel is centred on +0.0, which x - centre returns unchanged (bit for bit, -0.0 and NaN
- * included), so the folded loops are an exact shortcut of the centred ones. */
-static inline int bn_is_plus_zero(double v)
-{
-    return v == 0.0 && !signbit(v);
-}
 
 /* Whether every one of centre[c0 .. c1-1] is +0.0 (a branch-free loop, which vectorizes). */
 static inline int bn_all_plus_zero(const double *centre, ptrdiff_t c0, ptrdiff_t c1)

@@ -190,6 +190,71 @@ def test_float32_huge_mean_to_spread_keeps_beta(rng, kind, layout):
                  "backward_apply dx")
 
 
+# float32 in row mode (S >= 32 positions per (n, c)) is normalized in float32 where the channel allows it:
+# y = fmaf(x, ah, bh) + fmaf(x, al, bl) from float32 pairs of alpha and offset (csrc/bn_internal.h,
+# bn_f32_arith). It is held to about one float32 ulp of the float64 result (the README's figure), exact
+# where the numbers are, and to the float64 form's infinities, NaN and signed zeros.
+ROW_F32 = [pytest.param((8, 4, 32), id="8x4x32"), pytest.param((4, 3, 9, 13), id="4x3x9x13"),
+           pytest.param((2, 2, 1000), id="2x2x1000")]
+
+
+@pytest.mark.parametrize("shape", ROW_F32)
+@pytest.mark.parametrize("activation,use_residual", [(None, False), ("relu", False), ("relu", True)])
+def test_float32_row_mode_within_about_an_ulp(rng, shape, activation, use_residual):
+    x = make_data(rng, shape, np.float32, 1, loc=3.0, scale=2.0)
+    C = shape[1]
+    gamma, beta = params(rng, C, np.float32)
+    r = make_data(rng, shape, np.float32, 1) if use_residual else None
+    y, mean, invstd = bn.forward_train(x, gamma, beta, activation=activation, residual=r)
+    ey = exact_forward(x, gamma.astype(np.float64), beta.astype(np.float64), 1)[0]
+    rm, rv = mean, (1 / invstd.astype(np.float64) ** 2 - 1e-5).astype(np.float32)
+    ei = ref.forward_infer(x.astype(np.float64), rm, rv, gamma, beta, axis=1)
+    y_inf = bn.forward_infer(x, rm, rv, gamma, beta, activation=activation, residual=r)
+    if use_residual:
+        # BN's y within about an ulp; the residual added in float32 after it, as NumPy's y + r after the
+        # unfused call does: the same bits as that composition
+        for got, plain in ((y, bn.forward_train(x, gamma, beta)[0]), (y_inf, bn.forward_infer(x, rm, rv, gamma, beta))):
+            np.testing.assert_array_equal(got, np.maximum(plain + r, 0))
+        y, y_inf = bn.forward_train(x, gamma, beta)[0], bn.forward_infer(x, rm, rv, gamma, beta)
+    elif activation:
+        ey, ei = np.maximum(ey, 0), np.maximum(ei, 0)
+    _within_ulps(y, ey, 1.05, "train y")
+    _within_ulps(y_inf, ei, 1.05, "infer y")
+
+
+def test_float32_row_mode_exact_values_stay_exact():
+    x = (np.arange(4 * 2 * 40, dtype=np.float32).reshape(4, 2, 40) - 100) * np.float32(0.25)
+    ones, zeros = np.ones(2), np.zeros(2)
+    np.testing.assert_array_equal(bn.normalize(x, zeros, ones), x)
+    np.testing.assert_array_equal(bn.normalize(x, zeros, ones, 2 * ones, -0.5 * ones), 2 * x - 0.5)
+    np.testing.assert_array_equal(bn.normalize(x, [1.0, -2.0], [4.0, 0.5]),
+                                  (x - np.array([1.0, -2.0], np.float32)[:, None]) * np.array([4, 0.5], np.float32)[:, None])
+    # x at the mean: y is beta exactly
+    xm = np.full((3, 2, 64), 12345.678, np.float32)
+    xm[:, 1] = -0.001
+    mean = xm[0, :, 0].astype(np.float64)
+    np.testing.assert_array_equal(bn.normalize(xm, mean, [3.0, 0.7], beta=[0.123456, -2.5]),
+                                  np.broadcast_to(np.array([0.123456, -2.5], np.float32)[:, None], xm.shape))
+
+
+@pytest.mark.parametrize("invstd", [1.0, 1.1], ids=["alpha-a-float32", "alpha-not"])
+def test_float32_row_mode_inf_nan_and_signed_zeros(invstd):
+    """An infinite x gives an infinite y also where alpha is a float32 (the second FMA's al is 0 there:
+    inf * 0 would be NaN), NaN stays NaN, and zeros keep the signs of the float64 form that column mode
+    (channels-last) computes."""
+    x = np.zeros((2, 4, 40), np.float32)
+    x[0, :, :5] = [np.inf, -np.inf, np.nan, -0.0, 0.0]
+    # offsets beta - mean * alpha: -0.0, +0.0, +0.0 and (mean -0.0, alpha < 0) -0.0
+    args = ([0.0, 0.0, 0.0, -0.0], [invstd] * 4, [1.0, -2.0, 1.0, -2.0], [-0.0, -0.0, 0.0, -0.0])
+    y = bn.normalize(x, *args)
+    np.testing.assert_array_equal(y[0, 0, :3], [np.inf, -np.inf, np.nan])
+    np.testing.assert_array_equal(y[0, 1, :3], [-np.inf, np.inf, np.nan])
+    assert np.signbit(y[0, 0, 3]) and not np.signbit(y[0, 0, 4]), y[0, 0, 3:5]  # -0 * a + -0, +0 * a + -0
+    y_col = np.moveaxis(bn.normalize(np.ascontiguousarray(np.moveaxis(x, 1, -1)), *args, axis=-1), -1, 1)
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(y_col))
+    np.testing.assert_array_equal(y, y_col)
+
+
 @pytest.mark.parametrize("shape,axis", [pytest.param((16, 3, 8, 8), 1, id="16x3x8x8"),
                                         pytest.param((512, 5), 1, id="512x5"),
                                         pytest.param((4, 8, 8, 6), -1, id="4x8x8x6-chlast"),

@@ -155,13 +155,14 @@ def _boundary_data(rng, dtype, layout, mean, invstd, gamma, beta, per_channel):
         v = np.concatenate([v, (rng.standard_normal(per_channel - v.size) * 3 + mean[c]).astype(dtype)])
         cols.append(rng.permutation(v))
     x = np.stack(cols, axis=1)  # (per_channel, C)
-    if layout == "row":  # NCHW-like, S = 8 positions per (n, c): row mode
-        x = x.reshape(per_channel // 8, 8, C).transpose(0, 2, 1).copy()
+    if layout != "col":  # NCHW-like, S positions per (n, c): row mode from S = 32 (float32's float32 form)
+        S = 32 if layout == "row" else 8
+        x = x.reshape(per_channel // S, S, C).transpose(0, 2, 1).copy()
     return x
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", ["col", "row"])
+@pytest.mark.parametrize("layout", ["col", "col-s8", "row"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
 def test_mask_from_beta_is_the_forwards_at_the_boundary(rng, dtype, layout, training):
     """The backward's mask from beta (found per channel as a range of x, or recomputed) against the
@@ -189,7 +190,7 @@ def test_mask_from_beta_is_the_forwards_at_the_boundary(rng, dtype, layout, trai
         g = np.where(y > 0, dy, 0).astype(dtype)
         dx0, dg0, db0 = bn.backward(g, x, m, s, gamma, training=training)
         ones = bn.backward(np.ones_like(x), x, m, s, gamma, training=training, activation="relu", beta=beta)[2]
-        axes = (0, 2) if layout == "row" else 0
+        axes = 0 if layout == "col" else (0, 2)
         np.testing.assert_array_equal(ones, np.count_nonzero(y > 0, axis=axes), err_msg=stats)
         for got, want in ((dx_b, dx0), (db_b, db0), (dx_y, dx0), (db_y, db0)):
             np.testing.assert_array_equal(got, want, err_msg=stats)
