@@ -10,7 +10,8 @@
  *   f64        what the kernels do for a float32 channel: (float)((double)x * a + b), within half a float32
  *              ulp of the exact y (plus 2^-53 relative);
  *   f32 comp   float32 with a compensated split, a = ah + al, b = bh + bl (float32 each):
- *              fmaf(x, ah, bh) + fmaf(x, al, bl), within about one float32 ulp;
+ *              fmaf(x, ah, bh) + fmaf(x, al, bl), within about one float32 ulp: the kernels' own split
+ *              and expression (bn_f32_split, bn_f32_norm in csrc/bn_internal.h), which row mode uses;
  *   f32 fma    fmaf(x, (float)a, (float)b), one rounding of a and b each: several ulps where x * a and
  *              b cancel (y near 0 against |b| of order 1), the float32 arithmetic PyTorch's CPU kernels use.
  * Each line gives the minimum time of many repetitions and the largest error of each way against the
@@ -28,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include "../csrc/bn_internal.h" /* bn_f32_split, bn_f32_norm: the kernels' float32 form */
 
 #define LANES 16
 typedef double v8d __attribute__((vector_size(64)));
@@ -60,7 +62,7 @@ __attribute__((noinline)) static void norm_rows(const norm_args *p, int way)
                 for (long s = 0; s < p->S; s++) yr[s] = (float)((double)xr[s] * a + b);
             } else if (way == 1) {
                 const float ah = p->ah[c], al = p->al[c], bh = p->bh[c], bl = p->bl[c];
-                for (long s = 0; s < p->S; s++) yr[s] = fmaf(xr[s], ah, bh) + fmaf(xr[s], al, bl);
+                for (long s = 0; s < p->S; s++) yr[s] = bn_f32_norm(xr[s], ah, al, bh, bl);
             } else {
                 const float a = p->af[c], b = p->bf[c];
                 for (long s = 0; s < p->S; s++) yr[s] = fmaf(xr[s], a, b);
@@ -77,7 +79,7 @@ __attribute__((noinline)) static void norm_cols(const norm_args *p, int way)
         if (way == 0)
             for (long q = 0; q < W; q++) yr[q] = (float)((double)xr[q] * p->a[q] + p->b[q]);
         else if (way == 1)
-            for (long q = 0; q < W; q++) yr[q] = fmaf(xr[q], p->ah[q], p->bh[q]) + fmaf(xr[q], p->al[q], p->bl[q]);
+            for (long q = 0; q < W; q++) yr[q] = bn_f32_norm(xr[q], p->ah[q], p->al[q], p->bh[q], p->bl[q]);
         else
             for (long q = 0; q < W; q++) yr[q] = fmaf(xr[q], p->af[q], p->bf[q]);
     }
@@ -186,10 +188,7 @@ static void probe(long N, long C, long S, int reps)
         a[c] = gamma * invstd;
         b[c] = beta - 0.3 * a[c];
         m[c] = 0.3;
-        f[c] = (float)a[c];                       /* ah */
-        f[C + c] = (float)(a[c] - (double)f[c]);  /* al */
-        f[2 * C + c] = (float)b[c];               /* bh */
-        f[3 * C + c] = (float)(b[c] - (double)f[2 * C + c]);
+        bn_f32_split(a[c], b[c], &f[c], &f[C + c], &f[2 * C + c], &f[3 * C + c]); /* ah, al, bh, bl */
         f[4 * C + c] = (float)a[c];
         f[5 * C + c] = (float)b[c];
     }

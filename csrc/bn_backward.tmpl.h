@@ -76,8 +76,9 @@ static BN_ALWAYS_INLINE double BN_NAME(grad_in)(const BN_T *dy, const BN_T *x, c
     if (gm == BN_GM_Y) return aux[i] > 0 ? g : 0.0;
     if (gm == BN_GM_XT) /* fc, fa: the range mask_bounds found, BN_T values (row mode: constants of the loop) */
         return ((x[i] >= (BN_T)fc) & (x[i] <= (BN_T)fa)) ? g : 0.0;
-    if (gm == BN_GM_X || gm == BN_GM_XR) {
-        if (sizeof(BN_T) == sizeof(float) && bn_f32_arith(fc, fa, fo)) { /* the forward's float32 form */
+    if (gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_X64 || gm == BN_GM_XR64) {
+        if ((gm == BN_GM_X || gm == BN_GM_XR) && sizeof(BN_T) == sizeof(float) && bn_f32_arith(fc, fa, fo)) {
+            /* row mode's forward took the float32 form for this channel */
             float ah, al, bh, bl;
             bn_f32_split(fa, fo, &ah, &al, &bh, &bl);
             float v = bn_f32_norm((float)x[i], ah, al, bh, bl);
@@ -85,7 +86,7 @@ static BN_ALWAYS_INLINE double BN_NAME(grad_in)(const BN_T *dy, const BN_T *x, c
             return v > 0.0f ? g : 0.0;
         }
         double v = ((double)x[i] - fc) * fa + fo; /* x - (+0.0) is x: the folded forward's value too */
-        if (gm == BN_GM_XR) v += (double)aux[i];
+        if (gm == BN_GM_XR || gm == BN_GM_XR64) v += (double)aux[i];
         return (BN_T)v > 0 ? g : 0.0;
     }
     return g;
@@ -97,11 +98,20 @@ static BN_ALWAYS_INLINE double BN_NAME(grad_in)(const BN_T *dy, const BN_T *x, c
  * one range: [t, +inf] or [-inf, t] or none. fa = 0 gives every finite x or none (inf * 0 is NaN). The
  * end t is found by asking grad_in's own expression, from the real root outwards (a few values, in the
  * order of the keys, bn_order_key_*), then by bisection, so the range holds exactly the x of the forward's
- * mask, NaN in none. Written to *lo, *hi (BN_T values, as doubles; an empty range is lo > hi). */
+ * mask, NaN in none. Written to *lo, *hi (BN_T values, as doubles; an empty range is lo > hi). Row mode's
+ * channels of the float32 form (bn_f32_norm, monotone the same way: see bn_internal.h) are asked
+ * relu_on_f32, the forward's float32 expression, with the channel's pairs split once. */
 static int BN_NAME(relu_on)(BN_T v, double fc, double fa, double fo)
 {
     const BN_T one = 1;
-    return BN_NAME(grad_in)(&one, &v, NULL, 0, fc, fa, fo, BN_GM_X) != 0.0;
+    return BN_NAME(grad_in)(&one, &v, NULL, 0, fc, fa, fo, BN_GM_X64) != 0.0;
+}
+
+/* relu_on for a channel of the float32 form (q: its pairs from bn_f32_split), which grad_in would split
+ * again at every call: the same expression. */
+static int BN_NAME(relu_on_f32)(BN_T v, const float *q)
+{
+    return bn_f32_norm((float)v, q[0], q[1], q[2], q[3]) > 0.0f;
 }
 
 static int64_t BN_NAME(order_key)(BN_T v)
@@ -114,18 +124,22 @@ static BN_T BN_NAME(from_order_key)(int64_t k)
     return sizeof(BN_T) == sizeof(float) ? (BN_T)bn_from_order_key_f32(k) : (BN_T)bn_from_order_key_f64(k);
 }
 
-static void BN_NAME(mask_bounds)(double fc, double fa, double fo, double *lo, double *hi)
+static void BN_NAME(mask_bounds)(double fc, double fa, double fo, int colmode, double *lo, double *hi)
 {
     const double maxv = sizeof(BN_T) == sizeof(float) ? (double)FLT_MAX : DBL_MAX;
+    float q[4];
+    const int f32 = sizeof(BN_T) == sizeof(float) && !colmode && bn_f32_arith(fc, fa, fo);
+    if (f32) bn_f32_split(fa, fo, &q[0], &q[1], &q[2], &q[3]);
+#define BN_ON_AT(v) (f32 ? BN_NAME(relu_on_f32)((v), q) : BN_NAME(relu_on)((v), fc, fa, fo))
     if (fa == 0) {
-        const int on = BN_NAME(relu_on)((BN_T)0, fc, fa, fo);
+        const int on = BN_ON_AT((BN_T)0);
         *lo = on ? -maxv : INFINITY;
         *hi = on ? maxv : -INFINITY;
         return;
     }
     /* u = dir * key: on(u) rises with u */
     const int64_t dir = fa > 0 ? 1 : -1, top = BN_NAME(order_key)((BN_T)INFINITY);
-#define BN_ON(u) BN_NAME(relu_on)(BN_NAME(from_order_key)(dir * (u)), fc, fa, fo)
+#define BN_ON(u) BN_ON_AT(BN_NAME(from_order_key)(dir * (u)))
     const double root = fc - fo / fa, clamped = root > maxv ? maxv : root < -maxv ? -maxv : root;
     const int64_t u0 = dir * BN_NAME(order_key)((BN_T)clamped);
     /* below: off (or -top - 1, below every value); above: on. Distances as unsigned: keys span 2 * top. */
@@ -164,6 +178,7 @@ static void BN_NAME(mask_bounds)(double fc, double fa, double fo, double *lo, do
         else below = mid;
     }
 #undef BN_ON
+#undef BN_ON_AT
     const double t = (double)BN_NAME(from_order_key)(dir * above);
     *lo = dir > 0 ? t : -INFINITY;
     *hi = dir > 0 ? INFINITY : t;
@@ -280,7 +295,7 @@ static BN_ALWAYS_INLINE double BN_NAME(col_g)(const BN_T *dr, const BN_T *xr, co
 {
     if (gm == BN_GM_XT) return ((xr[o] >= tlo[q]) & (xr[o] <= thi[q])) ? (double)dr[o] : 0.0;
     const int rc = bn_gm_from_x(gm);
-    return BN_NAME(grad_in)(dr, xr, ar, o, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0, rc ? fo[q] : 0.0, gm);
+    return BN_NAME(grad_in)(dr, xr, ar, o, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0, rc ? fo[q] : 0.0, bn_gm_f64(gm));
 }
 
 #if BN_HAVE_VEXT
@@ -509,7 +524,7 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_cols)(const BN_T *dy, const BN_T *x, c
                                                 const double *BN_RESTRICT fo, const int gm)
 {
     const int rc = bn_gm_from_x(gm);
-#define BN_G(q) BN_NAME(grad_in)(dr, xr, ar, q, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0, rc ? fo[q] : 0.0, gm)
+#define BN_G(q) BN_NAME(grad_in)(dr, xr, ar, q, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0, rc ? fo[q] : 0.0, bn_gm_f64(gm))
     ptrdiff_t n = n0;
 #ifdef BN_V8F_STORE
     /* float32, training, folded, g given: grad_run's vector loop with per-position coefficients. Where the
@@ -946,11 +961,6 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
         a.falpha = bn_padded_array(k, d.C, 5);
         a.foff = bn_padded_array(k, d.C, 6);
         BN_NAME(bn_coefs_range)(d.C, mean, invstd, gamma, ep->beta, a.falpha, a.fcen, a.foff);
-        /* Column mode's forward keeps the float64 form (f32_pairs in bn_forward.tmpl.h): its folded
-         * channels are centred here on -0.0, which fails bn_f32_arith and changes no mask (x - -0.0 is x
-         * but at x = -0.0, where y is +-0.0 or the offset either way) */
-        if (BN_FOLD && p.colmode)
-            for (ptrdiff_t c = 0; c < d.C; c++) a.fcen[c] = bn_is_plus_zero(a.fcen[c]) ? -0.0 : a.fcen[c];
         /* the mask as a range of x (mask_bounds), where the coefficients are finite (a NaN or inf statistic
          * keeps the forward's arithmetic): at (32, 64, 8, 8) float32 the recomputed mask cost the backward
          * more than reading y for it. Finding a range costs ~10 ns a channel, which channels of a few values
@@ -960,7 +970,7 @@ int BN_NAME(bn_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, bn_dims d, con
             range = isfinite(a.falpha[c]) && isfinite(a.fcen[c]) && isfinite(a.foff[c]);
         if (range) {
             for (ptrdiff_t c = 0; c < d.C; c++)
-                BN_NAME(mask_bounds)(a.fcen[c], a.falpha[c], a.foff[c], &a.fcen[c], &a.falpha[c]);
+                BN_NAME(mask_bounds)(a.fcen[c], a.falpha[c], a.foff[c], p.colmode, &a.fcen[c], &a.falpha[c]);
             a.gm = BN_GM_XT;
         }
     }

@@ -635,7 +635,7 @@ int BN_NAME(bn_batch_stats)(const BN_T *x, bn_dims d, double *mean, double *m2, 
 {
     bn_plan p;
     bn_make_plan(&p, d, sizeof(BN_T), nthreads, BN_PARALLEL_MIN_ELEMS);
-    BN_NAME(fwd_args) a = {x, NULL, NULL, NULL, 0.0, mean, m2, NULL, NULL, NULL, NULL, NULL, NULL, 0};
+    BN_NAME(fwd_args) a = {x, NULL, NULL, NULL, 0.0, mean, m2, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL};
     bn_job job = {&p, BN_NAME(stats_reduce), BN_NAME(stats_finish), NULL, NULL, sizeof(bn_moments),
                   BN_NAME(fwd_scratch)(&p, 6), &a};
     return bn_drive(&job);

@@ -231,7 +231,14 @@ enum { BN_EPI_RELU = 1, BN_EPI_ADD = 2 };
 /* The ReLU masks of the backward (bn_grad_epilogue), as the constants its loops are specialized on: none,
  * read from y, or recomputed from x (and the residual, GM_XR) with the forward's coefficients and the
  * forward's very expression, so that it is the forward's y > 0 bit for bit. */
-enum { BN_GM_NONE = 0, BN_GM_Y = 1, BN_GM_X = 2, BN_GM_XR = 3, BN_GM_XT = 4 };
+enum { BN_GM_NONE = 0, BN_GM_Y = 1, BN_GM_X = 2, BN_GM_XR = 3, BN_GM_XT = 4, BN_GM_X64 = 5, BN_GM_XR64 = 6 };
+/* BN_GM_X64, BN_GM_XR64: BN_GM_X and BN_GM_XR where the forward kept the float64 form (column mode, whose
+ * forward never takes the float32 form; mask_bounds' relu_on), which spares grad_in its test of
+ * bn_f32_arith per value: what column mode's loops pass grad_in. Not modes of the backward. */
+static inline int bn_gm_f64(int gm)
+{
+    return gm == BN_GM_X ? BN_GM_X64 : gm == BN_GM_XR ? BN_GM_XR64 : gm;
+}
 /* BN_GM_XT is BN_GM_X as a range of x (mask_bounds in bn_backward.tmpl.h): the same mask, two comparisons a
  * value. Ranges are found by walking the values in order: these keys number the floats and doubles in
  * value order, -0.0 and +0.0 alike (key 0), +-inf at the ends. */

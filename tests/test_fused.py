@@ -197,6 +197,33 @@ def test_mask_from_beta_is_the_forwards_at_the_boundary(rng, dtype, layout, trai
         np.testing.assert_array_equal(dg_b, dg0, err_msg=stats)
 
 
+@pytest.mark.parametrize("layout", ["col", "col-s8", "row"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["dx", "dx-is-x"])
+@pytest.mark.parametrize("count", [32, 64], ids=["by-value", "as-range"])  # BN_MASK_RANGE_MIN_COUNT 64
+def test_mask_from_beta_at_many_roots(rng, layout, in_place, count):
+    """float32, 256 channels of random statistics and parameters, x at each channel's float32 root and its
+    neighbours: where y is within a rounding of 0 the forward's float32 form (row mode) and float64 form
+    (column mode) round to different signs, and the backward's mask (as a range of x, and value by value
+    where dx is x and g is not kept) must be its own mode's."""
+    C = 256
+    mean = rng.standard_normal(C) * 3
+    invstd = np.exp(rng.uniform(-2, 2, C))
+    gamma = rng.uniform(0.2, 2, C) * rng.choice([-1, 1], C)
+    # roots at float32 values: y there is 0 up to the roundings of the folded offset, so the forms' signs
+    # differ at some of them
+    x0 = (mean + rng.standard_normal(C)).astype(np.float32).astype(np.float64)
+    beta = -(x0 - mean) * invstd * gamma
+    x = _boundary_data(rng, np.float32, layout, mean, invstd, gamma, beta, per_channel=count)
+    y = bn.normalize(x, mean, invstd, gamma, beta)
+    dy = make_data(rng, x.shape, np.float32)
+    want = bn.backward(np.where(y > 0, dy, 0).astype(np.float32), x, mean, invstd, gamma)
+    out = x.copy() if in_place else None
+    got = bn.backward(dy, x if out is None else out, mean, invstd, gamma, activation="relu", beta=beta,
+                      out=out)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_nan_stays_nan_and_masked_dy_does_not_leak():
     x = np.array([[1.0, 3.0], [2.0, 1.0], [3.0, 2.0], [4.0, 0.0]])
     r = np.zeros_like(x)

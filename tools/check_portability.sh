@@ -63,10 +63,12 @@ EOF
 cat >"$stub/math.h" <<'EOF'
 #pragma once
 double sqrt(double); double fabs(double);
-/* the UCRT defines these as macros over _dclass/_dsign in C, and INFINITY as below */
+double copysign(double, double); float copysignf(float, float); float fmaf(float, float, float); float fabsf(float);
+/* the UCRT defines these as macros over _dclass/_dsign in C, and INFINITY and NAN as below */
 int _dclass(double); int _dsign(double);
 #define _HUGE_ENUF 1e+300
 #define INFINITY ((float)(_HUGE_ENUF * _HUGE_ENUF))
+#define NAN ((float)(INFINITY * 0.0F))
 #define isfinite(x) (_dclass(x) <= 0)
 #define signbit(x) (_dsign(x) != 0)
 EOF
