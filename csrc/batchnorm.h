@@ -53,7 +53,9 @@ int bn_merge_stats(ptrdiff_t K, ptrdiff_t C, const int64_t *counts, const double
 
 /*
  * Fused epilogues of the forward kernels (NULL: none): y = relu(bn(x) + residual), evaluated in double
- * with the normalized value and rounded once. residual: NULL or an array of x's type and (N, C, S) layout;
+ * with the normalized value and rounded once; where a float32 channel is normalized in float32 (row mode,
+ * bn_f32_arith in bn_internal.h) the residual is added to that float32 value, one more rounding, as
+ * NumPy's y + r after the unfused call. residual: NULL or an array of x's type and (N, C, S) layout;
  * y may alias it exactly. The ReLU is v < 0 ? 0 : v (NaN stays NaN, as np.maximum and torch.relu).
  */
 typedef struct {
