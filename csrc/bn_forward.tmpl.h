@@ -299,24 +299,10 @@ static inline void BN_NAME(apply_run)(const BN_T *xr, const BN_T *rr, BN_T *yr, 
     const int fold = BN_FOLD && (folded || bn_is_plus_zero(centre));
     if (BN_FOLD && q && q[0] == q[0]) {
         const float ah = q[0], al = q[1], bh = q[2], bl = q[3];
-        switch (epi) {
-        case BN_EPI_RELU: BN_NAME(apply_run_f32)(xr, rr, yr, len, ah, al, bh, bl, BN_EPI_RELU); break;
-        case BN_EPI_ADD: BN_NAME(apply_run_f32)(xr, rr, yr, len, ah, al, bh, bl, BN_EPI_ADD); break;
-        case BN_EPI_ADD | BN_EPI_RELU:
-            BN_NAME(apply_run_f32)(xr, rr, yr, len, ah, al, bh, bl, BN_EPI_ADD | BN_EPI_RELU);
-            break;
-        default: BN_NAME(apply_run_f32)(xr, rr, yr, len, ah, al, bh, bl, 0);
-        }
+        BN_WITH_EPI(epi, BN_NAME(apply_run_f32), xr, rr, yr, len, ah, al, bh, bl)
         return;
     }
-    switch (epi) {
-    case BN_EPI_RELU: BN_NAME(apply_run_epi)(xr, rr, yr, len, fold, centre, a, b, BN_EPI_RELU); break;
-    case BN_EPI_ADD: BN_NAME(apply_run_epi)(xr, rr, yr, len, fold, centre, a, b, BN_EPI_ADD); break;
-    case BN_EPI_ADD | BN_EPI_RELU:
-        BN_NAME(apply_run_epi)(xr, rr, yr, len, fold, centre, a, b, BN_EPI_ADD | BN_EPI_RELU);
-        break;
-    default: BN_NAME(apply_run_epi)(xr, rr, yr, len, fold, centre, a, b, 0);
-    }
+    BN_WITH_EPI(epi, BN_NAME(apply_run_epi), xr, rr, yr, len, fold, centre, a, b)
 }
 
 #ifdef BN_V8F_STORE
@@ -443,18 +429,7 @@ static void BN_NAME(apply_item)(const BN_T *x, const BN_T *res, BN_T *y, const b
     const double *src[3] = {folded ? NULL : centre, alpha, offset}, *e[3];
     bn_expand(3, room, e, src, c0, c1, S);
     const double *em = e[0], *ea = e[1], *eb = e[2];
-    switch (epi) {
-    case BN_EPI_RELU:
-        BN_NAME(apply_cols_epi)(x, res, y, p, first, wb, n0, n1, folded, em, ea, eb, BN_EPI_RELU);
-        break;
-    case BN_EPI_ADD:
-        BN_NAME(apply_cols_epi)(x, res, y, p, first, wb, n0, n1, folded, em, ea, eb, BN_EPI_ADD);
-        break;
-    case BN_EPI_ADD | BN_EPI_RELU:
-        BN_NAME(apply_cols_epi)(x, res, y, p, first, wb, n0, n1, folded, em, ea, eb, BN_EPI_ADD | BN_EPI_RELU);
-        break;
-    default: BN_NAME(apply_cols_epi)(x, res, y, p, first, wb, n0, n1, folded, em, ea, eb, 0);
-    }
+    BN_WITH_EPI(epi, BN_NAME(apply_cols_epi), x, res, y, p, first, wb, n0, n1, folded, em, ea, eb)
 }
 
 /* Moments of one work item, per channel of its block (relative to its shift), into out[0 .. c1-c0). */

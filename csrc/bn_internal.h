@@ -228,6 +228,14 @@ static inline float bn_f32_norm(float x, float ah, float al, float bh, float bl)
 /* The fused epilogues as flags (see bn_epilogue in batchnorm.h): the loops that apply them take the
  * flags as a constant, so each combination is its own loop with nothing tested per value. */
 enum { BN_EPI_RELU = 1, BN_EPI_ADD = 2 };
+/* F(args..., flags) with the flags epi as a constant: a switch over the four combinations. */
+#define BN_WITH_EPI(epi, F, ...)                                                                          \
+    switch (epi) {                                                                                        \
+    case BN_EPI_RELU: F(__VA_ARGS__, BN_EPI_RELU); break;                                                 \
+    case BN_EPI_ADD: F(__VA_ARGS__, BN_EPI_ADD); break;                                                   \
+    case BN_EPI_ADD | BN_EPI_RELU: F(__VA_ARGS__, BN_EPI_ADD | BN_EPI_RELU); break;                       \
+    default: F(__VA_ARGS__, 0);                                                                           \
+    }
 /* The ReLU masks of the backward (bn_grad_epilogue), as the constants its loops are specialized on: none,
  * read from y, or recomputed from x (and the residual, GM_XR) with the forward's coefficients and the
  * forward's very expression, so that it is the forward's y > 0 bit for bit. */
