@@ -281,11 +281,21 @@ static BN_ALWAYS_INLINE float BN_NAME(epilogue_f32)(float v, const BN_T *r, ptrd
     return v;
 }
 
+/* bn_f32_norm over a run, in two loops that give its bits with less work: with al != 0 (of ah's sign)
+ * an infinite first FMA comes with a second one of the same sign or finite, so the plain sum is it;
+ * with al = +-0 (of ah's sign) the second FMA of a finite x is bl but for the sign of a zero, which
+ * matters only where the first is -0.0 and cannot differ then, and an infinite t + bl is t. */
 static BN_ALWAYS_INLINE void BN_NAME(apply_run_f32)(const BN_T *xr, const BN_T *rr, BN_T *yr, ptrdiff_t len,
                                                      float ah, float al, float bh, float bl, const int epi)
 {
-    for (ptrdiff_t s = 0; s < len; s++)
-        yr[s] = (BN_T)BN_NAME(epilogue_f32)(bn_f32_norm((float)xr[s], ah, al, bh, bl), rr, s, epi);
+    if (al != 0.0f)
+        for (ptrdiff_t s = 0; s < len; s++) {
+            const float v = (float)xr[s];
+            yr[s] = (BN_T)BN_NAME(epilogue_f32)(fmaf(v, ah, bh) + fmaf(v, al, bl), rr, s, epi);
+        }
+    else
+        for (ptrdiff_t s = 0; s < len; s++)
+            yr[s] = (BN_T)BN_NAME(epilogue_f32)(fmaf((float)xr[s], ah, bh) + bl, rr, s, epi);
 }
 
 /* y over one contiguous run of a channel: (x - centre) * a + b, or x * a + b when the channel is folded
