@@ -23,7 +23,7 @@ import batchnorm._core as new_core
 
 SHAPES = [(32, 64, 8, 8), (64, 512), (256, 64), (8, 16, 16, 16)]
 OPS = ["fwd", "infer", "bwd", "fwd_relu", "fwd_add_relu", "infer_relu", "infer_add_relu", "bwd_relu_y",
-       "bwd_relu_beta", "bwd_add_relu_y"]
+       "bwd_relu_beta", "bwd_add_relu_y", "bwd_add_relu_beta"]
 
 
 def load_core(path):
@@ -51,6 +51,7 @@ def ours(core, op, d):
         "bwd_relu_beta": lambda: core.backward(dy, x, mean, invstd, g, activation="relu", beta=b),
         "bwd_add_relu_y": lambda: core.backward(dy, x, mean, invstd, g, activation="relu", residual=r,
                                                 y=y_add_relu),
+        "bwd_add_relu_beta": lambda: core.backward(dy, x, mean, invstd, g, activation="relu", residual=r, beta=b),
     }[op]
 
 
@@ -81,6 +82,7 @@ def theirs(torch, op, t):
         "bwd_relu_y": lambda: nbwd(tb(dy, yr, 0), x, g, None, None, sm, si, True, 1e-5, mask),
         "bwd_relu_beta": lambda: nbwd(tb(dy, yr, 0), x, g, None, None, sm, si, True, 1e-5, mask),
         "bwd_add_relu_y": bwd_add_relu,
+        "bwd_add_relu_beta": bwd_add_relu,  # torch keeps y; the same composition
     }[op]
 
 

@@ -68,25 +68,24 @@ static bn_sums BN_NAME(runs_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t len, 
 
 /* g, the gradient at BN's output: dy, or dy where the forward's output was > 0 and 0 elsewhere (a select,
  * not a product: an inf or NaN in dy where the ReLU was off does not leak, as in PyTorch). aux is y
- * (GM_Y) or the residual (GM_XR). */
+ * (GM_Y) or the residual (GM_XR, GM_XRF). A mask from x is the forward's expression: from fc, fa, fo in
+ * double, or (GM_XF, GM_XRF) from the channel's float32 pairs pq where its forward took the float32 form
+ * (row mode: bn_f32_pairs_or_null, split by the caller once a channel or run). */
 static BN_ALWAYS_INLINE double BN_NAME(grad_in)(const BN_T *dy, const BN_T *x, const BN_T *aux, ptrdiff_t i,
-                                                double fc, double fa, double fo, const int gm)
+                                                double fc, double fa, double fo, const float *pq, const int gm)
 {
     const double g = (double)dy[i];
     if (gm == BN_GM_Y) return aux[i] > 0 ? g : 0.0;
     if (gm == BN_GM_XT) /* fc, fa: the range mask_bounds found, BN_T values (row mode: constants of the loop) */
         return ((x[i] >= (BN_T)fc) & (x[i] <= (BN_T)fa)) ? g : 0.0;
-    if (gm == BN_GM_X || gm == BN_GM_XR || gm == BN_GM_X64 || gm == BN_GM_XR64) {
-        if ((gm == BN_GM_X || gm == BN_GM_XR) && sizeof(BN_T) == sizeof(float) && bn_f32_arith(fc, fa, fo)) {
-            /* row mode's forward took the float32 form for this channel */
-            float ah, al, bh, bl;
-            bn_f32_split(fa, fo, &ah, &al, &bh, &bl);
-            float v = bn_f32_norm((float)x[i], ah, al, bh, bl);
-            if (gm == BN_GM_XR) v += (float)aux[i];
-            return v > 0.0f ? g : 0.0;
-        }
+    if (gm == BN_GM_XF || gm == BN_GM_XRF) {
+        float v = bn_f32_norm((float)x[i], pq[0], pq[1], pq[2], pq[3]);
+        if (gm == BN_GM_XRF) v += (float)aux[i];
+        return v > 0.0f ? g : 0.0;
+    }
+    if (gm == BN_GM_X || gm == BN_GM_XR) {
         double v = ((double)x[i] - fc) * fa + fo; /* x - (+0.0) is x: the folded forward's value too */
-        if (gm == BN_GM_XR || gm == BN_GM_XR64) v += (double)aux[i];
+        if (gm == BN_GM_XR) v += (double)aux[i];
         return (BN_T)v > 0 ? g : 0.0;
     }
     return g;
@@ -99,19 +98,13 @@ static BN_ALWAYS_INLINE double BN_NAME(grad_in)(const BN_T *dy, const BN_T *x, c
  * end t is found by asking grad_in's own expression, from the real root outwards (a few values, in the
  * order of the keys, bn_order_key_*), then by bisection, so the range holds exactly the x of the forward's
  * mask, NaN in none. Written to *lo, *hi (BN_T values, as doubles; an empty range is lo > hi). Row mode's
- * channels of the float32 form (bn_f32_norm, monotone the same way: see bn_internal.h) are asked
- * relu_on_f32, the forward's float32 expression, with the channel's pairs split once. */
-static int BN_NAME(relu_on)(BN_T v, double fc, double fa, double fo)
+ * channels of the float32 form (bn_f32_norm, monotone the same way: see bn_internal.h) are asked with
+ * their pairs pq, split once. */
+static int BN_NAME(relu_on)(BN_T v, double fc, double fa, double fo, const float *pq)
 {
     const BN_T one = 1;
-    return BN_NAME(grad_in)(&one, &v, NULL, 0, fc, fa, fo, BN_GM_X64) != 0.0;
-}
-
-/* relu_on for a channel of the float32 form (q: its pairs from bn_f32_split), which grad_in would split
- * again at every call: the same expression. */
-static int BN_NAME(relu_on_f32)(BN_T v, const float *q)
-{
-    return bn_f32_norm((float)v, q[0], q[1], q[2], q[3]) > 0.0f;
+    return pq ? BN_NAME(grad_in)(&one, &v, NULL, 0, fc, fa, fo, pq, BN_GM_XF) != 0.0
+              : BN_NAME(grad_in)(&one, &v, NULL, 0, fc, fa, fo, NULL, BN_GM_X) != 0.0;
 }
 
 static int64_t BN_NAME(order_key)(BN_T v)
@@ -127,10 +120,9 @@ static BN_T BN_NAME(from_order_key)(int64_t k)
 static void BN_NAME(mask_bounds)(double fc, double fa, double fo, int colmode, double *lo, double *hi)
 {
     const double maxv = sizeof(BN_T) == sizeof(float) ? (double)FLT_MAX : DBL_MAX;
-    float q[4];
-    const int f32 = sizeof(BN_T) == sizeof(float) && !colmode && bn_f32_arith(fc, fa, fo);
-    if (f32) bn_f32_split(fa, fo, &q[0], &q[1], &q[2], &q[3]);
-#define BN_ON_AT(v) (f32 ? BN_NAME(relu_on_f32)((v), q) : BN_NAME(relu_on)((v), fc, fa, fo))
+    float pairs[4];
+    const float *pq = sizeof(BN_T) == sizeof(float) && !colmode ? bn_f32_pairs_or_null(fc, fa, fo, pairs) : NULL;
+#define BN_ON_AT(v) BN_NAME(relu_on)((v), fc, fa, fo, pq)
     if (fa == 0) {
         const int on = BN_ON_AT((BN_T)0);
         *lo = on ? -maxv : INFINITY;
@@ -189,8 +181,8 @@ static void BN_NAME(mask_bounds)(double fc, double fa, double fo, int colmode, d
  * from dres, still in L1, or recomputes it. */
 static BN_ALWAYS_INLINE bn_sums BN_NAME(runs_sums_gm)(const BN_T *dy, const BN_T *x, const BN_T *aux, BN_T *dres,
                                                       ptrdiff_t len, ptrdiff_t runs, ptrdiff_t stride, double m,
-                                                      double fc, double fa, double fo, const int gm,
-                                                      const int write)
+                                                      double fc, double fa, double fo, const float *pq,
+                                                      const int gm, const int write)
 {
     double a[BN_LANES] = {0}, b[BN_LANES] = {0}, ta = 0, tb = 0;
     const ptrdiff_t body = len - len % BN_LANES;
@@ -222,7 +214,7 @@ static BN_ALWAYS_INLINE bn_sums BN_NAME(runs_sums_gm)(const BN_T *dy, const BN_T
                 b1 += g1 * (BN_V8F_WIDEN(x1) - mv);
             }
             for (ptrdiff_t i = body; i < len; i++) {
-                const double gv = BN_NAME(grad_in)(g, v, w, i, fc, fa, fo, gm);
+                const double gv = BN_NAME(grad_in)(g, v, w, i, fc, fa, fo, pq, gm);
                 dr[i] = (BN_T)gv;
                 ta += gv;
                 tb += gv * ((double)v[i] - m);
@@ -236,30 +228,30 @@ static BN_ALWAYS_INLINE bn_sums BN_NAME(runs_sums_gm)(const BN_T *dy, const BN_T
 #endif
     for (ptrdiff_t r = 0; r < runs; r++) {
         const ptrdiff_t o = r * stride;
-        const BN_T *g = dy + o, *v = x + o, *w = gm == BN_GM_Y || gm == BN_GM_XR ? aux + o : NULL;
+        const BN_T *g = dy + o, *v = x + o, *w = gm == BN_GM_Y || gm == BN_GM_XR || gm == BN_GM_XRF ? aux + o : NULL;
         BN_T *dr = write ? dres + o : NULL;
         for (ptrdiff_t i = 0; i < body; i += BN_LANES)
             for (int j = 0; j < BN_LANES; j++) {
-                const double gv = BN_NAME(grad_in)(g, v, w, i + j, fc, fa, fo, gm);
+                const double gv = BN_NAME(grad_in)(g, v, w, i + j, fc, fa, fo, pq, gm);
                 if (write) dr[i + j] = (BN_T)gv;
                 a[j] += gv;
             }
         for (ptrdiff_t i = body; i < len; i++) {
-            const double gv = BN_NAME(grad_in)(g, v, w, i, fc, fa, fo, gm);
+            const double gv = BN_NAME(grad_in)(g, v, w, i, fc, fa, fo, pq, gm);
             if (write) dr[i] = (BN_T)gv;
             ta += gv;
         }
     }
     for (ptrdiff_t r = 0; r < runs; r++) {
         const ptrdiff_t o = r * stride;
-        const BN_T *g = write ? dres + o : dy + o, *v = x + o, *w = gm == BN_GM_Y || gm == BN_GM_XR ? aux + o : NULL;
+        const BN_T *g = write ? dres + o : dy + o, *v = x + o, *w = gm == BN_GM_Y || gm == BN_GM_XR || gm == BN_GM_XRF ? aux + o : NULL;
         for (ptrdiff_t i = 0; i < body; i += BN_LANES)
             for (int j = 0; j < BN_LANES; j++) {
-                const double gv = write ? (double)g[i + j] : BN_NAME(grad_in)(g, v, w, i + j, fc, fa, fo, gm);
+                const double gv = write ? (double)g[i + j] : BN_NAME(grad_in)(g, v, w, i + j, fc, fa, fo, pq, gm);
                 b[j] += gv * ((double)v[i + j] - m);
             }
         for (ptrdiff_t i = body; i < len; i++) {
-            const double gv = write ? (double)g[i] : BN_NAME(grad_in)(g, v, w, i, fc, fa, fo, gm);
+            const double gv = write ? (double)g[i] : BN_NAME(grad_in)(g, v, w, i, fc, fa, fo, pq, gm);
             tb += gv * ((double)v[i] - m);
         }
     }
@@ -272,16 +264,18 @@ static BN_ALWAYS_INLINE bn_sums BN_NAME(runs_sums_gm)(const BN_T *dy, const BN_T
 /* runs_sums_gm with gm and write as constants (each its own loop). */
 static bn_sums BN_NAME(runs_sums_any)(const BN_T *dy, const BN_T *x, const BN_T *aux, BN_T *dres, ptrdiff_t len,
                                       ptrdiff_t runs, ptrdiff_t stride, double m, double fc, double fa,
-                                      double fo, int gm)
+                                      double fo, const float *pq, int gm)
 {
 #define BN_CASE(GM)                                                                                       \
-    return dres ? BN_NAME(runs_sums_gm)(dy, x, aux, dres, len, runs, stride, m, fc, fa, fo, GM, 1)       \
-                : BN_NAME(runs_sums_gm)(dy, x, aux, NULL, len, runs, stride, m, fc, fa, fo, GM, 0)
+    return dres ? BN_NAME(runs_sums_gm)(dy, x, aux, dres, len, runs, stride, m, fc, fa, fo, pq, GM, 1)   \
+                : BN_NAME(runs_sums_gm)(dy, x, aux, NULL, len, runs, stride, m, fc, fa, fo, pq, GM, 0)
     switch (gm) {
     case BN_GM_Y: BN_CASE(BN_GM_Y);
     case BN_GM_X: BN_CASE(BN_GM_X);
     case BN_GM_XR: BN_CASE(BN_GM_XR);
     case BN_GM_XT: BN_CASE(BN_GM_XT);
+    case BN_GM_XF: BN_CASE(BN_GM_XF);
+    case BN_GM_XRF: BN_CASE(BN_GM_XRF);
     default: return BN_NAME(runs_sums)(dy, x, len, runs, stride, m);
     }
 #undef BN_CASE
@@ -295,7 +289,7 @@ static BN_ALWAYS_INLINE double BN_NAME(col_g)(const BN_T *dr, const BN_T *xr, co
 {
     if (gm == BN_GM_XT) return ((xr[o] >= tlo[q]) & (xr[o] <= thi[q])) ? (double)dr[o] : 0.0;
     const int rc = bn_gm_from_x(gm);
-    return BN_NAME(grad_in)(dr, xr, ar, o, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0, rc ? fo[q] : 0.0, bn_gm_f64(gm));
+    return BN_NAME(grad_in)(dr, xr, ar, o, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0, rc ? fo[q] : 0.0, NULL, gm);
 }
 
 #if BN_HAVE_VEXT
@@ -431,7 +425,8 @@ static void BN_NAME(item_sums)(const BN_NAME(bwd_args) *a, const bn_plan *p, ptr
  * gives it (see grad_item for the forms). */
 static BN_ALWAYS_INLINE void BN_NAME(grad_run)(const BN_T *dr, const BN_T *xr, const BN_T *ar, BN_T *out,
                                                ptrdiff_t S, int training, int fold, double m, double a, double b,
-                                               double e, double fc, double fa, double fo, const int gm)
+                                               double e, double fc, double fa, double fo, const float *pq,
+                                               const int gm)
 {
 #ifdef BN_V8F_STORE
     /* float32, training, folded, g given: 8 values a step with one conversion each way (GCC's own loop
@@ -449,16 +444,16 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_run)(const BN_T *dr, const BN_T *xr, c
     }
 #endif
     if (!training)
-        for (ptrdiff_t s = 0; s < S; s++) out[s] = (BN_T)(a * BN_NAME(grad_in)(dr, xr, ar, s, fc, fa, fo, gm));
+        for (ptrdiff_t s = 0; s < S; s++) out[s] = (BN_T)(a * BN_NAME(grad_in)(dr, xr, ar, s, fc, fa, fo, pq, gm));
     else if (BN_FOLD && fold)
         for (ptrdiff_t s = 0; s < S; s++)
-            out[s] = (BN_T)(a * BN_NAME(grad_in)(dr, xr, ar, s, fc, fa, fo, gm) + ((double)xr[s] * e + b));
+            out[s] = (BN_T)(a * BN_NAME(grad_in)(dr, xr, ar, s, fc, fa, fo, pq, gm) + ((double)xr[s] * e + b));
     else if (BN_FOLD)
         for (ptrdiff_t s = 0; s < S; s++)
-            out[s] = (BN_T)(a * BN_NAME(grad_in)(dr, xr, ar, s, fc, fa, fo, gm) + (((double)xr[s] - m) * e + b));
+            out[s] = (BN_T)(a * BN_NAME(grad_in)(dr, xr, ar, s, fc, fa, fo, pq, gm) + (((double)xr[s] - m) * e + b));
     else
         for (ptrdiff_t s = 0; s < S; s++)
-            out[s] = (BN_T)(a * ((BN_NAME(grad_in)(dr, xr, ar, s, fc, fa, fo, gm) - b) - ((double)xr[s] - m) * e));
+            out[s] = (BN_T)(a * ((BN_NAME(grad_in)(dr, xr, ar, s, fc, fa, fo, pq, gm) - b) - ((double)xr[s] - m) * e));
 }
 
 #ifdef BN_V8F_STORE
@@ -524,7 +519,7 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_cols)(const BN_T *dy, const BN_T *x, c
                                                 const double *BN_RESTRICT fo, const int gm)
 {
     const int rc = bn_gm_from_x(gm);
-#define BN_G(q) BN_NAME(grad_in)(dr, xr, ar, q, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0, rc ? fo[q] : 0.0, bn_gm_f64(gm))
+#define BN_G(q) BN_NAME(grad_in)(dr, xr, ar, q, rc ? fc[q] : 0.0, rc ? fa[q] : 0.0, rc ? fo[q] : 0.0, NULL, gm)
     ptrdiff_t n = n0;
 #ifdef BN_V8F_STORE
     /* float32, training, folded, g given: grad_run's vector loop with per-position coefficients. Where the
@@ -579,16 +574,20 @@ static void BN_NAME(grad_runs)(const BN_T *dy, const BN_T *x, const BN_T *aux, B
     for (ptrdiff_t r = r0, c = r0 % C; r < r1; r++, c = c + 1 == C ? 0 : c + 1) {
         const double m = centre[c], a = k1[c], b = k2[c], e = k3[c];
         const double fc = recompute ? fcen[c] : 0.0, fa = recompute ? falpha[c] : 0.0, fo = recompute ? foff[c] : 0.0;
+        float pairs[4];
+        const float *pq = BN_FOLD && (gm == BN_GM_X || gm == BN_GM_XR) ? bn_f32_pairs_or_null(fc, fa, fo, pairs) : NULL;
         const int fold = folded || bn_is_plus_zero(m);
         const ptrdiff_t off = r * S;
         const BN_T *dr = dy + off, *xr = x + off, *ar = aux ? aux + off : NULL;
         BN_T *out = dx + off;
-        switch (gm) {
-        case BN_GM_Y: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_Y); break;
-        case BN_GM_X: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_X); break;
-        case BN_GM_XR: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_XR); break;
-        case BN_GM_XT: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_XT); break;
-        default: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, BN_GM_NONE);
+        switch (bn_gm_run(gm, pq)) {
+        case BN_GM_Y: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_Y); break;
+        case BN_GM_X: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_X); break;
+        case BN_GM_XR: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_XR); break;
+        case BN_GM_XT: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_XT); break;
+        case BN_GM_XF: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_XF); break;
+        case BN_GM_XRF: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_XRF); break;
+        default: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_NONE);
         }
     }
 }
@@ -676,6 +675,9 @@ static void BN_NAME(item_sums)(const BN_NAME(bwd_args) *a, const bn_plan *p, ptr
         for (ptrdiff_t c = c0; c < c1; c++) {
             const double fc = recompute ? a->fcen[c] : 0.0, fa = recompute ? a->falpha[c] : 0.0,
                          fo = recompute ? a->foff[c] : 0.0;
+            float pairs[4];
+            const float *pq = sizeof(BN_T) == sizeof(float) && (gm == BN_GM_X || gm == BN_GM_XR)
+                                  ? bn_f32_pairs_or_null(fc, fa, fo, pairs) : NULL;
             bn_sums acc = {0, 0}, r;
             for (ptrdiff_t r0 = n0; r0 < n1; r0 += rows_per_chunk) {
                 ptrdiff_t runs = n1 - r0 < rows_per_chunk ? n1 - r0 : rows_per_chunk;
@@ -684,7 +686,7 @@ static void BN_NAME(item_sums)(const BN_NAME(bwd_args) *a, const bn_plan *p, ptr
                     const BN_T *aux = a->aux ? a->aux + off : NULL;
                     BN_T *dres = a->dres ? a->dres + off : NULL;
                     r = BN_NAME(runs_sums_any)(dy + off, x + off, aux, dres, len, runs, stride, mean[c], fc, fa,
-                                               fo, gm);
+                                               fo, pq, bn_gm_run(gm, pq));
                     acc.dy += r.dy;
                     acc.dyxm += r.dyxm;
                 }

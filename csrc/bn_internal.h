@@ -219,6 +219,15 @@ static inline void bn_f32_split(double alpha, double offset, float *ah, float *a
     *bl = l == 0.0f ? copysignf(0.0f, *bh) : l; /* offset -0.0: -0.0 - -0.0 is +0.0; y(-0.0) is -0.0 */
 }
 
+/* A channel's pairs in q where its forward coefficients (centre, alpha, offset) take the float32 form, else
+ * NULL: what the backward's recomputed masks are given, split once a channel (or run), not once a value. */
+static inline const float *bn_f32_pairs_or_null(double centre, double alpha, double offset, float *q)
+{
+    if (!bn_f32_arith(centre, alpha, offset)) return NULL;
+    bn_f32_split(alpha, offset, &q[0], &q[1], &q[2], &q[3]);
+    return q;
+}
+
 static inline float bn_f32_norm(float x, float ah, float al, float bh, float bl)
 {
     const float t = fmaf(x, ah, bh), v = t + fmaf(x, al, bl);
@@ -239,13 +248,13 @@ enum { BN_EPI_RELU = 1, BN_EPI_ADD = 2 };
 /* The ReLU masks of the backward (bn_grad_epilogue), as the constants its loops are specialized on: none,
  * read from y, or recomputed from x (and the residual, GM_XR) with the forward's coefficients and the
  * forward's very expression, so that it is the forward's y > 0 bit for bit. */
-enum { BN_GM_NONE = 0, BN_GM_Y = 1, BN_GM_X = 2, BN_GM_XR = 3, BN_GM_XT = 4, BN_GM_X64 = 5, BN_GM_XR64 = 6 };
-/* BN_GM_X64, BN_GM_XR64: BN_GM_X and BN_GM_XR where the forward kept the float64 form (column mode, whose
- * forward never takes the float32 form; mask_bounds' relu_on), which spares grad_in its test of
- * bn_f32_arith per value: what column mode's loops pass grad_in. Not modes of the backward. */
-static inline int bn_gm_f64(int gm)
+enum { BN_GM_NONE = 0, BN_GM_Y = 1, BN_GM_X = 2, BN_GM_XR = 3, BN_GM_XT = 4, BN_GM_XF = 5, BN_GM_XRF = 6 };
+/* BN_GM_XF, BN_GM_XRF: BN_GM_X, BN_GM_XR of a row-mode run whose channel the forward normalized in float32
+ * (the pairs pq of bn_f32_pairs_or_null): chosen per run (bn_gm_run), so that each form is its own loop
+ * with no test per value (a test there cost row mode's backward(relu, beta=, residual=) 7x its time). */
+static inline int bn_gm_run(int gm, const float *pq)
 {
-    return gm == BN_GM_X ? BN_GM_X64 : gm == BN_GM_XR ? BN_GM_XR64 : gm;
+    return !pq ? gm : gm == BN_GM_X ? BN_GM_XF : BN_GM_XRF;
 }
 /* BN_GM_XT is BN_GM_X as a range of x (mask_bounds in bn_backward.tmpl.h): the same mask, two comparisons a
  * value. Ranges are found by walking the values in order: these keys number the floats and doubles in
