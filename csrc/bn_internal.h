@@ -39,7 +39,7 @@
 #define BN_ROW_MIN_S 32
 #define BN_SEG 4096              /* row mode: longest contiguous run reduced as one two-pass chunk */
 #define BN_STREAM_BYTES (16.0 * 1024 * 1024) /* a tensor this large is read from memory, not L3 */
-#define BN_COL_ROWS 32           /* column mode: rows reduced as one two-pass chunk */
+#define BN_COL_ROWS 32           /* column mode: rows a chunk (an item's first two-pass, the rest one pass) */
 #define BN_COL_MAX_W 4096        /* column mode: most positions in one item (bounds per-thread scratch) */
 #define BN_COL_GROUP_ELEMS 262144 /* column mode: elements per item when rows are split into groups */
 #define BN_ROW_GROUP_ELEMS 1024  /* row mode: least values of a channel in one work item */
@@ -125,6 +125,15 @@ static inline void bn_moments_merge(bn_moments *a, bn_moments b)
  * would carry that into m2 (5e-9 relative at mean 1e8 std 1, merged hundreds of times in column mode).
  * The variance is shift-invariant; the mean gets the shift added back once, at the end.
  */
+/* 1 for an infinite or NaN v, else 0: the exponent field all ones. Integer arithmetic, so a loop can OR
+ * it over doubles and still vectorize; GCC 12 vectorizes no int reduction of double comparisons. */
+static inline uint64_t bn_nonfinite_bit(double v)
+{
+    uint64_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return (((bits >> 52) & 0x7ff) + 1) >> 11;
+}
+
 static inline double bn_stats_shift(double x0)
 {
     return fabs(x0) <= DBL_MAX ? x0 : 0.0; /* isfinite(x0), in a form that vectorizes */

@@ -327,6 +327,70 @@ def test_large_mean_statistics_exact_in_every_layout(rng, shape, axis, dtype, lo
     np.testing.assert_allclose(1 / invstd**2 - eps, evar, rtol=1e-13, atol=0, err_msg="variance from invstd")
 
 
+# Column mode reads a row group's later chunks of 32 rows once, centred on the running mean of the rows
+# before them (its first chunk takes two passes). Its m2 cancels by each chunk's squared distance from
+# that running mean: rows that drift (sorted, trending, a chunk far from the rest) are the hard case. The
+# error stays a few float64 ulps of m2, as the two passes' did.
+def _drifting_rows(kind, rng, n, k):
+    x = rng.standard_normal((n, k))
+    if kind == "sorted":
+        x = np.sort(x * 3 + 7, axis=0)
+    elif kind == "trend":
+        x += np.arange(n)[:, None] * 1e3
+    elif kind == "first-chunk-apart":
+        x[:32] += 1e6
+    elif kind == "late-chunk-apart":
+        x[-40:-8] += 1e6
+    elif kind == "chunk-steps":  # each chunk of 32 rows its own offset, 1e4 times the spread
+        x += np.repeat(rng.standard_normal((n // 32 + 1, k)) * 1e4, 32, axis=0)[:n]
+    elif kind == "mean-1e8-after-zeros":  # a first chunk of zeros, then mean 1e8 std 1
+        x[32:] += 1e8
+        x[:32] = 0
+    return x
+
+
+@pytest.mark.parametrize("kind", ["sorted", "trend", "first-chunk-apart", "late-chunk-apart", "chunk-steps",
+                                  "mean-1e8-after-zeros"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape,axis", [pytest.param((3000, 40), 1, id="NC"),
+                                        pytest.param((1001, 3, 4), 1, id="NCL-L4"),
+                                        pytest.param((700, 2, 2, 24), -1, id="NHWC"),
+                                        pytest.param((300, 2048), 1, id="NC-wide"),
+                                        pytest.param((20000, 8), 1, id="NC-long-groups")])
+def test_column_mode_chunks_of_drifting_rows(rng, restore_threads, kind, dtype, shape, axis):
+    n = shape[0]
+    x = _drifting_rows(kind, rng, n, int(np.prod(shape[1:]))).reshape(shape).astype(dtype)
+    C = channels(shape, axis)
+    M = x.size // C
+    emean, evar = exact_stats(x, axis)
+    got = []
+    for threads in (1, 2):
+        bn.set_num_threads(threads)
+        got.append(bn.batch_stats(x, axis=axis))
+    (count, mean, m2), other = got
+    assert count == M
+    assert np.array_equal(mean, other[1]) and np.array_equal(m2, other[2]), "1 and 2 threads differ"
+    # measured (both as the two passes' were): the mean within 7.5 float64 ulps of the largest |x|,
+    # m2 within 8.2e-15 relative (centred on the first chunk's mean throughout: 7e-14)
+    np.testing.assert_allclose(mean, emean, rtol=0, atol=16 * 2.0**-52 * np.abs(x).max(), err_msg="mean")
+    np.testing.assert_allclose(m2, evar * M, rtol=2.5e-14, atol=0, err_msg="m2")
+    _, tmean, invstd = bn.forward_train(x, axis=axis, stats_dtype=np.float64)
+    assert np.array_equal(tmean, mean), "forward_train's mean differs from batch_stats'"
+
+
+def test_column_mode_squares_that_overflow_keep_the_two_pass_results():
+    """A later chunk 1e160 from the running mean: its squared deviations overflow, and so does the true
+    m2 (np.var is inf). The chunk is then reduced in two passes, as before: m2 inf, the mean finite."""
+    x = np.ones((200, 3))
+    x[100:, 1] = 1e160 * (1 + np.arange(100) / 1000)
+    x[150:, 2] = -1e160
+    count, mean, m2 = bn.batch_stats(x)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(m2 == np.inf, np.var(x, axis=0) == np.inf)
+    np.testing.assert_allclose(mean, np.mean(x, axis=0), rtol=1e-14)
+    assert m2[0] == 0 and np.isinf(m2[1]) and np.isinf(m2[2])
+
+
 # --------------------------------------------------------------------------------------------------
 # long channels, extreme magnitudes, constant channels
 # --------------------------------------------------------------------------------------------------

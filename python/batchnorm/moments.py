@@ -48,8 +48,8 @@ class Moments:
 
     Notes
     -----
-    Each batch's statistics are computed by :func:`batchnorm.batch_stats` (float64, two-pass within cached
-    chunks) and merged into the total in order by :func:`batchnorm.merge_stats`, so the result is that of
+    Each batch's statistics are computed by :func:`batchnorm.batch_stats` (float64, in cached chunks,
+    each in two passes or in one centred on the running mean) and merged into the total in order by :func:`batchnorm.merge_stats`, so the result is that of
     one pass over the concatenation of all batches up to the rounding of the merges (no per-batch
     weighting, no ``E[x^2] - E[x]^2``). The peer is ``sklearn.preprocessing.StandardScaler.partial_fit``
     (its ``mean_`` and ``var_``); this works on any channel axis and layout, and in parallel C.
