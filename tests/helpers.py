@@ -210,6 +210,8 @@ THREAD_CASES = [
     ((300, 5000), "float32", 1, "C"),  # many channels per row: more than one channel block
     ((256, 64, 5, 5), "float64", 1, "C"),  # short rows (spatial size 25)
     ((2, 300000), "float32", -1, "C"),  # two values per channel, very many channels
+    # 16 MiB of rows of 255 positions: the statistics read chunks of 5 rows as virtual rows of 1275
+    ((16500, 255), "float32", 1, "C"),
 ]
 
 

@@ -391,6 +391,56 @@ def test_column_mode_squares_that_overflow_keep_the_two_pass_results():
     assert m2[0] == 0 and np.isinf(m2[1]) and np.isinf(m2[2])
 
 
+# 16 MiB and more with rows under 1024 positions: chunks of k rows read as one virtual row of >= 1024
+# positions (k = 64, 4 and 61 here; 1028 positions leave a vector tail), or, for rows of 256 to 512
+# bytes, two passes throughout.
+STREAMED_NARROW = [pytest.param((262144, 16), np.float32, id="262144x16-f32-virtual"),
+                   pytest.param((16411, 257), np.float32, id="16411x257-f32-virtual"),
+                   pytest.param((131072, 17), np.float64, id="131072x17-f64-virtual"),
+                   pytest.param((65600, 32), np.float64, id="65600x32-f64-two-pass")]
+
+
+@pytest.mark.parametrize("kind", ["trend", "first-chunk-apart", "late-chunk-apart"])
+@pytest.mark.parametrize("shape,dtype", STREAMED_NARROW)
+def test_column_mode_streamed_narrow_rows(rng, restore_threads, kind, shape, dtype):
+    x = _drifting_rows(kind, rng, *shape).astype(dtype)
+    emean, evar = exact_stats(x, 1)
+    got = []
+    for threads in (1, 2):
+        bn.set_num_threads(threads)
+        got.append(bn.batch_stats(x))
+    (count, mean, m2), other = got
+    assert count == shape[0]
+    assert np.array_equal(mean, other[1]) and np.array_equal(m2, other[2]), "1 and 2 threads differ"
+    np.testing.assert_allclose(mean, emean, rtol=0, atol=16 * 2.0**-52 * np.abs(x).max(), err_msg="mean")
+    np.testing.assert_allclose(m2, evar * shape[0], rtol=2.5e-14, atol=0, err_msg="m2")
+
+
+@pytest.mark.parametrize("shape,dtype", STREAMED_NARROW)
+def test_column_mode_streamed_narrow_rows_non_finite(rng, shape, dtype):
+    """inf, NaN and squares that overflow, in chunks after the first: np.mean's and np.var's kinds of
+    result in their channels, and the other channels' bits as without them."""
+    n, C = shape
+    clean = rng.standard_normal(shape).astype(dtype)
+    x = clean.copy()
+    x[n // 2, 1] = np.inf
+    x[n // 3, 2] = np.nan
+    x[n - 3, 3] = -np.inf
+    x[n // 4, 3] = np.inf
+    if dtype == np.float64:
+        x[n // 2:, 4] = 1e160  # (x - running mean)^2 overflows; so does np.var
+    _, mean, m2 = bn.batch_stats(x)
+    assert mean[1] == np.inf and np.isnan(m2[1])
+    assert np.isnan(mean[2]) and np.isnan(m2[2])
+    assert np.isnan(mean[3]) and np.isnan(m2[3])
+    if dtype == np.float64:
+        assert np.isfinite(mean[4]) and m2[4] == np.inf
+        np.testing.assert_allclose(mean[4], np.mean(x[:, 4]), rtol=1e-14)
+    keep = np.arange(C) >= (5 if dtype == np.float64 else 4)
+    _, mean0, m20 = bn.batch_stats(clean)
+    assert np.array_equal(mean[keep], mean0[keep]) and np.array_equal(m2[keep], m20[keep])
+
+
 # --------------------------------------------------------------------------------------------------
 # long channels, extreme magnitudes, constant channels
 # --------------------------------------------------------------------------------------------------
