@@ -281,7 +281,7 @@ static void BN_NAME(col_chunk_finish)(const BN_T *base, ptrdiff_t W, ptrdiff_t w
  *    chunks, those squared distances from the running mean are at most a few times the item's m2 (a
  *    discrete Hardy inequality): m2 keeps a relative error of a few float64 ulps. Measured against
  *    exactly rounded sums on drifting rows (sorted, trending, a chunk 1e6 away; test_accuracy): at most
- *    8.2e-15, as the two passes (centred on the first chunk's mean throughout instead: 7e-14).
+ *    7.6e-15, the two passes 8.2e-15 (centred on the first chunk's mean throughout instead: 1.6e-13).
  *  - Speed: the chunk is read once, from memory, where the two passes read it again from cache:
  *    batch_stats of (8192, 1024) at one thread took 0.76 of the time (float32; float64 0.80).
  *  - Where s2 is not finite (an infinite or NaN value, or d^2 overflowing), that position takes
@@ -379,9 +379,9 @@ static void BN_NAME(col_merge)(ptrdiff_t wb, double an, double cnt, const double
 /* Column mode: moments of channels [c0, c1) over rows [n0, n1), relative to each channel's shift,
  * written to out[0 .. c1-c0). Per position, chunks of rows are reduced and merged into running moments:
  * the first BN_COL_ROWS rows in the two passes described above (the rows are still in cache for the
- * second), the later ones as col_later_chunks says: in one pass about the running mean, BN_COL_ROWS
- * rows at a time (col_chunk_one_pass) or in virtual rows (col_chunk_one_pass_virtual), or in two passes
- * again; then a channel's S positions are merged in order. scratch: stats_scratch's count of doubles. */
+ * second), the later ones as col_later_chunks says: in one pass about the running mean, in chunks of
+ * rows (col_chunk_one_pass) or of virtual rows (col_chunk_one_pass_virtual), or in two passes again;
+ * then a channel's S positions are merged in order. scratch: stats_scratch's count of doubles. */
 static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t c0, ptrdiff_t c1,
                                       ptrdiff_t n0, ptrdiff_t n1, double *scratch, bn_moments *out)
 {
@@ -405,10 +405,13 @@ static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t
             const double sk = BN_NAME(channel_shift)(x, p, c0 + k);
             for (ptrdiff_t s = 0; s < p->S; s++) shift[k * p->S + s] = sk;
         }
-    /* virtual rows (col_chunk_one_pass_virtual): a multiple of eight of them a chunk after the first,
-     * and at least BN_COL_ROWS rows (at 16 rows of 516 positions the ends of chunks cost 10%) */
-    const ptrdiff_t k = BN_NAME(col_later_chunks)(p),
-                    later = k > 1 ? (BN_COL_ROWS + 8 * k - 1) / (8 * k) * (8 * k) : BN_COL_ROWS;
+    /* Rows a chunk after the first. The one pass: 4 * BN_COL_ROWS (the ends of chunks, a division and a
+     * merge per position, took 3-9% of batch_stats at (8192, 1024) and (2048, 64) at 32 rows; 256 rows
+     * gained nothing more). Virtual rows: a multiple of eight of them, at least BN_COL_ROWS rows (at 16
+     * rows of 516 positions the ends of chunks cost 10%). The two passes: BN_COL_ROWS, for the cache. */
+    const ptrdiff_t k = BN_NAME(col_later_chunks)(p);
+    const ptrdiff_t later = k > 1 ? (BN_COL_ROWS + 8 * k - 1) / (8 * k) * (8 * k)
+                                  : k == 1 ? 4 * BN_COL_ROWS : BN_COL_ROWS;
     double *vs1 = scratch + 6 * wb, *vs2 = vs1 + k * wb, *vc = vs2 + k * wb;
     for (ptrdiff_t r0 = n0, r1; r0 < n1; r0 = r1) {
         const ptrdiff_t step = an == 0 ? BN_COL_ROWS : later;

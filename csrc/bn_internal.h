@@ -39,7 +39,7 @@
 #define BN_ROW_MIN_S 32
 #define BN_SEG 4096              /* row mode: longest contiguous run reduced as one two-pass chunk */
 #define BN_STREAM_BYTES (16.0 * 1024 * 1024) /* a tensor this large is read from memory, not L3 */
-#define BN_COL_ROWS 32           /* column mode: rows a chunk (an item's first two-pass, the rest one pass) */
+#define BN_COL_ROWS 32           /* column mode: rows a two-pass chunk (an item's first: col_item_moments) */
 #define BN_COL_MAX_W 4096        /* column mode: most positions in one item (bounds per-thread scratch) */
 #define BN_COL_GROUP_ELEMS 262144 /* column mode: elements per item when rows are split into groups */
 #define BN_ROW_GROUP_ELEMS 1024  /* row mode: least values of a channel in one work item */
