@@ -360,7 +360,7 @@ static inline ptrdiff_t BN_NAME(col_later_chunks)(const bn_plan *p)
  * (an values), as bn_moments_merge does, one lane per position, with the mean as the weighted sum of the
  * two (bn_merged_mean's fallback) throughout: these means are relative to the shift, of the spread's
  * size, so it is as exact as mean + delta * w, it gives +-inf for an infinite mean as the fallback does,
- * and it spares a select in a loop that runs every 32 rows. The next chunk is centred on the new running
+ * and it spares a select in a loop that runs every chunk. The next chunk is centred on the new running
  * mean. Its own function: inlined in col_item_moments' loop, GCC left it scalar ("no vectype"), 13% of
  * the statistics' time at (8192, 1024). */
 static void BN_NAME(col_merge)(ptrdiff_t wb, double an, double cnt, const double *BN_RESTRICT shift,
@@ -409,10 +409,11 @@ static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t
      * merge per position, took 3-9% of batch_stats at (8192, 1024) and (2048, 64) at 32 rows; 256 rows
      * gained nothing more). Virtual rows: a multiple of eight of them, at least BN_COL_ROWS rows (at 16
      * rows of 516 positions the ends of chunks cost 10%). The two passes: BN_COL_ROWS, for the cache. */
-    const ptrdiff_t k = BN_NAME(col_later_chunks)(p);
-    const ptrdiff_t later = k > 1 ? (BN_COL_ROWS + 8 * k - 1) / (8 * k) * (8 * k)
-                                  : k == 1 ? 4 * BN_COL_ROWS : BN_COL_ROWS;
-    double *vs1 = scratch + 6 * wb, *vs2 = vs1 + k * wb, *vc = vs2 + k * wb;
+    const ptrdiff_t vk = BN_NAME(col_later_chunks)(p);
+    const ptrdiff_t later = vk > 1 ? (BN_COL_ROWS + 8 * vk - 1) / (8 * vk) * (8 * vk)
+                                   : vk == 1 ? 4 * BN_COL_ROWS : BN_COL_ROWS;
+    double *vs1 = vk > 1 ? scratch + 6 * wb : NULL, *vs2 = vk > 1 ? vs1 + vk * wb : NULL,
+           *vc = vk > 1 ? vs2 + vk * wb : NULL;
     for (ptrdiff_t r0 = n0, r1; r0 < n1; r0 = r1) {
         const ptrdiff_t step = an == 0 ? BN_COL_ROWS : later;
         r1 = n1 - r0 < step ? n1 : r0 + step;
@@ -427,9 +428,9 @@ static void BN_NAME(col_item_moments)(const BN_T *x, const bn_plan *p, ptrdiff_t
             an = cnt;
             continue;
         }
-        if (k > 1)
-            BN_NAME(col_chunk_one_pass_virtual)(base, W, k, r0, r1, shift, mean, m2, centre, vs1, vs2, vc);
-        else if (k == 1)
+        if (vk > 1)
+            BN_NAME(col_chunk_one_pass_virtual)(base, W, vk, r0, r1, shift, mean, m2, centre, vs1, vs2, vc);
+        else if (vk == 1)
             BN_NAME(col_chunk_one_pass)(base, W, wb, r0, r1, shift, mean, m2, centre);
         else
             BN_NAME(col_chunk_two_pass)(base, W, wb, r0, r1, rowwise, shift, mean, m2, centre);
