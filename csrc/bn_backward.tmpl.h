@@ -107,6 +107,14 @@ static int BN_NAME(relu_on)(BN_T v, double fc, double fa, double fo, const float
               : BN_NAME(grad_in)(&one, &v, NULL, 0, fc, fa, fo, NULL, BN_GM_X) != 0.0;
 }
 
+/* A row-mode channel's float32 pairs (in `pairs`) for a mask recomputed from x (gm X or XR) where its
+ * forward took the float32 form, else NULL: split once a channel or run, for grad_in's GM_XF, GM_XRF. */
+static inline const float *BN_NAME(mask_pairs)(int gm, double fc, double fa, double fo, float *pairs)
+{
+    return sizeof(BN_T) == sizeof(float) && (gm == BN_GM_X || gm == BN_GM_XR) ? bn_f32_pairs_or_null(fc, fa, fo, pairs)
+                                                                                 : NULL;
+}
+
 static int64_t BN_NAME(order_key)(BN_T v)
 {
     return sizeof(BN_T) == sizeof(float) ? bn_order_key_f32((float)v) : bn_order_key_f64((double)v);
@@ -121,7 +129,7 @@ static void BN_NAME(mask_bounds)(double fc, double fa, double fo, int colmode, d
 {
     const double maxv = sizeof(BN_T) == sizeof(float) ? (double)FLT_MAX : DBL_MAX;
     float pairs[4];
-    const float *pq = sizeof(BN_T) == sizeof(float) && !colmode ? bn_f32_pairs_or_null(fc, fa, fo, pairs) : NULL;
+    const float *pq = colmode ? NULL : BN_NAME(mask_pairs)(BN_GM_X, fc, fa, fo, pairs);
 #define BN_ON_AT(v) BN_NAME(relu_on)((v), fc, fa, fo, pq)
     if (fa == 0) {
         const int on = BN_ON_AT((BN_T)0);
@@ -575,7 +583,7 @@ static void BN_NAME(grad_runs)(const BN_T *dy, const BN_T *x, const BN_T *aux, B
         const double m = centre[c], a = k1[c], b = k2[c], e = k3[c];
         const double fc = recompute ? fcen[c] : 0.0, fa = recompute ? falpha[c] : 0.0, fo = recompute ? foff[c] : 0.0;
         float pairs[4];
-        const float *pq = BN_FOLD && (gm == BN_GM_X || gm == BN_GM_XR) ? bn_f32_pairs_or_null(fc, fa, fo, pairs) : NULL;
+        const float *pq = BN_NAME(mask_pairs)(gm, fc, fa, fo, pairs);
         const int fold = folded || bn_is_plus_zero(m);
         const ptrdiff_t off = r * S;
         const BN_T *dr = dy + off, *xr = x + off, *ar = aux ? aux + off : NULL;
@@ -676,8 +684,7 @@ static void BN_NAME(item_sums)(const BN_NAME(bwd_args) *a, const bn_plan *p, ptr
             const double fc = recompute ? a->fcen[c] : 0.0, fa = recompute ? a->falpha[c] : 0.0,
                          fo = recompute ? a->foff[c] : 0.0;
             float pairs[4];
-            const float *pq = sizeof(BN_T) == sizeof(float) && (gm == BN_GM_X || gm == BN_GM_XR)
-                                  ? bn_f32_pairs_or_null(fc, fa, fo, pairs) : NULL;
+            const float *pq = BN_NAME(mask_pairs)(gm, fc, fa, fo, pairs);
             bn_sums acc = {0, 0}, r;
             for (ptrdiff_t r0 = n0; r0 < n1; r0 += rows_per_chunk) {
                 ptrdiff_t runs = n1 - r0 < rows_per_chunk ? n1 - r0 : rows_per_chunk;

@@ -200,27 +200,10 @@ static void BN_NAME(col_chunk_two_pass)(const BN_T *base, ptrdiff_t W, ptrdiff_t
     }
 }
 
-/* The two passes over one position's rows [0, cnt) (`col`, W apart): the bits col_chunk_two_pass gives
- * that position. */
-static void BN_NAME(col_position_two_pass)(const BN_T *col, ptrdiff_t W, ptrdiff_t cnt, double shift,
-                                           double *mean, double *m2)
-{
-    double sum = 0, acc = 0;
-    for (ptrdiff_t r = 0; r < cnt; r++) sum += BN_NAME(pass1_term)(col[r * W], shift);
-    const double mu = BN_NAME(pass1_mean)(sum, (double)cnt, shift), ctr = shift + mu;
-    for (ptrdiff_t r = 0; r < cnt; r++) {
-        double dev = (double)col[r * W] - ctr;
-        acc += dev * dev;
-    }
-    const double off = mu - (ctr - shift);
-    *mean = mu;
-    *m2 = acc - (double)cnt * off * off;
-}
-
 /* One sweep of R rows (ra, ra + W, ...) over positions [0, wb) of column mode's one pass: d = x - ref[q],
  * s1[q] += d, s2[q] += d * d (from 0 with init), each position its rows in order (the plain loop's bits),
- * 8 positions a step with the vector extensions. Returns the first position it left to the caller's plain loop. */
-static BN_ALWAYS_INLINE ptrdiff_t BN_NAME(col_sweep_dev)(const BN_T *ra, ptrdiff_t W, ptrdiff_t wb,
+ * 8 positions a step with the vector extensions, the rest one at a time. */
+static BN_ALWAYS_INLINE void BN_NAME(col_sweep_dev)(const BN_T *ra, ptrdiff_t W, ptrdiff_t wb,
                                                          double *BN_RESTRICT s1, double *BN_RESTRICT s2,
                                                          const double *BN_RESTRICT ref, const int R, const int init)
 {
@@ -249,7 +232,6 @@ static BN_ALWAYS_INLINE ptrdiff_t BN_NAME(col_sweep_dev)(const BN_T *ra, ptrdiff
         s1[q] = a;
         s2[q] = b;
     }
-    return q;
 }
 
 /* The end of a one-pass chunk (col_chunk_one_pass): s1 in mean[q] and s2 in m2[q] become the chunk's
@@ -270,8 +252,10 @@ static void BN_NAME(col_chunk_finish)(const BN_T *base, ptrdiff_t W, ptrdiff_t w
     }
     if (nonfinite)
         for (ptrdiff_t q = 0; q < wb; q++)
-            if (!(m2[q] <= DBL_MAX))
-                BN_NAME(col_position_two_pass)(base + r0 * W + q, W, r1 - r0, shift[q], &mean[q], &m2[q]);
+            if (!(m2[q] <= DBL_MAX)) {
+                double centre_q; /* the two passes' scratch for this one position */
+                BN_NAME(col_chunk_two_pass)(base + q, W, 1, r0, r1, 0, shift + q, &mean[q], &m2[q], &centre_q);
+            }
 }
 
 /* Column mode's later chunks of an item, rows [r0, r1), in one pass about centre[q] (the running mean so
@@ -284,8 +268,8 @@ static void BN_NAME(col_chunk_finish)(const BN_T *base, ptrdiff_t W, ptrdiff_t w
  *    7.6e-15, the two passes 8.2e-15 (centred on the first chunk's mean throughout instead: 1.6e-13).
  *  - Speed: the chunk is read once, from memory, where the two passes read it again from cache:
  *    batch_stats of (8192, 1024) at one thread took 0.76 of the time (float32; float64 0.80).
- *  - Where s2 is not finite (an infinite or NaN value, or d^2 overflowing), that position takes
- *    col_position_two_pass, whose infinities and NaNs the callers were written for. */
+ *  - Where s2 is not finite (an infinite or NaN value, or d^2 overflowing), that position's chunk takes
+ *    col_chunk_two_pass, whose infinities and NaNs the callers were written for. */
 static void BN_NAME(col_chunk_one_pass)(const BN_T *base, ptrdiff_t W, ptrdiff_t wb, ptrdiff_t r0, ptrdiff_t r1,
                                         const double *BN_RESTRICT shift, double *BN_RESTRICT mean,
                                         double *BN_RESTRICT m2, const double *BN_RESTRICT centre)

@@ -115,6 +115,15 @@ static inline void bn_moments_merge(bn_moments *a, bn_moments b)
     a->n = n;
 }
 
+/* 1 for an infinite or NaN v, else 0: the exponent field all ones. Integer arithmetic, so a loop can OR
+ * it over doubles and still vectorize; GCC 12 vectorizes no int reduction of double comparisons. */
+static inline uint64_t bn_nonfinite_bit(double v)
+{
+    uint64_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return (((bits >> 52) & 0x7ff) + 1) >> 11;
+}
+
 /*
  * The statistics of a channel are accumulated relative to a shift, a value of the channel itself: its
  * first value x[0, c, 0] (0 when that is not finite), chosen by the data alone, the same in every code
@@ -125,15 +134,6 @@ static inline void bn_moments_merge(bn_moments *a, bn_moments b)
  * would carry that into m2 (5e-9 relative at mean 1e8 std 1, merged hundreds of times in column mode).
  * The variance is shift-invariant; the mean gets the shift added back once, at the end.
  */
-/* 1 for an infinite or NaN v, else 0: the exponent field all ones. Integer arithmetic, so a loop can OR
- * it over doubles and still vectorize; GCC 12 vectorizes no int reduction of double comparisons. */
-static inline uint64_t bn_nonfinite_bit(double v)
-{
-    uint64_t bits;
-    memcpy(&bits, &v, sizeof bits);
-    return (((bits >> 52) & 0x7ff) + 1) >> 11;
-}
-
 static inline double bn_stats_shift(double x0)
 {
     return fabs(x0) <= DBL_MAX ? x0 : 0.0; /* isfinite(x0), in a form that vectorizes */
