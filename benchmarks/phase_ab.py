@@ -4,8 +4,10 @@ one process.
 
     python benchmarks/phase_ab.py --base old_core.so                                  # column mode, float32
     python benchmarks/phase_ab.py --base old_core.so --shapes 32x28x28x256 --dtype float64 -t 2
+    python benchmarks/phase_ab.py --base old_core.so --shapes 32x64x56x56 --axis 1     # NCHW
 
-The channel axis is the last one (column mode: (N, C) and channels-last). Each round times every
+The channel axis is the last one (column mode: (N, C) and channels-last), or --axis (1: NCHW, row
+mode). Each round times every
 contender back to back (best of a few calls each, so a call starts with the previous call's data in
 whatever cache it fits); the report gives the median per-call time over rounds, the median of the
 per-round ratios new/base, and whether the two builds wrote the same bits. "copy" is np.copyto of x into
@@ -29,11 +31,11 @@ OPS = ["copy", "stats", "train", "infer", "reduce", "apply", "bwd", "bwd_relu_be
        "train_add_relu", "infer_add_relu"]
 
 
-def make_data(shape, dtype, seed=0):
+def make_data(shape, dtype, seed=0, axis=-1):
     rng = np.random.default_rng(seed)
-    C = shape[-1]
+    C = shape[axis]
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
-    d = dict(x=x, dy=rng.standard_normal(shape).astype(dtype), y=np.empty_like(x), ax=x.ndim - 1,
+    d = dict(x=x, dy=rng.standard_normal(shape).astype(dtype), y=np.empty_like(x), ax=axis % x.ndim,
              g=rng.uniform(0.5, 1.5, C), b=rng.uniform(-0.5, 0.5, C), count=x.size // C)
     _, d["mean"], m2 = new_core.batch_stats(x, axis=d["ax"])
     d["invstd"] = 1 / np.sqrt(m2 / d["count"] + 1e-5)
@@ -88,7 +90,8 @@ def main():
     ap.add_argument("-r", "--rounds", type=int, default=9)
     ap.add_argument("-n", "--calls", type=int, default=5, help="calls per contender per round (best taken)")
     ap.add_argument("--ops", default=",".join(OPS))
-    ap.add_argument("--shapes", default=None, help="e.g. '8192x1024,64x28x28x256' (channels last)")
+    ap.add_argument("--shapes", default=None, help="e.g. '8192x1024,64x28x28x256' (channels last by default)")
+    ap.add_argument("--axis", type=int, default=-1, help="the channel axis (1: NCHW); default -1, channels last")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = ap.parse_args()
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -106,7 +109,7 @@ def main():
     print(f"{'shape':18} {'op':14}" + "".join(f"{k + ' ms':>10}" for k in cores)
           + ("  new/base  bits" if args.base else ""))
     for shape in shapes:
-        d = make_data(shape, np.dtype(args.dtype))
+        d = make_data(shape, np.dtype(args.dtype), axis=args.axis)
         for op in ops:
             fns = {k: call(c, op, d) for k, c in (cores.items() if op != "copy" else [("new", None)])}
             same = ""
