@@ -465,8 +465,8 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_run)(const BN_T *dr, const BN_T *xr, c
 }
 
 #ifdef BN_V8F_STORE
-/* grad_cols' float32 folded training dx of the row at `off`, and with `two` also of the row W2 further,
- * each coefficient loaded once for both. */
+/* grad_cols' float32 folded training dx of the row at `off`, and with `two` (1 or 3) also of the one or
+ * three rows W2 apart after it, each coefficient loaded once for all. */
 static BN_ALWAYS_INLINE void BN_NAME(dx_cols_v8)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdiff_t off, ptrdiff_t W2,
                                                  ptrdiff_t wb, const double *BN_RESTRICT ea,
                                                  const double *BN_RESTRICT eb, const double *BN_RESTRICT ee,
@@ -477,8 +477,10 @@ static BN_ALWAYS_INLINE void BN_NAME(dx_cols_v8)(const BN_T *dy, const BN_T *x, 
     const ptrdiff_t body = wb - wb % 8;
     for (ptrdiff_t q = 0; q < body; q += 8) {
         const bn_v8d av = BN_V8D_LOAD(ea + q), ev = BN_V8D_LOAD(ee + q), bv = BN_V8D_LOAD(eb + q);
-        BN_V8F_STORE(out + q, av * BN_V8D_LOAD(dr + q) + (BN_V8D_LOAD(xr + q) * ev + bv));
-        if (two) BN_V8F_STORE(out + W2 + q, av * BN_V8D_LOAD(dr + W2 + q) + (BN_V8D_LOAD(xr + W2 + q) * ev + bv));
+        for (int j = 0; j <= two; j++) {
+            const ptrdiff_t o = j * W2 + q;
+            BN_V8F_STORE(out + o, av * BN_V8D_LOAD(dr + o) + (BN_V8D_LOAD(xr + o) * ev + bv));
+        }
     }
     for (int j = 0; j <= two; j++)
         for (ptrdiff_t q = body; q < wb; q++) {
@@ -538,7 +540,12 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_cols)(const BN_T *dy, const BN_T *x, c
     if (sizeof(BN_T) == sizeof(float) && training && folded && gm == BN_GM_NONE) {
         const ptrdiff_t h = wb > 682 ? (n1 - n0) / 2 : 0;
         for (; n < n0 + h; n++) BN_NAME(dx_cols_v8)(dy, x, dx, n * p->W + first, h * p->W, wb, ea, eb, ee, 1);
-        for (n += h; n < n1; n++) BN_NAME(dx_cols_v8)(dy, x, dx, n * p->W + first, 0, wb, ea, eb, ee, 0);
+        n += h;
+        /* narrow rows: backward 0.94-0.98 of one row a sweep's time at (256, 64) and (512, 32) (small_ab.py),
+         * backward_apply 0.92-0.96 at (16384, 64), (131072, 32) and (262144, 16) (phase_ab.py) */
+        if (bn_cols_sweep4(p, wb, sizeof(BN_T)))
+            for (; n + 4 <= n1; n += 4) BN_NAME(dx_cols_v8)(dy, x, dx, n * p->W + first, p->W, wb, ea, eb, ee, 3);
+        for (; n < n1; n++) BN_NAME(dx_cols_v8)(dy, x, dx, n * p->W + first, 0, wb, ea, eb, ee, 0);
     }
 #endif
 #if BN_HAVE_VEXT

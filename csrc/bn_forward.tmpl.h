@@ -499,8 +499,9 @@ static inline void BN_NAME(apply_run)(const BN_T *xr, const BN_T *rr, BN_T *yr, 
 }
 
 #ifdef BN_V8F_STORE
-/* apply_cols_epi's float32 folded y of the row at `off`, and with `two` also of the row W2 further, each
- * coefficient loaded once for both; then the epilogue (residual added widened, ReLU by BN_V8D_RELU). */
+/* apply_cols_epi's float32 folded y of the row at `off`, and with `two` (1 or 3) also of the one or three
+ * rows W2 apart after it, each coefficient loaded once for all; then the epilogue (residual added widened,
+ * ReLU by BN_V8D_RELU). */
 static BN_ALWAYS_INLINE void BN_NAME(y_cols_v8)(const BN_T *x, const BN_T *res, BN_T *y, ptrdiff_t off, ptrdiff_t W2,
                                                 ptrdiff_t wb, const double *BN_RESTRICT ea,
                                                 const double *BN_RESTRICT eb, const int epi, const int two)
@@ -570,6 +571,14 @@ static BN_ALWAYS_INLINE void BN_NAME(apply_cols_epi)(const BN_T *x, const BN_T *
         const ptrdiff_t h = wb > 1024 ? (n1 - n0) / 2 : 0;
         for (; n < n0 + h; n++) BN_NAME(y_cols_v8)(x, res, y, n * p->W + first, h * p->W, wb, ea, eb, epi, 1);
         for (n += h; n < n1; n++) BN_NAME(y_cols_v8)(x, res, y, n * p->W + first, 0, wb, ea, eb, epi, 0);
+    } else if (sizeof(BN_T) == sizeof(float) && folded && bn_cols_sweep4(p, wb, sizeof(BN_T))) {
+        /* narrow rows (GCC's loop below ran its few steps a row between a row's loads and stores of 16
+         * floats split in halves): small_ab.py --base, inference 0.86-0.92 and training forward 0.91-0.94
+         * of the previous time at (256, 64), (512, 32), (256, 61) and (64, 8); phase_ab.py, inference
+         * 0.73-0.77 and training forward 0.84-0.87 at (16384, 64) and (2048, 96), from memory at
+         * (131072, 32) and (262144, 16) 0.92-0.94 and 0.97-1.00 */
+        for (; n + 4 <= n1; n += 4) BN_NAME(y_cols_v8)(x, res, y, n * p->W + first, p->W, wb, ea, eb, epi, 3);
+        for (; n < n1; n++) BN_NAME(y_cols_v8)(x, res, y, n * p->W + first, 0, wb, ea, eb, epi, 0);
     }
 #endif
 #if BN_HAVE_VEXT

@@ -62,6 +62,16 @@ static inline int bn_streamed(const bn_plan *p, size_t elsize)
     return (double)p->N * (double)p->W * (double)elsize >= BN_STREAM_BYTES;
 }
 
+/* Column mode's float32 y and dx in sweeps of four consecutive rows, each load of a position's coefficients
+ * serving four values: where a row is at most 256 bytes (four rows are one stream of at most 1 KiB), or
+ * the whole tensor is L2-sized. Four rows of 1 KiB read from L3 or memory took 1.7-2.8x the time of one
+ * row a sweep (inference at (8192, 256), (32768, 256) and (64, 28, 28, 256) float32), as several streams
+ * in one page do elsewhere here. Chosen by shape; the values are the same either way. */
+static inline int bn_cols_sweep4(const bn_plan *p, ptrdiff_t wb, size_t elsize)
+{
+    return (double)wb * (double)elsize <= 256 || (double)p->N * (double)p->W * (double)elsize <= BN_CACHE_ITEM_BYTES;
+}
+
 /* min_elems: below N * C * S elements the plan runs on one thread (BN_PARALLEL_MIN_ELEMS*). */
 void bn_make_plan(bn_plan *p, bn_dims d, size_t elsize, int nthreads, ptrdiff_t min_elems);
 
