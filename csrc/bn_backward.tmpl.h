@@ -242,7 +242,7 @@ static BN_ALWAYS_INLINE bn_sums BN_NAME(runs_sums_gm)(const BN_T *dy, const BN_T
     if (sizeof(BN_T) == sizeof(float) && write && gm != BN_GM_Y && gm != BN_GM_XT) {
         for (ptrdiff_t r = 0; r < runs; r++) {
             const ptrdiff_t o = r * stride;
-            const BN_T *g = dy + o, *v = x + o, *w = gm == BN_GM_Y || gm == BN_GM_XR || gm == BN_GM_XRF ? aux + o : NULL;
+            const BN_T *g = dy + o, *v = x + o, *w = gm == BN_GM_XR || gm == BN_GM_XRF ? aux + o : NULL;
             BN_T *dr = dres + o;
             for (ptrdiff_t i = 0; i < len; i++) dr[i] = (BN_T)BN_NAME(grad_in)(g, v, w, i, fc, fa, fo, pq, gm);
         }
