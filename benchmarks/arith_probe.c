@@ -22,7 +22,7 @@
  *   one loop   GCC/clang vector extensions, the same additions lane by lane, so the same bits (checked
  *              here); the kernels' runs_sums uses the one loop where the compiler has vector extensions.
  */
-#define _POSIX_C_SOURCE 199309L
+#define _POSIX_C_SOURCE 200112L
 #include <float.h>
 #include <math.h>
 #include <stdio.h>
@@ -30,17 +30,11 @@
 #include <string.h>
 #include <time.h>
 #include "../csrc/bn_internal.h" /* bn_f32_split, bn_f32_norm: the kernels' float32 form */
+#include "probe_common.h"
 
 #define LANES 16
 typedef double v8d __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
-
-static double now(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 typedef struct {
     const float *x;
@@ -201,12 +195,12 @@ static void probe(long N, long C, long S, int reps)
     }
     for (int r = 0; r < reps; r++)
         for (int k = 0; k < 5; k++) {
-            const double t0 = now();
+            const double t0 = probe_now();
             if (k < 3 && colmode) norm_cols(&p, k);
             else if (k < 3) norm_rows(&p, k);
             else if (k == 3 && !colmode) sums_two(dy, x, N, C, S, m, sa, sa + C);
             else if (!colmode) sums_one(dy, x, N, C, S, m, sa + 2 * C, sa + 3 * C);
-            const double t = now() - t0;
+            const double t = probe_now() - t0;
             if (t < best[k]) best[k] = t;
         }
     printf("(%ld, %ld%s) %s  normalize: f64 %6.1f us (%.2f ulp)  f32 comp %6.1f us (%.2f ulp)  f32 fma %6.1f us "

@@ -23,34 +23,11 @@
 #define _GNU_SOURCE
 #include <stddef.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
+#include "probe_common.h"
 
 typedef double v8d __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v16f __attribute__((vector_size(64)));
-
-static double now(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
-
-static void *alloc(size_t bytes)
-{
-    void *p = NULL;
-    if (posix_memalign(&p, 2 << 20, bytes)) return NULL;
-#ifdef MADV_HUGEPAGE
-    madvise(p, bytes, MADV_HUGEPAGE);
-#endif
-    memset(p, 0, bytes);
-    return p;
-}
 
 static inline v8d widen(const float *p)
 {
@@ -134,8 +111,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "tensor size in MiB: 1 to 4096\n");
         return 2;
     }
-    float *x = alloc(sizeof(float) * (size_t)n), *y = alloc(sizeof(float) * (size_t)n);
-    double *s = alloc(sizeof(double) * 3 * Wmax);
+    float *x = probe_alloc(sizeof(float) * (size_t)n), *y = probe_alloc(sizeof(float) * (size_t)n);
+    double *s = probe_alloc(sizeof(double) * 3 * Wmax);
     if (!x || !y || !s) return 1;
     for (ptrdiff_t i = 0; i < n; i++) x[i] = (float)(i % 7) * 0.25f;
     const sweep_fn fn[] = {sweep_1_0, sweep_2_0, sweep_4_0, sweep_8_0, sweep_16_0, sweep_4_1, sweep_8_1};
@@ -152,12 +129,12 @@ int main(int argc, char **argv)
         for (int k = 0; k < 3 + nf; k++) best[k] = 1e9;
         for (int r = 0; r < reps; r++) {
             for (int k = 0; k < 3 + nf; k++) {
-                const double t0 = now();
+                const double t0 = probe_now();
                 if (k == 0) memcpy(y, x, sizeof(float) * (size_t)n);
                 else if (k == 1) sink += read_sum(x, n);
                 else if (k == 2) sink += contiguous(x, n, 0.5);
                 else fn[k - 3](x, N, W, s, s + Wmax, s + 2 * Wmax);
-                const double t = now() - t0;
+                const double t = probe_now() - t0;
                 if (t < best[k]) best[k] = t;
             }
         }

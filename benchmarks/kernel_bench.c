@@ -6,18 +6,12 @@
  *
  * Used to compare kernel variants quickly; the side-by-side comparison with PyTorch, NumPy and the
  * bandwidth limit is benchmarks/bench.py. */
-#define _POSIX_C_SOURCE 199309L
+#define _POSIX_C_SOURCE 200112L
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 #include "batchnorm.h"
-
-static double now(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
+#include "probe_common.h"
 
 int main(int argc, char **argv)
 {
@@ -37,15 +31,15 @@ int main(int argc, char **argv)
     double best[4] = {1e9, 1e9, 1e9, 1e9};
     for (int r = 0; r < reps; r++) {
         double t[5];
-        t[0] = now();
+        t[0] = probe_now();
         bn_forward_train_f32(x, y, d, gamma, NULL, 1e-5, mean, m2, invstd, NULL, threads);
-        t[1] = now();
+        t[1] = probe_now();
         bn_normalize_f32(x, y, d, mean, invstd, gamma, NULL, NULL, threads);
-        t[2] = now();
+        t[2] = probe_now();
         bn_backward_f32(dy, x, y, d, mean, invstd, gamma, 1, dg, db, NULL, threads);
-        t[3] = now();
+        t[3] = probe_now();
         bn_backward_f32(dy, x, y, d, mean, invstd, gamma, 0, dg, db, NULL, threads);
-        t[4] = now();
+        t[4] = probe_now();
         for (int k = 0; k < 4; k++)
             if (t[k + 1] - t[k] < best[k]) best[k] = t[k + 1] - t[k];
     }

@@ -17,30 +17,7 @@
 #define _GNU_SOURCE
 #include <stddef.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
-static double now(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
-
-static float *alloc(size_t n)
-{
-    void *p = NULL;
-    if (posix_memalign(&p, 2 << 20, n * sizeof(float))) return NULL;
-#ifdef MADV_HUGEPAGE
-    madvise(p, n * sizeof(float), MADV_HUGEPAGE);
-#endif
-    memset(p, 0, n * sizeof(float));
-    return p;
-}
+#include "probe_common.h"
 
 /* 16 float lanes: enough independent chains that the reduction is not latency-bound. */
 static float reduce(const float *v, ptrdiff_t n)
@@ -67,7 +44,7 @@ int main(int argc, char **argv)
     if (argc >= 5) sb_kib = atol(argv[4]);
     int reps = getenv("REPS") ? atoi(getenv("REPS")) : 15;
     const ptrdiff_t total = N * C * S, W = C * S;
-    float *x = alloc((size_t)total), *y = alloc((size_t)total);
+    float *x = probe_alloc(sizeof(float) * (size_t)total), *y = probe_alloc(sizeof(float) * (size_t)total);
     if (!x || !y) return 1;
     for (ptrdiff_t i = 0; i < total; i++) x[i] = (float)(i % 7);
     ptrdiff_t K = (ptrdiff_t)((double)sb_kib * 1024.0 / ((double)N * (double)S * sizeof(float)));
@@ -77,25 +54,25 @@ int main(int argc, char **argv)
     volatile float sink = 0;
     for (int r = 0; r < reps; r++) {
         double t[5];
-        t[0] = now();
+        t[0] = probe_now();
         memcpy(y, x, sizeof(float) * (size_t)total);
-        t[1] = now();
+        t[1] = probe_now();
         float m = reduce(x, total) * 1e-30f;
         axpb(x, y, total, 0.5f, m);
-        t[2] = now();
+        t[2] = probe_now();
         for (ptrdiff_t c = 0; c < C; c++) {
             float s = 0;
             for (ptrdiff_t n = 0; n < N; n++) s += reduce(x + n * W + c * S, S);
             for (ptrdiff_t n = 0; n < N; n++) axpb(x + n * W + c * S, y + n * W + c * S, S, 0.5f, s * 1e-30f);
         }
-        t[3] = now();
+        t[3] = probe_now();
         for (ptrdiff_t c0 = 0; c0 < C; c0 += K) {
             ptrdiff_t len = (c0 + K < C ? K : C - c0) * S;
             float s = 0;
             for (ptrdiff_t n = 0; n < N; n++) s += reduce(x + n * W + c0 * S, len);
             for (ptrdiff_t n = 0; n < N; n++) axpb(x + n * W + c0 * S, y + n * W + c0 * S, len, 0.5f, s * 1e-30f);
         }
-        t[4] = now();
+        t[4] = probe_now();
         sink += y[total / 3] + m;
         for (int k = 0; k < 4; k++)
             if (t[k + 1] - t[k] < best[k]) best[k] = t[k + 1] - t[k];
