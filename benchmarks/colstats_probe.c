@@ -125,7 +125,7 @@ int main(int argc, char **argv)
     printf("\n");
     for (ptrdiff_t W = 256; W <= Wmax; W *= 2) {
         const ptrdiff_t N = n / W;
-        double best[3 + 7];
+        double best[3 + sizeof fn / sizeof fn[0]];
         for (int k = 0; k < 3 + nf; k++) best[k] = 1e9;
         for (int r = 0; r < reps; r++) {
             for (int k = 0; k < 3 + nf; k++) {

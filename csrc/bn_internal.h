@@ -66,7 +66,9 @@ static inline int bn_streamed(const bn_plan *p, size_t elsize)
  * serving four values: where a row is at most 256 bytes (four rows are one stream of at most 1 KiB), or
  * the whole tensor is L2-sized. Four rows of 1 KiB read from L3 or memory took 1.7-2.8x the time of one
  * row a sweep (inference at (8192, 256), (32768, 256) and (64, 28, 28, 256) float32), as several streams
- * in one page do elsewhere here. Chosen by shape; the values are the same either way. */
+ * in one page do elsewhere here. Chosen by shape; the values are the same either way. Rows of 512 or
+ * more positions keep y's own loop (an L2-sized (64, 512), (32, 1024) or (16, 4096) gained nothing from
+ * four rows), and dx's pairs of rows from 683 positions on come first. */
 static inline int bn_cols_sweep4(const bn_plan *p, ptrdiff_t wb, size_t elsize)
 {
     return (double)wb * (double)elsize <= 256 || (double)p->N * (double)p->W * (double)elsize <= BN_CACHE_ITEM_BYTES;
