@@ -27,7 +27,7 @@ SOURCES = ["csrc/_module.c", "csrc/_args.c", "csrc/_layout.c", "csrc/bn_plan.c",
            "csrc/bn_merge.c", "csrc/bn_forward.c", "csrc/bn_backward.c", "csrc/bn_avx2.c", "csrc/bn_avx512.c",
            "csrc/bn_dispatch.c", "csrc/bn_masked.c"]
 HEADERS = ["csrc/_binding.h", "csrc/batchnorm.h", "csrc/bn_internal.h", "csrc/bn_forward.tmpl.h",
-           "csrc/bn_backward.tmpl.h"]
+           "csrc/bn_backward.tmpl.h", "csrc/bn_stream.h"]
 
 PROBE = r"""
 #include <omp.h>

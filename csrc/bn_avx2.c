@@ -25,6 +25,7 @@
  * of two rows' time at 256-512 positions but 1.37-1.63x at 64, 128 and 768 (phase_ab.py, backward_reduce,
  * BATCHNORM_SIMD=avx2) */
 #define BN_F32_ROWWISE_SUMS 0
+#include "bn_stream.h"
 #define BN_T float
 #define BN_NAME(f) f##_f32_avx2
 #include "bn_forward.tmpl.h"

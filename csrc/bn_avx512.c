@@ -10,9 +10,11 @@
 #if defined(__clang__)
 /* clang takes no prefer-vector-width in a target attribute: the width is its own choice (the bits are the
  * same at any width, see bn_avx2.c). */
-#pragma clang attribute push(__attribute__((target("avx512f,avx512vl"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,fma"))), apply_to = function)
 #else
-#pragma GCC target("avx512f,avx512vl,prefer-vector-width=512")
+/* fma for bn_stream.h's 256-bit FMAs: GCC's avx512f does not imply it (clang's does); the dispatch asks
+ * the CPU for it before AVX-512 */
+#pragma GCC target("avx512f,avx512vl,fma,prefer-vector-width=512")
 #endif
 
 #if BN_HAVE_VEXT
@@ -25,8 +27,11 @@
 /* 8 doubles rounded to floats and stored at p (float *, any alignment); here only (GCC 12 crashed on a
  * narrowing of these vectors in the AVX2 build), so the other builds keep their plain loops */
 #define BN_V8F_STORE(p, v) _mm256_storeu_ps((float *)(void *)(p), _mm512_cvtpd_ps((__m512d)(v)))
+/* the same stored non-temporally (bn_stream.h), p 32-byte aligned */
+#define BN_V8F_STREAM(p, v) _mm256_stream_ps((float *)(void *)(p), _mm512_cvtpd_ps((__m512d)(v)))
 #endif
 
+#include "bn_stream.h"
 #define BN_T float
 #define BN_NAME(f) f##_f32_avx512
 #include "bn_forward.tmpl.h"

@@ -448,15 +448,25 @@ static void BN_NAME(item_sums)(const BN_NAME(bwd_args) *a, const bn_plan *p, ptr
 static BN_ALWAYS_INLINE void BN_NAME(grad_run)(const BN_T *dr, const BN_T *xr, const BN_T *ar, BN_T *out,
                                                ptrdiff_t S, int training, int fold, double m, double a, double b,
                                                double e, double fc, double fa, double fo, const float *pq,
-                                               const int gm)
+                                               int nt, const int gm)
 {
 #ifdef BN_V8F_STORE
     /* float32, training, folded, g given: 8 values a step with one conversion each way (GCC's own loop
      * loaded 16 floats and extracted halves, and inserted two halves before its store); the same
-     * expression lane by lane, so the same bits */
+     * expression lane by lane, so the same bits. With `nt` (a streamed tensor, bn_stream.h) the stores
+     * from a 32-byte boundary on are non-temporal. */
     if (sizeof(BN_T) == sizeof(float) && training && fold && gm == BN_GM_NONE) {
         const bn_v8d av = {a, a, a, a, a, a, a, a}, ev = {e, e, e, e, e, e, e, e}, bv = {b, b, b, b, b, b, b, b};
-        const ptrdiff_t body = S - S % 8;
+        ptrdiff_t body = S - S % 8;
+#ifdef BN_V8F_STREAM
+        if (nt && S >= 32) {
+            const ptrdiff_t h = bn_nt_head((const float *)(const void *)out, S);
+            for (ptrdiff_t s = 0; s < h; s++) out[s] = (BN_T)(a * (double)dr[s] + ((double)xr[s] * e + b));
+            body = h + (S - h) / 8 * 8;
+            for (ptrdiff_t s = h; s < body; s += 8)
+                BN_V8F_STREAM(out + s, av * BN_V8D_LOAD(dr + s) + (BN_V8D_LOAD(xr + s) * ev + bv));
+        } else
+#endif
         for (ptrdiff_t s = 0; s < body; s += 8)
             BN_V8F_STORE(out + s, av * BN_V8D_LOAD(dr + s) + (BN_V8D_LOAD(xr + s) * ev + bv));
         dr += body; /* the tail by the loop below (aux is not read without a mask) */
@@ -464,6 +474,8 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_run)(const BN_T *dr, const BN_T *xr, c
         out += body;
         S -= body;
     }
+#else
+    (void)nt;
 #endif
     if (!training)
         for (ptrdiff_t s = 0; s < S; s++) out[s] = (BN_T)(a * BN_NAME(grad_in)(dr, xr, ar, s, fc, fa, fo, pq, gm));
@@ -599,7 +611,7 @@ static void BN_NAME(grad_runs)(const BN_T *dy, const BN_T *x, const BN_T *aux, B
                                const double *falpha, const double *foff, int gm)
 {
     const ptrdiff_t S = p->S, C = p->C;
-    const int recompute = bn_gm_from_x(gm);
+    const int recompute = bn_gm_from_x(gm), nt = bn_streamed(p, sizeof(BN_T));
     for (ptrdiff_t r = r0, c = r0 % C; r < r1; r++, c = c + 1 == C ? 0 : c + 1) {
         const double m = centre[c], a = k1[c], b = k2[c], e = k3[c];
         const double fc = recompute ? fcen[c] : 0.0, fa = recompute ? falpha[c] : 0.0, fo = recompute ? foff[c] : 0.0;
@@ -610,15 +622,16 @@ static void BN_NAME(grad_runs)(const BN_T *dy, const BN_T *x, const BN_T *aux, B
         const BN_T *dr = dy + off, *xr = x + off, *ar = aux ? aux + off : NULL;
         BN_T *out = dx + off;
         switch (bn_gm_run(gm, pq)) {
-        case BN_GM_Y: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_Y); break;
-        case BN_GM_X: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_X); break;
-        case BN_GM_XR: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_XR); break;
-        case BN_GM_XT: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_XT); break;
-        case BN_GM_XF: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_XF); break;
-        case BN_GM_XRF: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_XRF); break;
-        default: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, BN_GM_NONE);
+        case BN_GM_Y: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, nt, BN_GM_Y); break;
+        case BN_GM_X: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, nt, BN_GM_X); break;
+        case BN_GM_XR: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, nt, BN_GM_XR); break;
+        case BN_GM_XT: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, nt, BN_GM_XT); break;
+        case BN_GM_XF: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, nt, BN_GM_XF); break;
+        case BN_GM_XRF: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, nt, BN_GM_XRF); break;
+        default: BN_NAME(grad_run)(dr, xr, ar, out, S, training, fold, m, a, b, e, fc, fa, fo, pq, nt, BN_GM_NONE);
         }
     }
+    BN_NT_DONE(nt);
 }
 
 /* dx over one item, from per-channel k1, k2, k3 and centre (training) or k1 alone (frozen), and g as

@@ -468,17 +468,44 @@ static BN_ALWAYS_INLINE float BN_NAME(epilogue_f32)(float v, const BN_T *r, ptrd
  * an infinite first FMA comes with a second one of the same sign or finite, so the plain sum is it;
  * with al = +-0 (of ah's sign) the second FMA of a finite x is bl but for the sign of a zero, which
  * matters only where the first is -0.0 and cannot differ then, and an infinite t + bl is t. */
-static BN_ALWAYS_INLINE void BN_NAME(apply_run_f32)(const BN_T *xr, const BN_T *rr, BN_T *yr, ptrdiff_t len,
-                                                     float ah, float al, float bh, float bl, const int epi)
+static BN_ALWAYS_INLINE void BN_NAME(apply_span_f32)(const BN_T *xr, const BN_T *rr, BN_T *yr, ptrdiff_t s,
+                                                      ptrdiff_t len, float ah, float al, float bh, float bl,
+                                                      const int epi)
 {
     if (al != 0.0f)
-        for (ptrdiff_t s = 0; s < len; s++) {
+        for (; s < len; s++) {
             const float v = (float)xr[s];
             yr[s] = (BN_T)BN_NAME(epilogue_f32)(fmaf(v, ah, bh) + fmaf(v, al, bl), rr, s, epi);
         }
     else
-        for (ptrdiff_t s = 0; s < len; s++)
-            yr[s] = (BN_T)BN_NAME(epilogue_f32)(fmaf((float)xr[s], ah, bh) + bl, rr, s, epi);
+        for (; s < len; s++) yr[s] = (BN_T)BN_NAME(epilogue_f32)(fmaf((float)xr[s], ah, bh) + bl, rr, s, epi);
+}
+
+/* The same over a whole run; with `nt` (a streamed tensor, bn_stream.h) its aligned body stored
+ * non-temporally, the same values. */
+static BN_ALWAYS_INLINE void BN_NAME(apply_run_f32)(const BN_T *xr, const BN_T *rr, BN_T *yr, ptrdiff_t len,
+                                                     float ah, float al, float bh, float bl, int nt, const int epi)
+{
+    ptrdiff_t s = 0;
+#ifdef BN_HAVE_NT
+    if (sizeof(BN_T) == sizeof(float) && nt && len >= 32) {
+        const __m256 vah = _mm256_set1_ps(ah), val = _mm256_set1_ps(al), vbh = _mm256_set1_ps(bh),
+                     vbl = _mm256_set1_ps(bl);
+        const float *xf = (const float *)(const void *)xr, *rf = (const float *)(const void *)rr;
+        float *yf = (float *)(void *)yr;
+        s = bn_nt_head(yf, len);
+        BN_NAME(apply_span_f32)(xr, rr, yr, 0, s, ah, al, bh, bl, epi);
+        if (al != 0.0f)
+            for (; s + 8 <= len; s += 8)
+                bn_nt_f32_form8(yf + s, xf + s, rf ? rf + s : NULL, vah, val, vbh, vbl, 1, epi);
+        else
+            for (; s + 8 <= len; s += 8)
+                bn_nt_f32_form8(yf + s, xf + s, rf ? rf + s : NULL, vah, val, vbh, vbl, 0, epi);
+    }
+#else
+    (void)nt;
+#endif
+    BN_NAME(apply_span_f32)(xr, rr, yr, s, len, ah, al, bh, bl, epi);
 }
 
 /* y over one contiguous run of a channel: (x - centre) * a + b, or x * a + b when the channel is folded
@@ -487,12 +514,12 @@ static BN_ALWAYS_INLINE void BN_NAME(apply_run_f32)(const BN_T *xr, const BN_T *
  * then the epilogue (rr: the residual's run, when epi has BN_EPI_ADD). Callers that know every channel
  * they cover is folded say so (`folded`), which spares a test per run. */
 static inline void BN_NAME(apply_run)(const BN_T *xr, const BN_T *rr, BN_T *yr, ptrdiff_t len, int folded,
-                                      double centre, double a, double b, const float *q, int epi)
+                                      double centre, double a, double b, const float *q, int epi, int nt)
 {
     const int fold = BN_FOLD && (folded || bn_is_plus_zero(centre));
     if (BN_FOLD && q && q[0] == q[0]) {
         const float ah = q[0], al = q[1], bh = q[2], bl = q[3];
-        BN_WITH_EPI(epi, BN_NAME(apply_run_f32), xr, rr, yr, len, ah, al, bh, bl)
+        BN_WITH_EPI(epi, BN_NAME(apply_run_f32), xr, rr, yr, len, ah, al, bh, bl, nt)
         return;
     }
     BN_WITH_EPI(epi, BN_NAME(apply_run_epi), xr, rr, yr, len, fold, centre, a, b)
@@ -618,12 +645,14 @@ static void BN_NAME(apply_item)(const BN_T *x, const BN_T *res, BN_T *y, const b
     const ptrdiff_t S = p->S;
     const int folded = BN_FOLD && bn_all_plus_zero(centre, c0, c1);
     if (!p->colmode) {
+        const int nt = bn_streamed(p, sizeof(BN_T));
         for (ptrdiff_t n = n0; n < n1; n++)
             for (ptrdiff_t c = c0; c < c1; c++) {
                 ptrdiff_t off = (n * p->C + c) * S;
                 BN_NAME(apply_run)(x + off, res ? res + off : NULL, y + off, S, folded, centre[c], alpha[c],
-                                   offset[c], f32 ? f32 + 4 * c : NULL, epi);
+                                   offset[c], f32 ? f32 + 4 * c : NULL, epi, nt);
             }
+        BN_NT_DONE(nt);
         return;
     }
     const ptrdiff_t wb = (c1 - c0) * S, first = c0 * S;
@@ -800,12 +829,13 @@ static void BN_NAME(normalize_rows)(const bn_job *job, ptrdiff_t r0, ptrdiff_t r
 {
     const BN_NAME(fwd_args) *a = job->args;
     const ptrdiff_t C = job->plan->C, S = job->plan->S;
-    const int folded = BN_FOLD && bn_all_plus_zero(a->centre, 0, C);
+    const int folded = BN_FOLD && bn_all_plus_zero(a->centre, 0, C), nt = bn_streamed(job->plan, sizeof(BN_T));
     for (ptrdiff_t r = r0; r < r1; r++) {
         const ptrdiff_t c = r % C;
         BN_NAME(apply_run)(a->x + r * S, a->res ? a->res + r * S : NULL, a->y + r * S, S, folded, a->centre[c],
-                           a->alpha[c], a->offset[c], a->f32 ? a->f32 + 4 * c : NULL, a->epi);
+                           a->alpha[c], a->offset[c], a->f32 ? a->f32 + 4 * c : NULL, a->epi, nt);
     }
+    BN_NT_DONE(nt);
 }
 
 static void BN_NAME(set_epilogue)(BN_NAME(fwd_args) *a, const bn_epilogue *ep)

@@ -62,6 +62,10 @@ static inline int bn_streamed(const bn_plan *p, size_t elsize)
     return (double)p->N * (double)p->W * (double)elsize >= BN_STREAM_BYTES;
 }
 
+/* What a work item does after its non-temporal stores (nt): nothing where the build has none; bn_stream.h,
+ * which the AVX2 and AVX-512 files include, redefines it as a store fence. */
+#define BN_NT_DONE(nt) ((void)(nt))
+
 /* Column mode's float32 y and dx in sweeps of four consecutive rows, each load of a position's coefficients
  * serving four values: where a row is at most 256 bytes (four rows are one stream of at most 1 KiB), or
  * the whole tensor is L2-sized. Four rows of 1 KiB read from L3 or memory took 1.7-2.8x the time of one

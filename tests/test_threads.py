@@ -170,6 +170,48 @@ def test_instruction_sets_bit_identical(in_process_hashes):
         assert not diff, f"BATCHNORM_SIMD={simd} (default {default}) changed the bits of: {diff}"
 
 
+# Outputs of 16 MiB and more are written with non-temporal stores in the AVX2 and AVX-512 builds
+# (csrc/bn_stream.h): row mode's float32 y with every epilogue, and the float32 training dx. Runs of 63 * 63
+# values start at every alignment, so each has a head, an aligned body and a tail.
+STREAMED = (
+    "import hashlib, json, numpy as np, batchnorm as bn\n"
+    "rng = np.random.default_rng(11)\n"
+    "shape = (17, 64, 63, 63)\n"
+    "x = (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32)\n"
+    "r = rng.standard_normal(shape).astype(np.float32)\n"
+    "dy = rng.standard_normal(shape).astype(np.float32)\n"
+    "g = rng.uniform(0.5, 2, 64).astype(np.float32); b = rng.standard_normal(64).astype(np.float32)\n"
+    "rm = rng.standard_normal(64).astype(np.float32); rv = rng.uniform(0.5, 2, 64).astype(np.float32)\n"
+    "out = {}\n"
+    "for act in (None, 'relu'):\n"
+    "    for res in (None, r):\n"
+    "        k = f'{act}-{res is not None}'\n"
+    "        y, mean, invstd = bn.forward_train(x, g, b, activation=act, residual=res)\n"
+    "        yi = bn.forward_infer(x, rm, rv, g, b, activation=act, residual=res)\n"
+    "        out['train-' + k] = hashlib.sha256(y.tobytes() + mean.tobytes() + invstd.tobytes()).hexdigest()\n"
+    "        out['infer-' + k] = hashlib.sha256(yi.tobytes()).hexdigest()\n"
+    "dx, dg, db = bn.backward(dy, x, mean, invstd, g)\n"
+    "out['backward'] = hashlib.sha256(dx.tobytes() + dg.tobytes() + db.tobytes()).hexdigest()\n"
+    "print(json.dumps(out))\n"
+)
+
+
+def test_streamed_outputs_bit_identical_across_instruction_sets_and_threads():
+    runs = {}
+    for name, env in (("default, 1 thread", {"OMP_NUM_THREADS": 1}), ("default, 2 threads", {"OMP_NUM_THREADS": 2}),
+                      ("avx2", {"OMP_NUM_THREADS": 2, "BATCHNORM_SIMD": "avx2"}),
+                      ("baseline", {"OMP_NUM_THREADS": 2, "BATCHNORM_SIMD": "baseline"})):
+        r = subprocess.run([sys.executable, "-c", STREAMED], env=helpers.subprocess_env(**env), capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, f"{name}: rc={r.returncode}\n{r.stderr[-3000:]}"
+        runs[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    ref = runs["baseline"]
+    assert len(ref) == 9
+    for name, h in runs.items():
+        diff = [k for k in ref if h[k] != ref[k]]
+        assert not diff, f"{name} changed the bits of {diff} (against the baseline build's plain stores)"
+
+
 def test_simd_switch_is_reported():
     names = {}
     for simd in ("avx2", "baseline"):
