@@ -556,6 +556,35 @@ def test_arith_probe_builds_runs_and_its_sums_agree(tmp_path):
     assert len(rows) == 2 and all("bits same" in line for line in rows), out
 
 
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"),
+                    reason="the probe's Makefile flags are x86-64 GCC/clang ones")
+def test_colstats_probe_builds_runs_and_its_patterns_agree(tmp_path):
+    """benchmarks/colstats_probe.c (README, "How far column mode's statistics can go at one thread"): it
+    builds as the Makefile says, prints a row per width with a positive time for every pattern, and in its
+    backward table every sums pattern and every dx pattern give the same bits as the one-row loop."""
+    import shutil
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        pytest.skip("no C compiler")
+    exe = str(tmp_path / "colstats_probe")
+    subprocess.run([cc, "-std=gnu11", "-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off",
+                    "-o", exe, os.path.join(BENCH_DIR, "colstats_probe.c")], check=True, timeout=120)
+    env = dict(os.environ, REPS="1")
+    for args, cols in ((["1"], 9), (["1", "bwd"], 22)):
+        out = subprocess.run([exe] + args, check=True, capture_output=True, text=True, timeout=120, env=env).stdout
+        rows = [line.split() for line in out.strip().splitlines()[2:]]
+        assert [int(r[0]) for r in rows] == [256, 512, 1024, 2048, 4096], out
+        for r in rows:
+            ratios = [float(v) for v in r[2:2 + cols]]
+            assert float(r[1]) > 0 and len(ratios) == cols and all(v > 0 for v in ratios), r
+            if "bwd" in args:
+                assert float(r[2 + cols]) > 0 and r[3 + cols:] == ["bits", "same"], r  # best sum+dx, the check
+            else:
+                assert len(r) == 2 + cols, r
+    bad = subprocess.run([exe, "1", "fwd"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+
+
 def test_wide_step_script_runs_an_a_b():
     """wide_step.py as a user runs it, this build against itself loaded as the base: exit 0, one row per
     shape with a time and a fault count for each build and their ratio."""
