@@ -460,7 +460,7 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_run)(const BN_T *dr, const BN_T *xr, c
         ptrdiff_t body = S - S % 8;
 #ifdef BN_V8F_STREAM
         if (nt && S >= 32) {
-            const ptrdiff_t h = bn_nt_head((const float *)(const void *)out, S);
+            const ptrdiff_t h = bn_nt_head(out, S, sizeof(BN_T));
             for (ptrdiff_t s = 0; s < h; s++) out[s] = (BN_T)(a * (double)dr[s] + ((double)xr[s] * e + b));
             body = h + (S - h) / 8 * 8;
             for (ptrdiff_t s = h; s < body; s += 8)
@@ -474,9 +474,24 @@ static BN_ALWAYS_INLINE void BN_NAME(grad_run)(const BN_T *dr, const BN_T *xr, c
         out += body;
         S -= body;
     }
-#else
-    (void)nt;
 #endif
+#ifdef BN_HAVE_NT
+    /* float64, training, g given, a streamed tensor: the stores from a 32-byte boundary on non-temporal
+     * (bn_stream.h), the same expression */
+    if (sizeof(BN_T) == sizeof(double) && training && gm == BN_GM_NONE && nt && S >= 16) {
+        const __m256d mv = _mm256_set1_pd(m), av = _mm256_set1_pd(a), bv = _mm256_set1_pd(b), ev = _mm256_set1_pd(e);
+        const ptrdiff_t h = bn_nt_head(out, S, sizeof(BN_T)), body = h + (S - h) / 4 * 4;
+        for (ptrdiff_t s = 0; s < h; s++) out[s] = (BN_T)(a * (((double)dr[s] - b) - ((double)xr[s] - m) * e));
+        for (ptrdiff_t s = h; s < body; s += 4)
+            bn_nt_f64_grad4((double *)(void *)(out + s), (const double *)(const void *)(dr + s),
+                            (const double *)(const void *)(xr + s), mv, av, bv, ev);
+        dr += body;
+        xr += body;
+        out += body;
+        S -= body;
+    }
+#endif
+    (void)nt;
     if (!training)
         for (ptrdiff_t s = 0; s < S; s++) out[s] = (BN_T)(a * BN_NAME(grad_in)(dr, xr, ar, s, fc, fa, fo, pq, gm));
     else if (BN_FOLD && fold)

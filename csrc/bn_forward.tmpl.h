@@ -444,15 +444,28 @@ static BN_ALWAYS_INLINE BN_T BN_NAME(epilogue)(double v, const BN_T *r, ptrdiff_
     return (BN_T)v;
 }
 
+/* y over a run in float64; with `nt` (a streamed float64 tensor, bn_stream.h) its aligned body stored
+ * non-temporally, the same values. */
 static BN_ALWAYS_INLINE void BN_NAME(apply_run_epi)(const BN_T *xr, const BN_T *rr, BN_T *yr, ptrdiff_t len,
-                                                     int fold, double centre, double a, double b,
+                                                     int fold, double centre, double a, double b, int nt,
                                                      const int epi)
 {
+    ptrdiff_t s = 0;
     if (fold)
-        for (ptrdiff_t s = 0; s < len; s++) yr[s] = BN_NAME(epilogue)((double)xr[s] * a + b, rr, s, epi);
-    else
-        for (ptrdiff_t s = 0; s < len; s++)
-            yr[s] = BN_NAME(epilogue)(((double)xr[s] - centre) * a + b, rr, s, epi);
+        for (; s < len; s++) yr[s] = BN_NAME(epilogue)((double)xr[s] * a + b, rr, s, epi);
+#ifdef BN_HAVE_NT
+    else if (sizeof(BN_T) == sizeof(double) && nt && len >= 16) {
+        const __m256d vc = _mm256_set1_pd(centre), va = _mm256_set1_pd(a), vb = _mm256_set1_pd(b);
+        const double *xd = (const double *)(const void *)xr, *rd = (const double *)(const void *)rr;
+        double *yd = (double *)(void *)yr;
+        const ptrdiff_t h = bn_nt_head(yr, len, sizeof(BN_T));
+        for (; s < h; s++) yr[s] = BN_NAME(epilogue)(((double)xr[s] - centre) * a + b, rr, s, epi);
+        for (; s + 4 <= len; s += 4) bn_nt_f64_norm4(yd + s, xd + s, rd ? rd + s : NULL, vc, va, vb, epi);
+    }
+#else
+    (void)nt;
+#endif
+    for (; s < len; s++) yr[s] = BN_NAME(epilogue)(((double)xr[s] - centre) * a + b, rr, s, epi);
 }
 
 /* The float32 form's epilogue (bn_f32_arith): the residual added in float32 (the rounding NumPy's
@@ -493,7 +506,7 @@ static BN_ALWAYS_INLINE void BN_NAME(apply_run_f32)(const BN_T *xr, const BN_T *
                      vbl = _mm256_set1_ps(bl);
         const float *xf = (const float *)(const void *)xr, *rf = (const float *)(const void *)rr;
         float *yf = (float *)(void *)yr;
-        s = bn_nt_head(yf, len);
+        s = bn_nt_head(yf, len, sizeof(float));
         BN_NAME(apply_span_f32)(xr, rr, yr, 0, s, ah, al, bh, bl, epi);
         if (al != 0.0f)
             for (; s + 8 <= len; s += 8)
@@ -522,7 +535,7 @@ static inline void BN_NAME(apply_run)(const BN_T *xr, const BN_T *rr, BN_T *yr, 
         BN_WITH_EPI(epi, BN_NAME(apply_run_f32), xr, rr, yr, len, ah, al, bh, bl, nt)
         return;
     }
-    BN_WITH_EPI(epi, BN_NAME(apply_run_epi), xr, rr, yr, len, fold, centre, a, b)
+    BN_WITH_EPI(epi, BN_NAME(apply_run_epi), xr, rr, yr, len, fold, centre, a, b, nt)
 }
 
 #ifdef BN_V8F_STORE

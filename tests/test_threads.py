@@ -171,27 +171,28 @@ def test_instruction_sets_bit_identical(in_process_hashes):
 
 
 # Outputs of 16 MiB and more are written with non-temporal stores in the AVX2 and AVX-512 builds
-# (csrc/bn_stream.h): row mode's float32 y with every epilogue, and the float32 training dx. Runs of 63 * 63
-# values start at every alignment, so each has a head, an aligned body and a tail.
+# (csrc/bn_stream.h): row mode's y with every epilogue and the training dx, float32 and float64. Runs of
+# 63 * 63 values start at every alignment, so each has a head, an aligned body and a tail.
 STREAMED = (
     "import hashlib, json, numpy as np, batchnorm as bn\n"
-    "rng = np.random.default_rng(11)\n"
-    "shape = (17, 64, 63, 63)\n"
-    "x = (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32)\n"
-    "r = rng.standard_normal(shape).astype(np.float32)\n"
-    "dy = rng.standard_normal(shape).astype(np.float32)\n"
-    "g = rng.uniform(0.5, 2, 64).astype(np.float32); b = rng.standard_normal(64).astype(np.float32)\n"
-    "rm = rng.standard_normal(64).astype(np.float32); rv = rng.uniform(0.5, 2, 64).astype(np.float32)\n"
     "out = {}\n"
-    "for act in (None, 'relu'):\n"
-    "    for res in (None, r):\n"
-    "        k = f'{act}-{res is not None}'\n"
-    "        y, mean, invstd = bn.forward_train(x, g, b, activation=act, residual=res)\n"
-    "        yi = bn.forward_infer(x, rm, rv, g, b, activation=act, residual=res)\n"
-    "        out['train-' + k] = hashlib.sha256(y.tobytes() + mean.tobytes() + invstd.tobytes()).hexdigest()\n"
-    "        out['infer-' + k] = hashlib.sha256(yi.tobytes()).hexdigest()\n"
-    "dx, dg, db = bn.backward(dy, x, mean, invstd, g)\n"
-    "out['backward'] = hashlib.sha256(dx.tobytes() + dg.tobytes() + db.tobytes()).hexdigest()\n"
+    "for dt, n in ((np.float32, 17), (np.float64, 9)):\n"
+    "    rng = np.random.default_rng(11)\n"
+    "    shape = (n, 64, 63, 63)\n"
+    "    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dt)\n"
+    "    r = rng.standard_normal(shape).astype(dt)\n"
+    "    dy = rng.standard_normal(shape).astype(dt)\n"
+    "    g = rng.uniform(0.5, 2, 64).astype(dt); b = rng.standard_normal(64).astype(dt)\n"
+    "    rm = rng.standard_normal(64).astype(dt); rv = rng.uniform(0.5, 2, 64).astype(dt)\n"
+    "    for act in (None, 'relu'):\n"
+    "        for res in (None, r):\n"
+    "            k = f'{dt.__name__}-{act}-{res is not None}'\n"
+    "            y, mean, invstd = bn.forward_train(x, g, b, activation=act, residual=res)\n"
+    "            yi = bn.forward_infer(x, rm, rv, g, b, activation=act, residual=res)\n"
+    "            out['train-' + k] = hashlib.sha256(y.tobytes() + mean.tobytes() + invstd.tobytes()).hexdigest()\n"
+    "            out['infer-' + k] = hashlib.sha256(yi.tobytes()).hexdigest()\n"
+    "    dx, dg, db = bn.backward(dy, x, mean, invstd, g)\n"
+    "    out[f'backward-{dt.__name__}'] = hashlib.sha256(dx.tobytes() + dg.tobytes() + db.tobytes()).hexdigest()\n"
     "print(json.dumps(out))\n"
 )
 
@@ -206,7 +207,7 @@ def test_streamed_outputs_bit_identical_across_instruction_sets_and_threads():
         assert r.returncode == 0, f"{name}: rc={r.returncode}\n{r.stderr[-3000:]}"
         runs[name] = json.loads(r.stdout.strip().splitlines()[-1])
     ref = runs["baseline"]
-    assert len(ref) == 9
+    assert len(ref) == 18
     for name, h in runs.items():
         diff = [k for k in ref if h[k] != ref[k]]
         assert not diff, f"{name} changed the bits of {diff} (against the baseline build's plain stores)"
