@@ -626,7 +626,7 @@ static void BN_NAME(grad_runs)(const BN_T *dy, const BN_T *x, const BN_T *aux, B
                                const double *falpha, const double *foff, int gm)
 {
     const ptrdiff_t S = p->S, C = p->C;
-    const int recompute = bn_gm_from_x(gm), nt = bn_streamed(p, sizeof(BN_T));
+    const int recompute = bn_gm_from_x(gm), nt = bn_nt_wanted(p, sizeof(BN_T), dx, x, dy);
     for (ptrdiff_t r = r0, c = r0 % C; r < r1; r++, c = c + 1 == C ? 0 : c + 1) {
         const double m = centre[c], a = k1[c], b = k2[c], e = k3[c];
         const double fc = recompute ? fcen[c] : 0.0, fa = recompute ? falpha[c] : 0.0, fo = recompute ? foff[c] : 0.0;

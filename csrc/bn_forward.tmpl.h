@@ -658,7 +658,7 @@ static void BN_NAME(apply_item)(const BN_T *x, const BN_T *res, BN_T *y, const b
     const ptrdiff_t S = p->S;
     const int folded = BN_FOLD && bn_all_plus_zero(centre, c0, c1);
     if (!p->colmode) {
-        const int nt = bn_streamed(p, sizeof(BN_T));
+        const int nt = bn_nt_wanted(p, sizeof(BN_T), y, x, res);
         for (ptrdiff_t n = n0; n < n1; n++)
             for (ptrdiff_t c = c0; c < c1; c++) {
                 ptrdiff_t off = (n * p->C + c) * S;
@@ -842,7 +842,8 @@ static void BN_NAME(normalize_rows)(const bn_job *job, ptrdiff_t r0, ptrdiff_t r
 {
     const BN_NAME(fwd_args) *a = job->args;
     const ptrdiff_t C = job->plan->C, S = job->plan->S;
-    const int folded = BN_FOLD && bn_all_plus_zero(a->centre, 0, C), nt = bn_streamed(job->plan, sizeof(BN_T));
+    const int folded = BN_FOLD && bn_all_plus_zero(a->centre, 0, C),
+              nt = bn_nt_wanted(job->plan, sizeof(BN_T), a->y, a->x, a->res);
     for (ptrdiff_t r = r0; r < r1; r++) {
         const ptrdiff_t c = r % C;
         BN_NAME(apply_run)(a->x + r * S, a->res ? a->res + r * S : NULL, a->y + r * S, S, folded, a->centre[c],

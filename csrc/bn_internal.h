@@ -62,6 +62,20 @@ static inline int bn_streamed(const bn_plan *p, size_t elsize)
     return (double)p->N * (double)p->W * (double)elsize >= BN_STREAM_BYTES;
 }
 
+/* Whether a row-mode pass writes `out` with non-temporal stores (bn_stream.h): a streamed tensor whose
+ * output sits at the same offset in its 4 KiB pages as each input (b may be NULL). At (64, 256, 28, 28)
+ * NCHW float32, T=1, with out= arrays from np.empty_like (the inputs' offset): inference 0.68, training
+ * forward 0.84, backward 0.90 of the plain stores' time; with the output 48 bytes further in its page than
+ * x (the library's pooled outputs against NumPy's arrays) the backward took 1.13-1.16x and the forwards
+ * gained nothing (benchmarks/small_ab.py, phase_ab.py --base), as if the loads ahead of the pending
+ * non-temporal stores waited on their 4 KiB aliases (the hazard bn_padded_array avoids in scratch). */
+static inline int bn_nt_wanted(const bn_plan *p, size_t elsize, const void *out, const void *a, const void *b)
+{
+    const size_t page = 4095;
+    return bn_streamed(p, elsize) && (((size_t)((const char *)out - (const char *)a)) & page) == 0 &&
+           (!b || (((size_t)((const char *)out - (const char *)b)) & page) == 0);
+}
+
 /* What a work item does after its non-temporal stores (nt): nothing where the build has none; bn_stream.h,
  * which the AVX2 and AVX-512 files include, redefines it as a store fence. */
 #define BN_NT_DONE(nt) ((void)(nt))

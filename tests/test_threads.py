@@ -171,28 +171,42 @@ def test_instruction_sets_bit_identical(in_process_hashes):
 
 
 # Outputs of 16 MiB and more are written with non-temporal stores in the AVX2 and AVX-512 builds
-# (csrc/bn_stream.h): row mode's y with every epilogue and the training dx, float32 and float64. Runs of
+# (csrc/bn_stream.h) where they sit at the inputs' offset in their 4 KiB pages (bn_nt_wanted): row mode's y
+# with every epilogue and the training dx, float32 and float64. `like` makes such arrays (out=, and the
+# residual and dy beside x); the plain calls' pooled outputs sit elsewhere and take plain stores. Runs of
 # 63 * 63 values start at every alignment, so each has a head, an aligned body and a tail.
 STREAMED = (
     "import hashlib, json, numpy as np, batchnorm as bn\n"
+    "def like(x, fill=None):\n"
+    "    buf = np.empty(x.nbytes + 4096, np.uint8)\n"
+    "    off = (x.ctypes.data - buf.ctypes.data) % 4096\n"
+    "    a = buf[off:off + x.nbytes].view(x.dtype).reshape(x.shape)\n"
+    "    if fill is not None: a[...] = fill\n"
+    "    return a\n"
+    "def h(*arrays): return hashlib.sha256(b''.join(a.tobytes() for a in arrays)).hexdigest()\n"
     "out = {}\n"
     "for dt, n in ((np.float32, 17), (np.float64, 9)):\n"
     "    rng = np.random.default_rng(11)\n"
     "    shape = (n, 64, 63, 63)\n"
     "    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dt)\n"
-    "    r = rng.standard_normal(shape).astype(dt)\n"
-    "    dy = rng.standard_normal(shape).astype(dt)\n"
+    "    r = like(x, rng.standard_normal(shape))\n"
+    "    dy = like(x, rng.standard_normal(shape))\n"
     "    g = rng.uniform(0.5, 2, 64).astype(dt); b = rng.standard_normal(64).astype(dt)\n"
     "    rm = rng.standard_normal(64).astype(dt); rv = rng.uniform(0.5, 2, 64).astype(dt)\n"
+    "    y = like(x)\n"
     "    for act in (None, 'relu'):\n"
     "        for res in (None, r):\n"
     "            k = f'{dt.__name__}-{act}-{res is not None}'\n"
-    "            y, mean, invstd = bn.forward_train(x, g, b, activation=act, residual=res)\n"
-    "            yi = bn.forward_infer(x, rm, rv, g, b, activation=act, residual=res)\n"
-    "            out['train-' + k] = hashlib.sha256(y.tobytes() + mean.tobytes() + invstd.tobytes()).hexdigest()\n"
-    "            out['infer-' + k] = hashlib.sha256(yi.tobytes()).hexdigest()\n"
-    "    dx, dg, db = bn.backward(dy, x, mean, invstd, g)\n"
-    "    out[f'backward-{dt.__name__}'] = hashlib.sha256(dx.tobytes() + dg.tobytes() + db.tobytes()).hexdigest()\n"
+    "            yp, mean, invstd = bn.forward_train(x, g, b, activation=act, residual=res)\n"
+    "            bn.forward_train(x, g, b, activation=act, residual=res, out=y)\n"
+    "            out['train-' + k] = h(y, mean, invstd)\n"
+    "            out['train-plain-' + k] = h(yp, mean, invstd)\n"
+    "            yp = bn.forward_infer(x, rm, rv, g, b, activation=act, residual=res)\n"
+    "            bn.forward_infer(x, rm, rv, g, b, activation=act, residual=res, out=y)\n"
+    "            out['infer-' + k], out['infer-plain-' + k] = h(y), h(yp)\n"
+    "    dxp, dg, db = bn.backward(dy, x, mean, invstd, g)\n"
+    "    bn.backward(dy, x, mean, invstd, g, out=y)\n"
+    "    out[f'backward-{dt.__name__}'], out[f'backward-plain-{dt.__name__}'] = h(y, dg, db), h(dxp, dg, db)\n"
     "print(json.dumps(out))\n"
 )
 
@@ -207,7 +221,8 @@ def test_streamed_outputs_bit_identical_across_instruction_sets_and_threads():
         assert r.returncode == 0, f"{name}: rc={r.returncode}\n{r.stderr[-3000:]}"
         runs[name] = json.loads(r.stdout.strip().splitlines()[-1])
     ref = runs["baseline"]
-    assert len(ref) == 18
+    assert len(ref) == 36
+    assert all(ref[k] == ref[k.replace("-plain", "")] for k in ref if "-plain" in k)  # out= and plain agree
     for name, h in runs.items():
         diff = [k for k in ref if h[k] != ref[k]]
         assert not diff, f"{name} changed the bits of {diff} (against the baseline build's plain stores)"
