@@ -63,17 +63,17 @@ static inline int bn_streamed(const bn_plan *p, size_t elsize)
 }
 
 /* Whether a row-mode pass writes `out` with non-temporal stores (bn_stream.h): a streamed tensor whose
- * output sits at the same offset in its 4 KiB pages as each input (b may be NULL). At (64, 256, 28, 28)
- * NCHW float32, T=1, with out= arrays from np.empty_like (the inputs' offset): inference 0.68, training
- * forward 0.84, backward 0.90 of the plain stores' time; with the output 48 bytes further in its page than
- * x (the library's pooled outputs against NumPy's arrays) the backward took 1.13-1.16x and the forwards
- * gained nothing (benchmarks/small_ab.py, phase_ab.py --base), as if the loads ahead of the pending
- * non-temporal stores waited on their 4 KiB aliases (the hazard bn_padded_array avoids in scratch). */
+ * output sits at the same offset in its 4 KiB pages as each input (b may be NULL), as out= arrays from
+ * np.empty_like(x) do. There, at (64, 256, 28, 28) NCHW float32, T=1, inference took 0.68-0.69 of the
+ * plain stores' time, the training forward 0.81-0.84, the backward 0.89-0.90 (benchmarks/phase_ab.py
+ * --base, several runs). The plain calls' pooled outputs sit elsewhere in their pages (48 bytes after
+ * NumPy's x): with non-temporal stores there small_ab.py --base measured the backward and the fused
+ * forward at 1.09-1.16x and the rest at 0.99-1.02, while a loop of plain calls that dropped each result
+ * measured 0.71-0.98; unsettled, so they keep plain stores. */
 static inline int bn_nt_wanted(const bn_plan *p, size_t elsize, const void *out, const void *a, const void *b)
 {
-    const size_t page = 4095;
-    return bn_streamed(p, elsize) && (((size_t)((const char *)out - (const char *)a)) & page) == 0 &&
-           (!b || (((size_t)((const char *)out - (const char *)b)) & page) == 0);
+    const uintptr_t o = (uintptr_t)out & 4095;
+    return bn_streamed(p, elsize) && ((uintptr_t)a & 4095) == o && (!b || ((uintptr_t)b & 4095) == o);
 }
 
 /* What a work item does after its non-temporal stores (nt): nothing where the build has none; bn_stream.h,
