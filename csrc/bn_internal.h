@@ -64,7 +64,7 @@ static inline int bn_streamed(const bn_plan *p, size_t elsize)
 
 /* Whether a row-mode pass writes `out` with non-temporal stores (bn_stream.h): a streamed tensor whose
  * output sits at the same offset in its 4 KiB pages as each input (b may be NULL), as out= arrays from
- * np.empty_like(x) do. There, at (64, 256, 28, 28) NCHW float32, T=1, inference took 0.68-0.69 of the
+ * np.empty_like(x) do. There, at (64, 256, 28, 28) NCHW float32, T=1, inference took 0.67-0.69 of the
  * plain stores' time, the training forward 0.81-0.84, the backward 0.89-0.90 (benchmarks/phase_ab.py
  * --base, several runs). The plain calls' pooled outputs sit elsewhere in their pages (48 bytes after
  * NumPy's x): with non-temporal stores there small_ab.py --base measured the backward and the fused
