@@ -164,6 +164,14 @@ static inline const double *at(const double *c, ptrdiff_t q, int k, const int il
     return il ? c + 3 * (q - q % 8) + 8 * k + q % 8 : c + 4096 * k + q;
 }
 
+/* position q's three per-position vectors (8 positions each) */
+static inline void load3(const double *c, ptrdiff_t q, const int il, v8d *u, v8d *v, v8d *w)
+{
+    memcpy(u, at(c, q, 0, il), 64);
+    memcpy(v, at(c, q, 1, il), 64);
+    memcpy(w, at(c, q, 2, il), 64);
+}
+
 /* R rows a sweep: Sum g and Sum g * (x - m) in the first two values, m the third */
 __attribute__((always_inline)) static inline void bsweeps(const float *x, const float *g, ptrdiff_t N,
                                                           ptrdiff_t W, double *s, const int R, const int il)
@@ -172,9 +180,7 @@ __attribute__((always_inline)) static inline void bsweeps(const float *x, const 
         const float *ra = x + r * W, *ga = g + r * W;
         for (ptrdiff_t q = 0; q < W; q += 8) {
             v8d a, b, c;
-            memcpy(&a, at(s, q, 0, il), 64);
-            memcpy(&b, at(s, q, 1, il), 64);
-            memcpy(&c, at(s, q, 2, il), 64);
+            load3(s, q, il, &a, &b, &c);
             for (int j = 0; j < R; j++) {
                 const v8d gv = widen(ga + j * W + q);
                 a += gv;
@@ -216,9 +222,7 @@ __attribute__((always_inline)) static inline void dx_rows(const float *x, const 
     for (ptrdiff_t r0 = 0; r0 < (gap == 1 ? N : gap); r0 += gap == 1 ? R : 1)
         for (ptrdiff_t q = 0; q < W; q += 8) {
             v8d av, ev, bv;
-            memcpy(&av, at(c, q, 0, il), 64);
-            memcpy(&ev, at(c, q, 1, il), 64);
-            memcpy(&bv, at(c, q, 2, il), 64);
+            load3(c, q, il, &av, &ev, &bv);
             for (int j = 0; j < R; j++) {
                 const ptrdiff_t o = (r0 + j * gap) * W + q;
                 store8(out + o, av * widen(g + o) + (widen(x + o) * ev + bv), nt);
@@ -235,9 +239,7 @@ __attribute__((noinline)) static void dx_blocks(const float *x, const float *g, 
         for (ptrdiff_t r = 0; r < N; r++)
             for (ptrdiff_t q = q0; q < q0 + B; q += 8) {
                 v8d av, ev, bv;
-                memcpy(&av, at(c, q, 0, 0), 64);
-                memcpy(&ev, at(c, q, 1, 0), 64);
-                memcpy(&bv, at(c, q, 2, 0), 64);
+                load3(c, q, 0, &av, &ev, &bv);
                 store8(out + r * W + q, av * widen(g + r * W + q) + (widen(x + r * W + q) * ev + bv), 0);
             }
 }
@@ -260,9 +262,7 @@ __attribute__((always_inline)) static inline void dx_tiles(const float *x, const
                             __builtin_prefetch(out + r * W + k, 1, 2);
                         }
                     v8d av, ev, bv;
-                    memcpy(&av, at(c, q, 0, 0), 64);
-                    memcpy(&ev, at(c, q, 1, 0), 64);
-                    memcpy(&bv, at(c, q, 2, 0), 64);
+                    load3(c, q, 0, &av, &ev, &bv);
                     store8(out + r * W + q, av * widen(g + r * W + q) + (widen(x + r * W + q) * ev + bv), 0);
                 }
 }
@@ -275,9 +275,7 @@ __attribute__((always_inline)) static inline void bsums_tiles(const float *x, co
             for (ptrdiff_t r = r0; r < r0 + T && r < N; r++)
                 for (ptrdiff_t q = q0; q < q0 + B; q += 8) {
                     v8d a, b, c;
-                    memcpy(&a, at(s, q, 0, 0), 64);
-                    memcpy(&b, at(s, q, 1, 0), 64);
-                    memcpy(&c, at(s, q, 2, 0), 64);
+                    load3(s, q, 0, &a, &b, &c);
                     const v8d gv = widen(g + r * W + q);
                     a += gv;
                     b += gv * (widen(x + r * W + q) - c);
