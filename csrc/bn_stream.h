@@ -1,12 +1,13 @@
 /*
- * bn_stream.h - non-temporal stores for the elementwise passes over tensors that are read from memory
- * (bn_streamed: 16 MiB and more), float32 and float64 in row mode. A plain store first reads each line of the output for ownership, a
- * third stream of memory traffic beside the input and the output; a non-temporal store writes the line
- * without reading it and leaves the caches to the input. On (64, 256, 28, 28) float32 NCHW at one thread
- * the inference took 0.68 of its time with plain stores, the training forward 0.84 and the backward's dx
- * pass 0.81 (benchmarks/phase_ab.py --axis 1 --base), while on a 6 MB tensor, which the caches hold, the
- * inference took 1.4x: hence only streamed tensors, and only where bn_nt_wanted (bn_internal.h) says. The
- * values are those of the plain loops, lane by lane.
+ * bn_stream.h - non-temporal stores for row mode's elementwise passes (y, and the training dx; float32
+ * and float64) over tensors that are read from memory (bn_streamed: 16 MiB and more). A plain store
+ * first reads each line of the output for ownership, a third stream of memory traffic beside the input
+ * and the output; a non-temporal store writes the line without reading it and leaves the caches to the
+ * input. On (64, 256, 28, 28) float32 NCHW at one thread the inference took 0.67-0.69 of its time with
+ * plain stores, the training forward 0.81-0.84 and the backward's dx pass 0.81 (benchmarks/phase_ab.py
+ * --axis 1 --base), while on a 6 MB tensor, which the caches hold, the inference took 1.4x: hence only
+ * streamed tensors, and only where bn_nt_wanted (bn_internal.h) says. The values are those of the plain
+ * loops, lane by lane.
  *
  * Included by bn_avx2.c and bn_avx512.c inside their target regions (AVX2 and FMA, which AVX-512F
  * implies); the baseline build keeps plain stores (BN_HAVE_NT undefined).
